@@ -1,0 +1,100 @@
+"""Train state, optimizers and the trainable/frozen split shared by every algorithm.
+
+A run fine-tunes *trainable* parameters against *frozen* ones (the base model, a reference
+policy, reward models). The two live in separate pytrees so that frozen weights never enter
+the optimizer state and never get copied into a checkpoint:
+
+  full fine-tuning:  trainable = base parameters,          frozen = {}          θ = trainable
+  LoRA:              trainable = low-rank factors (A, B),  frozen = base θ₀     θ = θ₀ + (α/r)·A·B
+
+`model_params(finetune, trainable, frozen)` gives θ for either mode, inside jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+FINETUNE_MODES = ("full", "lora")
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step updates: trainable params, optimizer state, step counter, PRNG key."""
+
+  params: Any
+  opt_state: Any
+  step: jax.Array
+  key: jax.Array
+
+  @classmethod
+  def create(cls, params, optimizer: optax.GradientTransformation, key: jax.Array):
+    return cls(params=params, opt_state=optimizer.init(params),
+               step=jnp.zeros((), jnp.int32), key=key)
+
+  def apply_gradients(self, grads, optimizer: optax.GradientTransformation) -> "TrainState":
+    updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
+    return self.replace(params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state, step=self.step + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with optional global-norm clipping; mirrors `config.optimizer` of experiments."""
+
+  learning_rate: float = 3e-4
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 1e-4
+  max_grad_norm: float = 1.0  # <= 0 disables clipping
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW (Loshchilov & Hutter 2019) preceded by global-norm gradient clipping.
+
+  `cfg` is an OptimizerConfig or any object/ConfigDict with the same fields.
+  """
+  get = (lambda k: getattr(cfg, k))
+  adam = optax.adamw(get("learning_rate"), b1=get("b1"), b2=get("b2"), eps=get("eps"),
+                     weight_decay=get("weight_decay"))
+  if get("max_grad_norm") > 0:
+    return optax.chain(optax.clip_by_global_norm(get("max_grad_norm")), adam)
+  return adam
+
+
+def split_trainable(finetune: str, base_params, key, *, lora_rank: int = 4,
+                    lora_alpha: float | None = None):
+  """Returns (trainable, frozen) for a fine-tuning mode, see the module docstring."""
+  if finetune == "full":
+    return base_params, {}
+  if finetune == "lora":
+    from alignjax.models import lora  # local: models import nothing from here
+    return lora.init_lora(base_params, lora_rank, key, alpha=lora_alpha), base_params
+  raise ValueError(f"finetune={finetune!r}: valid choices are {FINETUNE_MODES}")
+
+
+def model_params(finetune: str, trainable, frozen):
+  """θ for the forward pass: `trainable` (full) or merge_lora(frozen, trainable) (LoRA)."""
+  if finetune == "full":
+    return trainable
+  if finetune == "lora":
+    from alignjax.models import lora
+    return lora.merge_lora(frozen, trainable)
+  raise ValueError(f"finetune={finetune!r}: valid choices are {FINETUNE_MODES}")
+
+
+def count_params(tree) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+def tree_max_abs_diff(a, b) -> float:
+  """Largest |a - b| over all leaves of two pytrees of the same structure."""
+  diffs = jax.tree_util.tree_map(lambda x, y: jnp.max(jnp.abs(x - y)), a, b)
+  return float(max(jax.tree_util.tree_leaves(diffs), default=0.0))
+
