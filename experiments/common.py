@@ -1,0 +1,186 @@
+"""Pieces the diffusion experiment scripts share: models, rewards, host transfers, summaries."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from concurrent import futures
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from alignjax import checkpoint, configs, metrics, parallel, rewards, testing, training
+from alignjax.diffusion import schedules
+from alignjax.models import classifier as classifier_lib
+from alignjax.models import io as model_io
+from alignjax.models import unet as unet_lib
+
+MODEL_INITS = ("pretrained", "random")
+RANDOM_PRESETS = ("tiny",)
+REWARDS = ("classifier", "brightness", "jpeg_compressibility", "jpeg_incompressibility")
+NUM_CLASSES = 10
+
+
+def validate_model_and_reward(config) -> None:
+  configs.check_choice(config, "model.init", MODEL_INITS)
+  configs.check_choice(config, "model.random_preset", RANDOM_PRESETS)
+  configs.check_choice(config, "reward.name", REWARDS)
+  if config.reward.name == "classifier" and not -1 <= config.reward.target < NUM_CLASSES:
+    raise configs.ConfigError(
+        f"config.reward.target={config.reward.target}: valid choices are -1 (the prompt's "
+        f"digit) or a digit 0..{NUM_CLASSES - 1}")
+  if config.reward.name.startswith("jpeg"):
+    configs.check_positive(config, "reward.jpeg_quality", "reward.jpeg_upscale")
+
+
+@dataclasses.dataclass
+class DiffusionModels:
+  unet: nnx.Module
+  classifier: nnx.Module
+  schedule: schedules.NoiseSchedule
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  base: dict  # what the checkpoint metadata records about the frozen base model
+
+
+def load_diffusion_models(config, mesh=None) -> DiffusionModels:
+  """The base UNet, the digits classifier and the noise schedule the UNet was trained with."""
+  if config.model.init == "random":
+    unet = testing.tiny_unet(seed=config.seed)
+    classifier = testing.tiny_classifier(seed=config.seed + 1)
+    schedule = schedules.make_schedule("linear")
+    base = {"init": "random", "preset": config.model.random_preset, "seed": config.seed}
+  else:
+    from experiments import pretrain_diffusion  # pretrains on first use
+    paths = pretrain_diffusion.ensure_pretrained(config.model.cache_dir or None)
+    unet = model_io.load_model(paths["unet_dir"], unet_lib.UNet, unet_lib.UNetConfig)
+    classifier = model_io.load_model(paths["classifier_dir"], classifier_lib.DigitsClassifier,
+                                     classifier_lib.ClassifierConfig)
+    schedule = schedules.make_schedule(**paths["schedule"])
+    base = {"init": "pretrained", **checkpoint.frozen_model_metadata(paths["unet_dir"])}
+  cfg = unet.config
+  return DiffusionModels(unet=unet, classifier=classifier, schedule=schedule,
+                         image_shape=(cfg.image_size, cfg.image_size, cfg.in_channels),
+                         num_classes=cfg.num_classes, base=base)
+
+
+def make_reward(reward_cfg, classifier) -> rewards.Reward:
+  """The Reward named by `config.reward.name` (a small enum, see REWARDS)."""
+  if reward_cfg.name == "classifier":
+    graphdef, params = nnx.split(classifier)
+
+    def logits_fn(images):
+      return nnx.merge(graphdef, params)(images)
+
+    target = None if reward_cfg.target < 0 else int(reward_cfg.target)
+    return rewards.classifier_log_prob(logits_fn, target=target)
+  if reward_cfg.name == "brightness":
+    return rewards.brightness()
+  jpeg = {"jpeg_compressibility": rewards.jpeg_compressibility,
+          "jpeg_incompressibility": rewards.jpeg_incompressibility}[reward_cfg.name]
+  return jpeg(quality=reward_cfg.jpeg_quality, upscale=reward_cfg.jpeg_upscale)
+
+
+def images_from(x: jax.Array) -> jax.Array:
+  """Diffusion space [-1, 1] → images in [0, 1]."""
+  return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole (possibly multi-host sharded) array as numpy on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def global_array(x: np.ndarray, sharding) -> jax.Array:
+  """A global array from a numpy value every process holds in full."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host_tree(tree):
+  return jax.tree_util.tree_map(to_host, tree)
+
+
+def export_finetuned(workdir: str, graphdef, model_config, trainable, frozen, finetune: str):
+  """Saves the trainable leaves (final_params.npz) and the merged model (final_model/)."""
+  leaves, _ = parallel.flatten_with_paths(trainable)
+  np.savez(os.path.join(workdir, "final_params.npz"), **dict(leaves))
+  model = nnx.merge(graphdef, training.model_params(finetune, trainable, frozen))
+  model_io.save_model(os.path.join(workdir, "final_model"), model, model_config)
+
+
+class _Done:
+  def __init__(self, value):
+    self._value = value
+
+  def result(self):
+    return self._value
+
+
+class RewardEvaluator:
+  """Rewards for sampled images as float32 numpy [B], identical on every process.
+
+  Differentiable rewards run jitted on the device; host rewards (JPEG) run in a worker thread
+  (`submit`) so that the device goes on sampling the next batch meanwhile. In a multi-host job
+  each process scores its share of the batch and the rewards are all-gathered.
+  """
+
+  def __init__(self, reward: rewards.Reward, mesh):
+    self.reward = reward
+    self._device_fn = reward.jitted() if reward.differentiable else None
+    self._pool = None if reward.differentiable else futures.ThreadPoolExecutor(max_workers=1)
+
+  def _host_rewards(self, images, prompts) -> np.ndarray:
+    images, prompts = to_host(images), to_host(prompts)
+    n, pid, count = images.shape[0], jax.process_index(), jax.process_count()
+    lo, hi = n * pid // count, n * (pid + 1) // count
+    local = np.asarray(rewards.evaluate_reward(self.reward, images[lo:hi], prompts[lo:hi]),
+                       np.float32)
+    if count == 1:
+      return local
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+  def submit(self, images, prompts):
+    if self._device_fn is not None:
+      return _Done(to_host(self._device_fn(images, prompts)).astype(np.float32))
+    return self._pool.submit(self._host_rewards, images, prompts)
+
+  def __call__(self, images, prompts) -> np.ndarray:
+    return self.submit(images, prompts).result()
+
+
+def sharding_rules(config):
+  """Parameter sharding rules from `config.sharding_rules`, else the library's FSDP default."""
+  rules = config.get("sharding_rules")
+  return [tuple(rule) for rule in rules] if rules else None
+
+
+def checkpoint_metadata(config, models: DiffusionModels) -> dict:
+  return {"base_model": models.base, "finetune": config.finetune.to_dict()}
+
+
+def write_summary(workdir: str, reward_name: str, host: dict, final_reward: float,
+                  config) -> str:
+  """Prints and saves the before/after table and the reward curve (process 0 only)."""
+  table = "\n".join([
+      f"| model (eval: {config.eval.num_samples} held-out seeds) | mean {reward_name} reward |",
+      "|---|---|",
+      f"| base | {host['base_reward']:.4f} |",
+      f"| DDPO, {config.num_rounds} rounds | {final_reward:.4f} |"])
+  print(table, flush=True)
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write(table + "\n")
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump({"base_reward": host["base_reward"], "final_reward": final_reward,
+               "reward": reward_name, "rounds": config.num_rounds}, f, indent=2)
+  steps, values = zip(*host["history"]) if host["history"] else ((), ())
+  metrics.plot_curves(os.path.join(workdir, "reward_curve.png"),
+                      {"train reward (mean per round)": (list(steps), list(values))},
+                      xlabel="round", ylabel=reward_name)
+  return table

@@ -1,0 +1,70 @@
+r"""DDPO on the embedded digits model: prompt alignment with the digits classifier.
+
+  python -m experiments.ddpo --config=experiments/configs/ddpo/digits.py --workdir=runs/ddpo_digits
+
+This is the README's demo (`make demo`). It pretrains and caches the base UNet and the digits
+classifier first when the cache lacks them, then fine-tunes the UNet so that its samples for
+the prompt "digit c" are recognised as c: the reward is log p_classifier(c | image). Expected:
+the mean reward on held-out seeds rises well above the base model's (see the closing table),
+in under 10 minutes on a 2-core CPU.
+
+Variants through the argument (`--config=...digits.py:variant=sf,finetune=lora`):
+  variant   is (default): DDPO-IS, clipped importance sampling over several minibatches;
+            sf: DDPO-SF, one plain policy-gradient step per round.
+  finetune  full (default) | lora.
+  reward    classifier (default) | brightness | jpeg_compressibility | jpeg_incompressibility.
+  tiny      True: a randomly initialised tiny UNet and a handful of rounds (tests, smoke runs).
+"""
+
+import ml_collections
+
+from alignjax import configs
+
+
+def get_config(arg=None):
+  arg = configs.parse_arg(arg, variant="is", finetune="full", reward="classifier", tiny=False)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_rounds = 30
+
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.distributed = dict(enabled=False, coordinator_address="", num_processes=1, process_id=0)
+
+  # Base model: "pretrained" loads (pretraining if needed) from cache_dir ("" = the default
+  # cache, $ALIGNJAX_CACHE or ~/.cache/alignjax/digits); "random" initialises a UNet of
+  # size `random_preset` ("tiny") with `seed` — used by tests.
+  c.model = dict(init="random" if arg.tiny else "pretrained", cache_dir="", random_preset="tiny")
+
+  c.reward = dict(name=arg.reward, target=-1, jpeg_quality=95, jpeg_upscale=4)
+
+  c.sampling = ml_collections.ConfigDict(dict(
+      num_steps=20, eta=1.0, guidance_scale=2.0, batch_size=64, batches_per_round=2,
+      clip_sample=1.0))
+
+  c.ddpo = ml_collections.ConfigDict(dict(
+      objective="clipped", clip_range=1e-2, adv_clip_max=5.0, inner_epochs=1,
+      num_minibatches=4, num_microbatches=1, timestep_fraction=1.0,
+      per_prompt_stat_tracking=True, buffer_size=64, min_count=16))
+  if arg.variant == "sf":
+    c.ddpo.objective = "score_function"
+    c.ddpo.num_minibatches = 1
+    c.ddpo.inner_epochs = 1
+  elif arg.variant != "is":
+    raise configs.ConfigError(f"variant={arg.variant!r}: valid choices are ('is', 'sf')")
+
+  c.finetune = dict(mode=arg.finetune, lora_rank=8, lora_alpha=8.0)
+  c.optimizer = dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                     max_grad_norm=1.0)
+
+  c.checkpoint = dict(every=10, keep=3)
+  c.log = dict(image_every=10, num_images=50)
+  c.eval = dict(num_samples=256, seed=10_000)
+
+  if arg.tiny:
+    c.num_rounds = 2
+    c.sampling.update(num_steps=4, batch_size=8, batches_per_round=2)
+    c.ddpo.update(num_minibatches=2, buffer_size=16, min_count=4)
+    c.checkpoint.every = 1
+    c.log.image_every = 1
+    c.eval.num_samples = 16
+  return c

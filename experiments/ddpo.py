@@ -1,0 +1,256 @@
+r"""DDPO: fine-tune a diffusion model on a reward by policy gradient over the denoising chain.
+
+  python -m experiments.ddpo --config=experiments/configs/ddpo/digits.py --workdir=runs/ddpo
+
+A linear trainer (fork it rather than subclass it). Each round: sample trajectories (jit) →
+decode → rewards (device or host thread) → per-prompt advantages (host) → inner epochs of
+clipped importance-sampling updates (jit, state donated) → metrics → checkpoint. The maths is
+in alignjax/algorithms/ddpo.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignjax import checkpoint, configs, metrics, parallel, training
+from alignjax.algorithms import ddpo
+from alignjax.diffusion import samplers, schedules
+from experiments import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
+
+
+# ============================================================================ validation
+
+
+def validate(config, num_devices: int) -> None:
+  """Every check that can fail before compilation; each message names the key."""
+  configs.check_positive(config, "num_rounds", "sampling.num_steps", "sampling.eta",
+                         "sampling.batch_size", "sampling.batches_per_round",
+                         "ddpo.clip_range", "ddpo.adv_clip_max", "ddpo.inner_epochs",
+                         "ddpo.num_minibatches", "ddpo.num_microbatches", "ddpo.buffer_size",
+                         "ddpo.min_count", "optimizer.learning_rate", "checkpoint.every",
+                         "checkpoint.keep", "log.image_every", "eval.num_samples")
+  configs.check_nonnegative(config, "sampling.guidance_scale")
+  configs.check_fraction(config, "ddpo.timestep_fraction")
+  configs.check_choice(config, "ddpo.objective", ddpo.OBJECTIVES)
+  configs.check_choice(config, "finetune.mode", training.FINETUNE_MODES)
+  if config.finetune.mode == "lora":
+    configs.check_positive(config, "finetune.lora_rank")
+  common.validate_model_and_reward(config)
+  round_batch = config.sampling.batch_size * config.sampling.batches_per_round
+  if round_batch % config.ddpo.num_minibatches:
+    raise configs.ConfigError(
+        f"config.ddpo.num_minibatches={config.ddpo.num_minibatches} must divide the round's "
+        f"{round_batch} samples (sampling.batch_size × sampling.batches_per_round)")
+  pairs = (round_batch // config.ddpo.num_minibatches) * ddpo.num_train_steps(
+      config.sampling.num_steps, config.ddpo.timestep_fraction)
+  if pairs % config.ddpo.num_microbatches:
+    raise configs.ConfigError(
+        f"config.ddpo.num_microbatches={config.ddpo.num_microbatches} must divide the "
+        f"{pairs} (sample, step) pairs of a minibatch")
+  if config.eval.num_samples % config.sampling.batch_size:
+    raise configs.ConfigError(
+        f"config.eval.num_samples={config.eval.num_samples} must be a multiple of "
+        f"config.sampling.batch_size={config.sampling.batch_size} (evaluation reuses the "
+        "training sampler)")
+  configs.check_mesh_and_batch(config.mesh, num_devices, {
+      "sampling.batch_size": config.sampling.batch_size,
+      "ddpo.num_microbatches (pairs per microbatch)": pairs // config.ddpo.num_microbatches})
+
+
+# ============================================================================ the run
+
+
+def run(config, workdir: str, *, devices=None) -> dict:
+  """Trains and returns {"base_reward", "final_reward", "params", "history"}."""
+  # ---------------------------------------------------------------- mesh and processes
+  parallel.initialize_distributed(config)
+  devices = jax.devices() if devices is None else devices
+  validate(config, len(devices))
+  mesh = parallel.make_mesh(config.mesh, devices=devices)
+  batch_sharding = parallel.batch_sharding(mesh)
+  replicated = parallel.replicated(mesh)
+  os.makedirs(workdir, exist_ok=True)
+  writer = metrics.MetricWriter(workdir)
+
+  # ---------------------------------------------------------------- models and reward
+  models = common.load_diffusion_models(config, mesh)
+  graphdef, base_params = nnx.split(models.unet)
+  reward = common.make_reward(config.reward, models.classifier)
+  schedule = models.schedule
+  sample_cfg = config.sampling
+  null_cond = models.num_classes
+
+  def eps_fn_builder(trainable, frozen):
+    params = training.model_params(config.finetune.mode, trainable, frozen)
+    model = nnx.merge(graphdef, params)
+    return lambda x, t, c: model(x, t, c)
+
+  # ---------------------------------------------------------------- train state
+  optimizer = training.make_optimizer(config.optimizer)
+  init_key, sample_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
+  eval_key = jax.random.fold_in(eval_key, config.eval.seed)
+
+  def init_state(base_params):
+    trainable, frozen = training.split_trainable(
+        config.finetune.mode, base_params, init_key, lora_rank=config.finetune.lora_rank,
+        lora_alpha=config.finetune.lora_alpha)
+    return training.TrainState.create(trainable, optimizer, init_key), frozen
+
+  rules = common.sharding_rules(config)
+  state_shapes, frozen_shapes = jax.eval_shape(init_state, base_params)
+  state_shardings = parallel.param_shardings(state_shapes, mesh, rules)
+  frozen_shardings = parallel.param_shardings(frozen_shapes, mesh, rules)
+  state, frozen = jax.jit(init_state, out_shardings=(state_shardings, frozen_shardings))(
+      base_params)
+  del base_params
+
+  # ---------------------------------------------------------------- jitted functions
+  def sample_batch(trainable, frozen, key, cond):
+    eps_fn = samplers.classifier_free_guidance(
+        eps_fn_builder(trainable, frozen), sample_cfg.guidance_scale, null_cond)
+    return samplers.sample(eps_fn, schedule, cond, key, shape=models.image_shape,
+                           num_steps=sample_cfg.num_steps, eta=sample_cfg.eta,
+                           clip_sample=sample_cfg.clip_sample)
+
+  cond_shape = jax.ShapeDtypeStruct((sample_cfg.batch_size,), jnp.int32)
+  traj_sharding = jax.tree_util.tree_map(lambda _: batch_sharding, jax.eval_shape(
+      sample_batch, state.params, frozen, sample_key, cond_shape))
+  traj_sharding = traj_sharding.replace(timesteps=replicated, prev_timesteps=replicated,
+                                        stds=replicated)
+  sample_fn = jax.jit(sample_batch, out_shardings=traj_sharding)
+  decode_fn = jax.jit(common.images_from, out_shardings=batch_sharding)
+  epoch_fn = jax.jit(
+      ddpo.make_epoch_fn(
+          eps_fn_builder, schedule, optimizer, objective=config.ddpo.objective,
+          clip_range=config.ddpo.clip_range, eta=sample_cfg.eta,
+          guidance_scale=sample_cfg.guidance_scale, null_cond=null_cond,
+          timestep_fraction=config.ddpo.timestep_fraction,
+          num_minibatches=config.ddpo.num_minibatches,
+          num_microbatches=config.ddpo.num_microbatches, clip_sample=sample_cfg.clip_sample,
+          mesh=mesh, data_axes=parallel.DATA_AXES),
+      donate_argnums=0, out_shardings=(state_shardings, replicated))
+  rewards_fn = common.RewardEvaluator(reward, mesh)
+
+  def draw_prompts(seed_key, num) -> jax.Array:
+    """Class ids drawn on the host from a key, so every process draws the same ones."""
+    seed = int(jax.random.randint(seed_key, (), 0, 2**31 - 1))
+    cond = np.random.default_rng(seed).integers(0, models.num_classes, num, dtype=np.int32)
+    return common.global_array(cond, batch_sharding)
+
+  def evaluate(trainable):
+    """Mean reward on held-out seeds: fixed keys, every digit in turn, same sampler as training."""
+    rewards_, images = [], []
+    for b in range(config.eval.num_samples // sample_cfg.batch_size):
+      cond = (np.arange(sample_cfg.batch_size) + b * sample_cfg.batch_size) % models.num_classes
+      cond = common.global_array(cond.astype(np.int32), batch_sharding)
+      batch = decode_fn(sample_fn(trainable, frozen, jax.random.fold_in(eval_key, b), cond).final)
+      rewards_.append(rewards_fn(batch, cond))
+      images.append(common.to_host(batch))
+    return float(np.mean(np.concatenate(rewards_))), np.concatenate(images)
+
+  # ---------------------------------------------------------------- restore or start
+  ckpt = checkpoint.Checkpointer(
+      os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
+      keep=config.checkpoint.keep, metadata=common.checkpoint_metadata(config, models))
+  ckpt.install_preemption_handler()
+  host = {"round": 0, "tracker": None, "base_reward": None, "history": []}
+  if ckpt.latest_step() is not None:
+    state, host = ckpt.restore(state)
+    logging.info("Resumed from round %d in %s", host["round"], workdir)
+  tracker = (ddpo.PerPromptStatTracker.from_state_dict(host["tracker"]) if host["tracker"]
+             else ddpo.PerPromptStatTracker(config.ddpo.buffer_size, config.ddpo.min_count))
+  if host["base_reward"] is None:
+    host["base_reward"], base_images = evaluate(state.params)
+    writer.write_images(0, "eval_base", base_images[:config.log.num_images])
+    writer.write_scalars(0, {"eval/reward_mean": host["base_reward"]})
+
+  # ---------------------------------------------------------------- the loop
+  for round_ in metrics.progress(range(host["round"], config.num_rounds),
+                                 total=config.num_rounds - host["round"], desc="DDPO rounds"):
+    t0 = time.perf_counter()
+    round_key = jax.random.fold_in(sample_key, round_)
+    trajs, pending = [], []
+    for b in range(sample_cfg.batches_per_round):  # host rewards overlap the next batch
+      batch_key = jax.random.fold_in(round_key, b)
+      traj = sample_fn(state.params, frozen, batch_key,
+                       draw_prompts(jax.random.fold_in(batch_key, 1), sample_cfg.batch_size))
+      trajs.append(traj)
+      pending.append(rewards_fn.submit(decode_fn(traj.final), traj.cond))
+    traj = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *trajs)
+    traj = traj.replace(timesteps=trajs[0].timesteps, prev_timesteps=trajs[0].prev_timesteps,
+                        stds=trajs[0].stds)
+    rewards = np.concatenate([p.result() for p in pending])
+    prompts = common.to_host(traj.cond)
+    if config.ddpo.per_prompt_stat_tracking:
+      advantages = tracker.update(prompts, rewards)
+    else:
+      advantages = ddpo.batch_advantages(rewards)
+    advantages = np.clip(advantages, -config.ddpo.adv_clip_max, config.ddpo.adv_clip_max)
+    advantages = common.global_array(advantages, batch_sharding)
+    t_sample = time.perf_counter() - t0
+
+    for _ in range(config.ddpo.inner_epochs):
+      state, epoch_metrics = epoch_fn(state, frozen, traj, advantages)
+    epoch_metrics = jax.device_get(epoch_metrics)
+    scalars = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+               **{k: float(np.mean(v)) for k, v in epoch_metrics.items()},
+               "seconds_sampling": t_sample, "seconds_round": time.perf_counter() - t0}
+    scalars["ratio_min"] = float(np.min(epoch_metrics["ratio_min"]))
+    scalars["ratio_max"] = float(np.max(epoch_metrics["ratio_max"]))
+    # The first minibatch is on-policy: |ρ − 1| there measures sampler/trainer mismatch.
+    scalars["on_policy_ratio_error"] = float(max(abs(epoch_metrics["ratio_max"][0] - 1.0),
+                                                 abs(epoch_metrics["ratio_min"][0] - 1.0)))
+    writer.write_scalars(round_ + 1, scalars)
+    host["history"].append([round_ + 1, scalars["reward_mean"]])
+    if (round_ + 1) % config.log.image_every == 0:
+      images = common.to_host(decode_fn(traj.final))
+      writer.write_images(round_ + 1, "train", images[:config.log.num_images])
+
+    host.update(round=round_ + 1, tracker=tracker.state_dict())
+    ckpt.maybe_save(round_ + 1, state, host, force=round_ + 1 == config.num_rounds)
+    if ckpt.preemption_requested:
+      logging.warning("Preemption requested: checkpoint saved at round %d, exiting.", round_ + 1)
+      ckpt.wait_until_finished()
+      writer.close()
+      return {"preempted": True, "round": round_ + 1}
+
+  # ---------------------------------------------------------------- final evaluation
+  final_reward, final_images = evaluate(state.params)
+  writer.write_scalars(config.num_rounds, {"eval/reward_mean": final_reward})
+  writer.write_images(config.num_rounds, "eval_final",
+                      final_images[:config.log.num_images])
+  ckpt.wait_until_finished()
+  ckpt.close()
+  trainable = common.to_host_tree(state.params)
+  if parallel.is_main_process():
+    common.write_summary(workdir, reward.name, host, final_reward, config)
+    common.export_finetuned(workdir, graphdef, models.unet.config, trainable,
+                            common.to_host_tree(frozen), config.finetune.mode)
+  writer.close()
+  return {"base_reward": host["base_reward"], "final_reward": final_reward,
+          "params": trainable, "history": host["history"]}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required (checkpoints, logs and images go there)")
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=configs.flags_parser)

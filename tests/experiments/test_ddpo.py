@@ -1,0 +1,203 @@
+"""experiments/ddpo.py end to end at tiny size: validation, sharding, multi-host, resume."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from alignjax import configs, metrics
+from alignjax.models import io as model_io
+from experiments import ddpo as ddpo_script
+from experiments.configs.ddpo import digits
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_FILE = os.path.join(REPO, "experiments", "configs", "ddpo", "digits.py")
+
+
+def tiny_config(**overrides):
+  config = digits.get_config("tiny=True")
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    target = config
+    for part in filter(None, section.split(".")):
+      target = target[part]
+    target[name] = value
+  return config
+
+
+def final_params(workdir):
+  state = np.load(os.path.join(workdir, "final_params.npz"))
+  return {k: state[k] for k in state.files}
+
+
+def train_records(workdir):
+  """{step: the last logged training record}: a resumed run may log a round twice."""
+  records = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  drop = ("seconds_sampling", "seconds_round")
+  return {r["step"]: {k: v for k, v in r.items() if k not in drop}
+          for r in records if "approx_kl" in r}
+
+
+def assert_params_close(a, b, atol):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("sampling.batch_size", -4, "config.sampling.batch_size=-4"),
+    ("ddpo.objective", "ppo", "must be one of .clipped., .score_function."),
+    ("reward.name", "aesthetic", "must be one of .classifier."),
+    ("mesh.data", 3, "device"),
+    ("sampling.batch_size", 12, "sampling.batch_size"),  # 12 does not split over 8 devices
+    ("ddpo.num_minibatches", 3, "num_minibatches"),
+    ("reward.target", 11, "reward.target"),
+])
+def test_bad_values_stop_the_run_before_compilation(key, value, message):
+  with pytest.raises(configs.ConfigError, match=message):
+    ddpo_script.validate(tiny_config(**{key: value}), num_devices=8)
+
+
+def run_cli(workdir, *overrides, env=None, wait=True, devices=8):
+  env = dict(os.environ if env is None else env)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  cmd = [sys.executable, "-m", "experiments.ddpo", f"--config={CONFIG_FILE}:tiny=True",
+         f"--workdir={workdir}", *overrides]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=300)
+  return proc.returncode, out
+
+
+def test_a_mistyped_override_key_names_the_key_and_the_choices(tmp_path):
+  code, out = run_cli(tmp_path, "--config.sampling.bach_size=4")
+  assert code != 0
+  assert "bach_size" in out and "batch_size" in out
+  assert not (tmp_path / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- in-process runs
+
+
+def test_tiny_run_writes_logs_images_checkpoints_and_summary(tmp_path):
+  result = ddpo_script.run(tiny_config(), str(tmp_path))
+  assert np.isfinite(result["base_reward"]) and np.isfinite(result["final_reward"])
+  records = train_records(tmp_path)
+  assert sorted(records) == [1, 2]
+  train = [records[1], records[2]]
+  for field in ("reward_mean", "reward_std", "approx_kl", "clipfrac", "ratio_mean", "loss"):
+    assert all(np.isfinite(r[field]) for r in train), field
+  assert train[0]["on_policy_ratio_error"] < 1e-5
+  for name in ("summary.md", "summary.json", "reward_curve.png", "final_params.npz"):
+    assert (tmp_path / name).exists(), name
+  images = os.listdir(tmp_path / "images")
+  assert any(n.startswith("eval_base") for n in images)
+  assert any(n.startswith("eval_final") for n in images)
+  assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "2"
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["final_reward"] == pytest.approx(result["final_reward"])
+
+
+def test_lora_trains_only_the_low_rank_factors(tmp_path):
+  result = ddpo_script.run(tiny_config(**{"finetune.mode": "lora", "num_rounds": 1}),
+                           str(tmp_path))
+  leaves = jax.tree_util.tree_leaves_with_path(result["params"])
+  assert leaves and all(("lora" in jax.tree_util.keystr(p).lower()
+                         or jax.tree_util.keystr(p).endswith(("a']", "b']", ".a", ".b")))
+                        for p, _ in leaves)
+  moved = [np.abs(np.asarray(x)).max() for _, x in leaves]
+  assert max(moved) > 0
+
+
+@pytest.mark.parametrize("mesh", [dict(data=4, fsdp=2, tensor=1), dict(data=2, fsdp=4, tensor=1)])
+def test_sharded_run_matches_one_device(tmp_path, mesh):
+  config = tiny_config(num_rounds=1)
+  one = ddpo_script.run(config, str(tmp_path / "one"), devices=jax.devices()[:1])
+  config = tiny_config(num_rounds=1, **{f"mesh.{k}": v for k, v in mesh.items()})
+  many = ddpo_script.run(config, str(tmp_path / "many"))
+  assert_params_close(final_params(tmp_path / "one"), final_params(tmp_path / "many"), 1e-5)
+  assert many["final_reward"] == pytest.approx(one["final_reward"], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+  ckpt = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.isdir(ckpt) and proc.poll() is None:
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended before step {step}: {proc.stdout.read()}")
+    time.sleep(0.2)
+  proc.kill()
+  raise AssertionError(f"no checkpoint {step} after {timeout}s")
+
+
+def test_sigkill_and_resume_gives_the_same_parameters_and_metrics(tmp_path):
+  rounds = "--config.num_rounds=4"
+  code, out = run_cli(tmp_path / "straight", rounds)
+  assert code == 0, out
+  proc = run_cli(tmp_path / "killed", rounds, wait=False)
+  _wait_for_step(tmp_path / "killed", 2, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=30)
+  code, out = run_cli(tmp_path / "killed", rounds)
+  assert code == 0, out
+  assert "Resumed from round" in out
+  np.testing.assert_equal(final_params(tmp_path / "straight"), final_params(tmp_path / "killed"))
+  assert train_records(tmp_path / "straight") == train_records(tmp_path / "killed")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  proc = run_cli(tmp_path, "--config.num_rounds=50", "--config.checkpoint.every=1000",
+                 wait=False)
+  deadline = time.time() + 240
+  log = tmp_path / "metrics.jsonl"
+  while time.time() < deadline and proc.poll() is None:  # wait for the first round's metrics
+    if log.exists() and any("approx_kl" in r for r in metrics.read_jsonl(str(log))):
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  steps = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+  assert steps and 0 < max(steps) < 50
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  port = _free_port()
+  common = ["--config.num_rounds=2", "--config.distributed.enabled=True",
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2"]
+  procs = [run_cli(tmp_path / "two", *common, f"--config.distributed.process_id={i}",
+                   wait=False, devices=4) for i in range(2)]
+  outs = [p.communicate(timeout=400)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  code, out = run_cli(tmp_path / "one", "--config.num_rounds=2", devices=8)
+  assert code == 0, out
+  assert_params_close(final_params(tmp_path / "one"), final_params(tmp_path / "two"), 1e-5)
+  one = json.loads((tmp_path / "one" / "summary.json").read_text())
+  two = json.loads((tmp_path / "two" / "summary.json").read_text())
+  assert two["final_reward"] == pytest.approx(one["final_reward"], abs=1e-4)
