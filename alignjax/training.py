@@ -7,7 +7,7 @@ the optimizer state and never get copied into a checkpoint:
   full fine-tuning:  trainable = base parameters,          frozen = {}          θ = trainable
   LoRA:              trainable = low-rank factors (A, B),  frozen = base θ₀     θ = θ₀ + (α/r)·A·B
 
-`model_params(finetune, trainable, frozen)` gives θ for either mode, inside jit.
+`Finetune(mode, ...).params(trainable, frozen)` gives θ for either mode, inside jit.
 """
 
 from __future__ import annotations
@@ -68,25 +68,38 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   return adam
 
 
-def split_trainable(finetune: str, base_params, key, *, lora_rank: int = 4,
-                    lora_alpha: float | None = None):
-  """Returns (trainable, frozen) for a fine-tuning mode, see the module docstring."""
-  if finetune == "full":
-    return base_params, {}
-  if finetune == "lora":
+@dataclasses.dataclass(frozen=True)
+class Finetune:
+  """Which parameters train: all of them ("full") or LoRA factors of rank `lora_rank`."""
+
+  mode: str = "full"
+  lora_rank: int = 4
+  lora_alpha: float | None = None  # None: alpha = rank, i.e. scale 1
+
+  def __post_init__(self):
+    if self.mode not in FINETUNE_MODES:
+      raise ValueError(f"finetune mode={self.mode!r}: valid choices are {FINETUNE_MODES}")
+    if self.mode == "lora" and self.lora_rank <= 0:
+      raise ValueError(f"lora_rank={self.lora_rank}: must be > 0")
+
+  @classmethod
+  def from_config(cls, cfg) -> "Finetune":
+    return cls(mode=cfg.mode, lora_rank=int(cfg.get("lora_rank", 4)),
+               lora_alpha=cfg.get("lora_alpha"))
+
+  def split(self, base_params, key):
+    """(trainable, frozen), see the module docstring."""
+    if self.mode == "full":
+      return base_params, {}
     from alignjax.models import lora  # local: models import nothing from here
-    return lora.init_lora(base_params, lora_rank, key, alpha=lora_alpha), base_params
-  raise ValueError(f"finetune={finetune!r}: valid choices are {FINETUNE_MODES}")
+    return lora.init_lora(base_params, self.lora_rank, key), base_params
 
-
-def model_params(finetune: str, trainable, frozen):
-  """θ for the forward pass: `trainable` (full) or merge_lora(frozen, trainable) (LoRA)."""
-  if finetune == "full":
-    return trainable
-  if finetune == "lora":
+  def params(self, trainable, frozen):
+    """θ for the forward pass: `trainable` (full) or θ₀ + (α/r)·A·B (LoRA); jittable."""
+    if self.mode == "full":
+      return trainable
     from alignjax.models import lora
-    return lora.merge_lora(frozen, trainable)
-  raise ValueError(f"finetune={finetune!r}: valid choices are {FINETUNE_MODES}")
+    return lora.merge_lora(frozen, trainable, alpha=self.lora_alpha)
 
 
 def count_params(tree) -> int:

@@ -107,11 +107,12 @@ def to_host_tree(tree):
   return jax.tree_util.tree_map(to_host, tree)
 
 
-def export_finetuned(workdir: str, graphdef, model_config, trainable, frozen, finetune: str):
+def export_finetuned(workdir: str, graphdef, model_config, trainable, frozen,
+                     finetune: training.Finetune):
   """Saves the trainable leaves (final_params.npz) and the merged model (final_model/)."""
   leaves, _ = parallel.flatten_with_paths(trainable)
   np.savez(os.path.join(workdir, "final_params.npz"), **dict(leaves))
-  model = nnx.merge(graphdef, training.model_params(finetune, trainable, frozen))
+  model = nnx.merge(graphdef, finetune.params(trainable, frozen))
   model_io.save_model(os.path.join(workdir, "final_model"), model, model_config)
 
 

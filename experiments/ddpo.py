@@ -93,8 +93,10 @@ def run(config, workdir: str, *, devices=None) -> dict:
   sample_cfg = config.sampling
   null_cond = models.num_classes
 
+  finetune = training.Finetune.from_config(config.finetune)
+
   def eps_fn_builder(trainable, frozen):
-    params = training.model_params(config.finetune.mode, trainable, frozen)
+    params = finetune.params(trainable, frozen)
     model = nnx.merge(graphdef, params)
     return lambda x, t, c: model(x, t, c)
 
@@ -104,9 +106,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
   eval_key = jax.random.fold_in(eval_key, config.eval.seed)
 
   def init_state(base_params):
-    trainable, frozen = training.split_trainable(
-        config.finetune.mode, base_params, init_key, lora_rank=config.finetune.lora_rank,
-        lora_alpha=config.finetune.lora_alpha)
+    trainable, frozen = finetune.split(base_params, init_key)
     return training.TrainState.create(trainable, optimizer, init_key), frozen
 
   rules = common.sharding_rules(config)
@@ -238,7 +238,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
   if parallel.is_main_process():
     common.write_summary(workdir, reward.name, host, final_reward, config)
     common.export_finetuned(workdir, graphdef, models.unet.config, trainable,
-                            common.to_host_tree(frozen), config.finetune.mode)
+                            common.to_host_tree(frozen), finetune)
   writer.close()
   return {"base_reward": host["base_reward"], "final_reward": final_reward,
           "params": trainable, "history": host["history"]}

@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from alignjax import configs, metrics
+from flax import nnx
+
+from alignjax import configs, metrics, testing
 from alignjax.models import io as model_io
 from experiments import ddpo as ddpo_script
 from experiments.configs.ddpo import digits
@@ -123,14 +125,23 @@ def test_lora_trains_only_the_low_rank_factors(tmp_path):
   assert max(moved) > 0
 
 
-@pytest.mark.parametrize("mesh", [dict(data=4, fsdp=2, tensor=1), dict(data=2, fsdp=4, tensor=1)])
-def test_sharded_run_matches_one_device(tmp_path, mesh):
-  config = tiny_config(num_rounds=1)
+def test_sharded_runs_match_one_device(tmp_path):
+  # Adam's first step is lr·g/(|g| + eps): with a tiny eps it turns gradients at the level of
+  # float32 summation-order noise (~1e-9, e.g. attention biases) into ±lr steps. A larger eps
+  # keeps the comparison about the sharded computation, not about that amplification.
+  adam = {"optimizer.eps": 1e-3, "optimizer.learning_rate": 1e-3, "num_rounds": 1}
+  config = tiny_config(**adam)
   one = ddpo_script.run(config, str(tmp_path / "one"), devices=jax.devices()[:1])
-  config = tiny_config(num_rounds=1, **{f"mesh.{k}": v for k, v in mesh.items()})
-  many = ddpo_script.run(config, str(tmp_path / "many"))
-  assert_params_close(final_params(tmp_path / "one"), final_params(tmp_path / "many"), 1e-5)
-  assert many["final_reward"] == pytest.approx(one["final_reward"], abs=1e-4)
+  initial = nnx.split(testing.tiny_unet(seed=config.seed))[1]
+  moved = max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
+      jax.tree_util.tree_leaves(one["params"]), jax.tree_util.tree_leaves(initial)))
+  assert moved > 1e-4  # the update is real, far above the tolerance
+  for data, fsdp in ((4, 2), (2, 4)):
+    workdir = tmp_path / f"data{data}_fsdp{fsdp}"
+    many = ddpo_script.run(tiny_config(**adam, **{"mesh.data": data, "mesh.fsdp": fsdp}),
+                           str(workdir))
+    assert_params_close(final_params(tmp_path / "one"), final_params(workdir), 1e-5)
+    assert many["final_reward"] == pytest.approx(one["final_reward"], abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- processes

@@ -1,0 +1,358 @@
+r"""Pretrain the embedded digits diffusion model and the digits classifier.
+
+  python -m experiments.pretrain_diffusion --config=experiments/configs/pretrain_diffusion/digits.py --workdir=runs/pretrain_digits
+
+A linear script: data → UNet training (jit, donated) → classifier training → class-conditional
+DDIM samples → recognition rate → save both models + report.json. `ensure_pretrained` is the
+library-level entry the DDPO script calls: it runs this pretraining only when the cache lacks
+valid models for the requested config.
+
+UNet objective (Ho et al. 2020, "L_simple", eq. 14 there) with label dropout for
+classifier-free guidance (Ho & Salimans 2022):
+
+  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,    eps ~ N(0, I),  t ~ U{0, ..., N-1}
+  c~  = null (= num_classes) with probability p_uncond, else the label c
+  L(theta) = E || eps - eps_theta(x_t, t, c~) ||^2        (mean over batch and pixels)     (1)
+
+The sampled and saved weights are an exponential moving average of the trained ones, with
+the usual warm-up of the decay so that early averages are not dominated by the init:
+
+  d_k = min(decay, (1 + k) / (10 + k)),     theta_ema <- d_k theta_ema + (1 - d_k) theta   (2)
+
+Evaluation draws `per_class` samples for every digit c with DDIM and classifier-free guidance
+(alignjax.diffusion.samplers) and reports the recognition rate
+
+  R = (1 / n) sum_i 1[argmax_k classifier(images_i)_k = c_i],  images = clip((x+1)/2, 0, 1)  (3)
+
+Cache layout (the workdir): unet/ and classifier/ (io.save_model: config.json +
+model.safetensors), report.json (accuracies, times, config, schedule; written last, so its
+presence marks a complete run), metrics.jsonl, images/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from alignjax import configs, metrics
+from alignjax.data import digits
+from alignjax.diffusion import samplers, schedules
+from alignjax.models import classifier as classifier_lib
+from alignjax.models import io as model_io
+from alignjax.models import unet as unet_lib
+
+REPORT_NAME = "report.json"
+UNET_DIR = "unet"
+CLASSIFIER_DIR = "classifier"
+
+
+def default_cache_dir() -> str:
+  """$ALIGNJAX_CACHE, else ~/.cache/alignjax/digits."""
+  return os.environ.get("ALIGNJAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "alignjax", "digits")
+
+
+def default_config():
+  from experiments.configs.pretrain_diffusion import digits as digits_config
+  return digits_config.get_config()
+
+
+# ============================================================================ validation
+
+
+def validate(config) -> None:
+  """Checks that can fail before any compilation; messages name the key."""
+  configs.check_positive(config, "train.steps", "train.batch_size", "train.learning_rate",
+                         "train.log_every", "classifier_train.steps",
+                         "classifier_train.batch_size", "sample.per_class", "sample.num_steps",
+                         "sample.batch_size")
+  configs.check_nonnegative(config, "train.warmup_steps", "train.weight_decay",
+                            "sample.guidance_scale", "train.max_grad_norm")
+  configs.check_fraction(config, "train.p_uncond")
+  configs.check_fraction(config, "train.ema_decay")
+  configs.check_fraction(config, "sample.eta")
+  configs.check_choice(config, "schedule.kind", schedules.KINDS)
+
+
+def unet_config(config) -> unet_lib.UNetConfig:
+  return unet_lib.UNetConfig.from_dict(
+      {**config.unet.to_dict(), "image_size": 8, "in_channels": 1, "out_channels": 1,
+       "num_classes": digits.NUM_CLASSES})
+
+
+def classifier_config(config) -> classifier_lib.ClassifierConfig:
+  return classifier_lib.ClassifierConfig.from_dict(
+      {**config.classifier.to_dict(), "num_classes": digits.NUM_CLASSES})
+
+
+# ============================================================================ UNet training
+
+
+def diffusion_loss(eps_fn, schedule, x0, cond, key, *, p_uncond: float, null_class: int):
+  """Epsilon-prediction MSE with label dropout (eq. 1); eps_fn(x_t, t, cond) -> eps."""
+  k_t, k_eps, k_drop = jax.random.split(key, 3)
+  b = x0.shape[0]
+  t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps, jnp.int32)
+  eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+  drop = jax.random.bernoulli(k_drop, p_uncond, (b,))
+  cond = jnp.where(drop, null_class, cond).astype(jnp.int32)
+  x_t = schedules.add_noise(schedule, x0, eps, t)
+  return jnp.mean((eps - eps_fn(x_t, t, cond)) ** 2)  # eq. 1
+
+
+def ema_update(ema, params, step, decay: float):
+  """theta_ema <- d_k theta_ema + (1 - d_k) theta, d_k = min(decay, (1+k)/(10+k)) (eq. 2)."""
+  step = jnp.asarray(step, jnp.float32)
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def train_unet(config, x_train, y_train, schedule, writer=None):
+  """Trains the UNet (eqs. 1-2); returns (graphdef, ema_params, final_loss)."""
+  cfg, tc = unet_config(config), config.train
+  model = unet_lib.UNet(cfg, rngs=nnx.Rngs(config.seed))
+  graphdef, params = nnx.split(model)
+  logging.info("UNet: %d parameters", unet_lib.param_count(model))
+  lr = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, min(tc.warmup_steps, tc.steps),
+                                          tc.steps, tc.learning_rate * tc.end_lr_fraction)
+  tx = optax.chain(optax.clip_by_global_norm(tc.max_grad_norm) if tc.max_grad_norm > 0
+                   else optax.identity(), optax.adamw(lr, weight_decay=tc.weight_decay))
+  opt_state = tx.init(params)
+  ema = jax.tree.map(jnp.copy, params)  # distinct buffers: all three are donated
+  x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
+
+  def step_fn(params, opt_state, ema, step, key):
+    k_idx, k_loss = jax.random.split(key)
+    idx = jax.random.randint(k_idx, (tc.batch_size,), 0, x_train.shape[0])
+
+    def loss_fn(p):
+      eps_fn = lambda x, t, c: nnx.merge(graphdef, p)(x, t, c)
+      return diffusion_loss(eps_fn, schedule, x_train[idx], y_train[idx], k_loss,
+                            p_uncond=tc.p_uncond, null_class=cfg.null_class)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, ema_update(ema, params, step, tc.ema_decay), loss
+
+  step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2))
+  key = jax.random.key(config.seed)
+  losses = []
+  for step in metrics.progress(range(tc.steps), desc="unet"):
+    params, opt_state, ema, loss = step_fn(params, opt_state, ema, step,
+                                           jax.random.fold_in(key, step))
+    losses.append(loss)
+    if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+      mean_loss = float(jnp.mean(jnp.stack(losses)))
+      losses = []
+      if writer is not None:
+        writer.write_scalars(step + 1, {"unet/loss": mean_loss,
+                                        "unet/learning_rate": float(lr(step))})
+  return graphdef, ema, mean_loss
+
+
+# ============================================================================ sampling
+
+
+def sample_digits(graphdef, params, schedule, cond, key, *, num_steps: int, eta: float,
+                  guidance_scale: float, clip_sample, batch_size: int) -> np.ndarray:
+  """Class-conditional DDIM samples x_0 in [-1, 1] for every id in `cond` (numpy [N,8,8,1])."""
+
+  @jax.jit
+  def draw(params, cond, key):
+    eps_fn = lambda x, t, c: nnx.merge(graphdef, params)(x, t, c)
+    guided = samplers.classifier_free_guidance(eps_fn, guidance_scale)
+    return samplers.sample(guided, schedule, cond, key, shape=(8, 8, 1), num_steps=num_steps,
+                           eta=eta, clip_sample=clip_sample).final
+
+  cond = np.asarray(cond, np.int32)
+  out = []
+  for i, start in enumerate(range(0, len(cond), batch_size)):
+    chunk = cond[start:start + batch_size]
+    pad = batch_size - len(chunk)  # keep one compiled shape
+    padded = np.concatenate([chunk, np.zeros(pad, np.int32)]) if pad else chunk
+    x = draw(params, jnp.asarray(padded), jax.random.fold_in(key, i))
+    out.append(np.asarray(x)[:len(chunk)])
+  return np.concatenate(out)
+
+
+# ============================================================================ pipeline
+
+
+def pretrain(config, workdir: str) -> dict:
+  """Runs the whole pretraining into `workdir` and returns the report (also report.json)."""
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  report_path = os.path.join(workdir, REPORT_NAME)
+  if os.path.exists(report_path):
+    os.remove(report_path)  # a stale report would mark a half-rewritten cache as complete
+  t_start = time.time()
+  schedule = schedules.make_schedule(**config.schedule.to_dict())
+  x_train, y_train = digits.load_digits_split("train")
+  x_test, y_test = digits.load_digits_split("test")
+  writer = metrics.MetricWriter(workdir)
+
+  # ---------------------------------------------------------------- UNet
+  t0 = time.time()
+  graphdef, ema, final_loss = train_unet(config, x_train, y_train, schedule, writer)
+  jax.block_until_ready(ema)
+  unet_time = time.time() - t0
+  unet_model = nnx.merge(graphdef, ema)
+  model_io.save_model(os.path.join(workdir, UNET_DIR), unet_model, unet_model.config)
+
+  # ---------------------------------------------------------------- classifier
+  t0 = time.time()
+  ccfg, ct = classifier_config(config), config.classifier_train
+  clf = classifier_lib.DigitsClassifier(ccfg, rngs=nnx.Rngs(config.seed + 1))
+  clf, clf_losses = classifier_lib.train_classifier(
+      clf, digits.to_images(x_train), y_train, steps=ct.steps, batch_size=ct.batch_size,
+      learning_rate=ct.learning_rate, weight_decay=ct.weight_decay, max_shift=ct.max_shift,
+      noise_std=ct.noise_std, seed=config.seed + 1)
+  test_acc = classifier_lib.accuracy(clf, digits.to_images(x_test), y_test)
+  train_acc = classifier_lib.accuracy(clf, digits.to_images(x_train), y_train)
+  classifier_time = time.time() - t0
+  model_io.save_model(os.path.join(workdir, CLASSIFIER_DIR), clf, ccfg)
+  writer.write_scalars(config.train.steps, {"classifier/test_accuracy": test_acc,
+                                            "classifier/train_accuracy": train_acc,
+                                            "classifier/final_loss": clf_losses[-1]})
+
+  # ---------------------------------------------------------------- samples
+  t0 = time.time()
+  sc = config.sample
+  cond = np.repeat(np.arange(digits.NUM_CLASSES, dtype=np.int32), sc.per_class)
+  x_gen = sample_digits(graphdef, ema, schedule, cond, jax.random.key(config.seed + 2),
+                        num_steps=sc.num_steps, eta=sc.eta, guidance_scale=sc.guidance_scale,
+                        clip_sample=sc.clip_sample, batch_size=sc.batch_size)
+  images = digits.to_images(x_gen)
+  predicted = classifier_lib.predict(clf, images)
+  recognition = float(np.mean(predicted == cond))  # eq. 3
+  per_class = [float(np.mean(predicted[cond == c] == c)) for c in range(digits.NUM_CLASSES)]
+  sample_time = time.time() - t0
+  first = np.concatenate([images[cond == c][:10] for c in range(digits.NUM_CLASSES)])
+  writer.write_images(config.train.steps, "samples", first, ncols=10, scale=4)
+  writer.write_scalars(config.train.steps, {"samples/recognition_rate": recognition})
+  writer.close()
+
+  report = {
+      "classifier_test_accuracy": test_acc,
+      "classifier_train_accuracy": train_acc,
+      "recognition_rate": recognition,
+      "recognition_rate_per_class": per_class,
+      "unet_final_loss": final_loss,
+      "unet_params": unet_lib.param_count(unet_model),
+      "num_samples": int(len(cond)),
+      "targets_met": {
+          "classifier_accuracy": test_acc >= config.targets.classifier_accuracy,
+          "recognition_rate": recognition >= config.targets.recognition_rate},
+      "time_s": {"unet_train": unet_time, "classifier_train": classifier_time,
+                 "sampling": sample_time, "total": time.time() - t_start},
+      "device": str(jax.devices()[0].platform),
+      "schedule": config.schedule.to_dict(),
+      "config": json.loads(config.to_json()),
+  }
+  tmp = report_path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(report, f, indent=2)
+  os.replace(tmp, report_path)  # written last: marks the cache complete
+  return report
+
+
+# ============================================================================ cache
+
+
+def _cache_status(cache_dir: str, config) -> str | None:
+  """None if cache_dir holds a complete run of `config` whose models load; else the reason."""
+  report_path = os.path.join(cache_dir, REPORT_NAME)
+  if not os.path.isfile(report_path):
+    return f"no {report_path}"
+  try:
+    with open(report_path) as f:
+      report = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    return f"unreadable {report_path}: {e}"
+  if report.get("config") != json.loads(config.to_json()):
+    return f"{report_path} was made with a different config"
+  try:
+    model_io.load_model(os.path.join(cache_dir, UNET_DIR), unet_lib.UNet, unet_lib.UNetConfig)
+    model_io.load_model(os.path.join(cache_dir, CLASSIFIER_DIR),
+                        classifier_lib.DigitsClassifier, classifier_lib.ClassifierConfig)
+  except (model_io.ModelIOError, OSError) as e:
+    return f"models do not load: {e}"
+  return None
+
+
+def ensure_pretrained(cache_dir: str | None = None, config=None) -> dict:
+  """Paths of the pretrained digits UNet and classifier, pretraining them if needed.
+
+  Args:
+    cache_dir: directory of the cache (default: $ALIGNJAX_CACHE or ~/.cache/alignjax/digits).
+    config: pretraining ConfigDict (default: experiments/configs/pretrain_diffusion/digits.py).
+      A cache made with another config is retrained.
+
+  Returns:
+    dict(unet_dir=..., classifier_dir=..., schedule=kwargs of schedules.make_schedule,
+    report=path of report.json).
+  In a multi-process job, process 0 pretrains (cache_dir must be on a shared file system)
+  while the others wait at a barrier.
+  """
+  cache_dir = os.fspath(cache_dir or default_cache_dir())
+  config = default_config() if config is None else config
+  if jax.process_index() == 0:
+    reason = _cache_status(cache_dir, config)
+    if reason is not None:
+      logging.info("Pretraining the digits models into %s (%s).", cache_dir, reason)
+      pretrain(config, cache_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("alignjax_ensure_pretrained")
+  return {"unet_dir": os.path.join(cache_dir, UNET_DIR),
+          "classifier_dir": os.path.join(cache_dir, CLASSIFIER_DIR),
+          "schedule": config.schedule.to_dict(),
+          "report": os.path.join(cache_dir, REPORT_NAME)}
+
+
+# ============================================================================ command line
+
+
+def define_flags(flag_values=flags.FLAGS):
+  """--config (ml_collections config file, locked) and --workdir, on `flag_values`.
+
+  Defined only when the script runs (not on import), so that other experiment scripts that
+  call `ensure_pretrained` can define their own --config/--workdir.
+  """
+  config = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                           flag_values=flag_values, lock_config=True)
+  workdir = flags.DEFINE_string(
+      "workdir", None, "Output directory (models, report, logs). Default: the digits cache "
+      "($ALIGNJAX_CACHE or ~/.cache/alignjax/digits).", flag_values=flag_values)
+  return config, workdir
+
+
+def main(argv, config_flag, workdir_flag) -> dict:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if config_flag.value is None:
+    raise app.UsageError("--config is required, e.g. "
+                         "--config=experiments/configs/pretrain_diffusion/digits.py")
+  workdir = workdir_flag.value or default_cache_dir()
+  report = pretrain(config_flag.value, workdir)
+  summary = {k: report[k] for k in ("classifier_test_accuracy", "recognition_rate",
+                                    "targets_met", "time_s")}
+  print(json.dumps(summary, indent=2), flush=True)
+  print(f"models and report in {workdir}", flush=True)
+  return report
+
+
+if __name__ == "__main__":
+  _FLAGS = define_flags()
+  app.run(lambda argv: main(argv, *_FLAGS), flags_parser=configs.flags_parser)

@@ -1,0 +1,203 @@
+r"""Pretrain the embedded tiny LM on the synthetic arithmetic language.
+
+  python -m experiments.pretrain_lm --config=experiments/configs/pretrain_lm/tiny.py --workdir=runs/pretrain_lm
+
+A linear script: language (alignjax.data.synthetic_language) → Llama-shaped TransformerLM
+trained with AdamW in a jitted, donated step → greedy completion of held-out equations with
+the alignjax sampler → model + tokenizer saved in the Hugging Face format → report.json.
+
+Objective: next-token cross-entropy over the real tokens of left-padded sentences
+y = <bos> a op b = c <eos>, with the teacher-forced log-probs of `alignjax.lm.scoring` (eq. 1):
+
+  L(theta) = - sum_{b, t >= 1, valid} log p_theta(y_{b,t} | y_{b,<t}) / #scored tokens     (1)
+
+Evaluation: the prompt "<bos> a op b =" is completed greedily (temperature 0, stop at <eos>);
+
+  accuracy = (1 / n) sum_i 1[decode(completion_i) == str(c_i)]                            (2)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from alignjax import configs, metrics
+from alignjax.data import synthetic_language as lang
+from alignjax.lm import sampling, scoring
+from alignjax.models import convert
+from alignjax.models.lm import TransformerLM
+from alignjax.models.lm_config import LMConfig
+
+REPORT_NAME = "report.json"
+MODEL_DIR = "model"
+
+
+def validate(config) -> None:
+  """Checks that fail before any compilation; messages name the key."""
+  configs.check_positive(config, "train.steps", "train.batch_size", "train.learning_rate",
+                         "train.log_every", "eval.num_examples", "eval.batch_size",
+                         "data.max_operand", *(f"model.{k}" for k in (
+                             "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                             "head_dim", "mlp_dim", "max_position_embeddings")))
+  configs.check_nonnegative(config, "train.warmup_steps", "train.weight_decay",
+                            "train.max_grad_norm")
+  configs.check_fraction(config, "data.test_fraction")
+  needed = lang.max_sentence_length(config.data.max_operand)
+  if config.model.max_position_embeddings < needed:
+    raise configs.ConfigError(
+        f"config.model.max_position_embeddings={config.model.max_position_embeddings}: must "
+        f"be >= {needed}, the longest sentence for max_operand={config.data.max_operand}")
+
+
+def lm_config(config) -> LMConfig:
+  return LMConfig(family="llama", vocab_size=lang.VOCAB_SIZE, bos_token_id=lang.BOS_ID,
+                  eos_token_ids=(lang.EOS_ID,), pad_token_id=lang.PAD_ID, norm_eps=1e-5,
+                  **config.model.to_dict())
+
+
+def lm_loss(graphdef, params, tokens, valid):
+  """Mean next-token negative log-likelihood over real tokens after the first (eq. 1)."""
+  out = scoring.score(graphdef, params, tokens, valid, valid)
+  count = jnp.maximum(jnp.sum(valid) - tokens.shape[0], 1)
+  return -jnp.sum(out.sums) / count
+
+
+def train(config, tokens, valid, writer=None):
+  """AdamW on eq. 1; returns (graphdef, params, final mean loss)."""
+  tc = config.train
+  model = TransformerLM(lm_config(config), rngs=nnx.Rngs(config.seed))
+  graphdef, params = nnx.split(model)
+  logging.info("LM: %d parameters", sum(x.size for x in jax.tree.leaves(params)))
+  lr = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, min(tc.warmup_steps, tc.steps),
+                                          tc.steps, tc.learning_rate * tc.end_lr_fraction)
+  tx = optax.chain(optax.clip_by_global_norm(tc.max_grad_norm) if tc.max_grad_norm > 0
+                   else optax.identity(), optax.adamw(lr, weight_decay=tc.weight_decay))
+  opt_state = tx.init(params)
+  tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
+
+  def step_fn(params, opt_state, key):
+    idx = jax.random.randint(key, (tc.batch_size,), 0, tokens.shape[0])
+    loss, grads = jax.value_and_grad(
+        lambda p: lm_loss(graphdef, p, tokens[idx], valid[idx]))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  step_fn = jax.jit(step_fn, donate_argnums=(0, 1))
+  key = jax.random.key(config.seed)
+  losses, mean_loss = [], float("nan")
+  for step in metrics.progress(range(tc.steps), desc="lm"):
+    params, opt_state, loss = step_fn(params, opt_state, jax.random.fold_in(key, step))
+    losses.append(loss)
+    if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+      mean_loss = float(jnp.mean(jnp.stack(losses)))
+      losses = []
+      if writer is not None:
+        writer.write_scalars(step + 1, {"lm/loss": mean_loss,
+                                        "lm/learning_rate": float(lr(step))})
+  return graphdef, params, mean_loss
+
+
+def completion_accuracy(graphdef, params, pairs, *, batch_size: int, max_operand: int):
+  """Eq. 2 with greedy decoding; returns (accuracy, [(prompt, answer, completion)])."""
+  max_new = len(str(2 * max_operand)) + 1
+  cfg = sampling.SamplingConfig(max_new_tokens=max_new, temperature=0.0,
+                                eos_ids=(lang.EOS_ID,), pad_id=lang.PAD_ID)
+  max_prompt = lang.max_sentence_length(max_operand) - len(str(2 * max_operand)) - 1
+  rows = []
+  for start in range(0, len(pairs), batch_size):
+    chunk = list(pairs[start:start + batch_size])
+    chunk += [chunk[-1]] * (batch_size - len(chunk))  # one compiled batch size
+    tokens, valid = convert.pad_left([lang.encode(p) for p, _ in chunk], max_length=max_prompt,
+                                     pad_id=lang.PAD_ID, length=max_prompt)
+    out = sampling.sample(graphdef, params, tokens, valid, jax.random.key(0), cfg,
+                          max_prompt_len=max_prompt, min_bucket=max_prompt)
+    for (p, a), ids in zip(chunk, np.asarray(out.tokens)):
+      rows.append((p, a, lang.decode(ids)))
+  rows = rows[:len(pairs)]
+  return float(np.mean([c == a for _, a, c in rows])), rows
+
+
+def pretrain(config, workdir: str) -> dict:
+  """The whole run into `workdir`; returns the report (also written to report.json)."""
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.time()
+  dc = config.data
+  split = dict(max_operand=dc.max_operand, test_fraction=dc.test_fraction, seed=dc.split_seed)
+  train_pairs, test_pairs = lang.equations("train", **split), lang.equations("test", **split)
+  width = lang.max_sentence_length(dc.max_operand)
+  tokens, valid = convert.pad_left(lang.sentences(train_pairs), max_length=width,
+                                   pad_id=lang.PAD_ID, length=width)
+  writer = metrics.MetricWriter(workdir)
+
+  t0 = time.time()
+  graphdef, params, final_loss = train(config, tokens, valid, writer)
+  jax.block_until_ready(params)
+  train_time = time.time() - t0
+
+  t0 = time.time()
+  rng = np.random.default_rng(config.seed)
+  n = config.eval.num_examples
+  pick = lambda pairs: [pairs[i] for i in rng.permutation(len(pairs))[:n]]
+  kw = dict(batch_size=config.eval.batch_size, max_operand=dc.max_operand)
+  test_acc, test_rows = completion_accuracy(graphdef, params, pick(test_pairs), **kw)
+  train_acc, _ = completion_accuracy(graphdef, params, pick(train_pairs), **kw)
+  eval_time = time.time() - t0
+  writer.write_scalars(config.train.steps, {"eval/test_accuracy": test_acc,
+                                            "eval/train_accuracy": train_acc})
+  writer.close()
+
+  model_dir = os.path.join(workdir, MODEL_DIR)
+  model = nnx.merge(graphdef, params)
+  convert.save_hf_lm(model_dir, model, overwrite=True)
+  lang.save_tokenizer(model_dir)
+
+  report = {
+      "test_accuracy": test_acc, "train_accuracy": train_acc, "final_loss": final_loss,
+      "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+      "num_train_equations": len(train_pairs), "num_test_equations": len(test_pairs),
+      "examples": [{"prompt": p, "answer": a, "completion": c} for p, a, c in test_rows[:10]],
+      "targets_met": {"test_accuracy": test_acc >= config.targets.test_accuracy},
+      "time_s": {"train": train_time, "eval": eval_time, "total": time.time() - t_start},
+      "device": str(jax.devices()[0].platform), "model_dir": model_dir,
+      "config": json.loads(config.to_json()),
+  }
+  with open(os.path.join(workdir, REPORT_NAME), "w") as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
+def define_flags(flag_values=flags.FLAGS):
+  """--config (ml_collections config file, locked) and --workdir, on `flag_values`."""
+  config = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                           flag_values=flag_values, lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "Output directory (model, report, logs).",
+                                flag_values=flag_values)
+  return config, workdir
+
+
+def main(argv, config_flag, workdir_flag) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if config_flag.value is None or workdir_flag.value is None:
+    raise app.UsageError("--config and --workdir are required, e.g. "
+                         "--config=experiments/configs/pretrain_lm/tiny.py --workdir=runs/lm")
+  report = pretrain(config_flag.value, workdir_flag.value)
+  print(json.dumps({k: report[k] for k in ("test_accuracy", "train_accuracy", "final_loss",
+                                           "targets_met", "time_s")}, indent=2), flush=True)
+  print(f"model, tokenizer and report in {workdir_flag.value}", flush=True)
+
+
+if __name__ == "__main__":
+  _FLAGS = define_flags()
+  app.run(lambda argv: main(argv, *_FLAGS), flags_parser=configs.flags_parser)
