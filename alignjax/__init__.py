@@ -1,3 +1,26 @@
-"""alignjax: aligning generative models with rewards and preferences, in JAX/Flax NNX."""
+"""alignjax: aligning generative models with rewards and preferences, in JAX/Flax NNX.
+
+The curated public API. Subpackages: `alignjax.diffusion` (schedules, DDIM and flow
+samplers), `alignjax.models` (UNet, classifier, decoder LMs, LoRA, checkpoint conversion),
+`alignjax.rewards`, `alignjax.algorithms` (ddpo, draft, adjoint_matching), `alignjax.lm`
+(sampling, scoring) and `alignjax.data`.
+"""
+
+from alignjax import checkpoint, configs, metrics, parallel, training
+from alignjax.checkpoint import Checkpointer, CheckpointError
+from alignjax.configs import ConfigError, parse_arg
+from alignjax.metrics import MetricWriter, progress
+from alignjax.parallel import (DATA_AXES, batch_sharding, initialize_distributed,
+                               is_main_process, make_mesh, param_shardings, replicated,
+                               shard_batch, sharded_init)
+from alignjax.training import Finetune, OptimizerConfig, TrainState, make_optimizer
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "Checkpointer", "ConfigError", "DATA_AXES", "Finetune", "MetricWriter",
+    "OptimizerConfig", "TrainState", "batch_sharding", "checkpoint", "configs",
+    "initialize_distributed", "is_main_process", "make_mesh", "make_optimizer", "metrics",
+    "parallel", "param_shardings", "parse_arg", "progress", "replicated", "shard_batch",
+    "sharded_init", "training",
+]

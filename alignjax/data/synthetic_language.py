@@ -1,0 +1,118 @@
+r"""An embedded synthetic language: integer arithmetic sentences, and its character tokenizer.
+
+A sentence is one equation over operands a, b in 0 .. max_operand:
+
+    "a+b=c"  with c = a + b,        "a-b=c"  with c = a - b (only a >= b, so c >= 0)     (eq. 1)
+
+written in decimal without leading zeros. The prompt is everything up to and including "=",
+the completion is the decimal c followed by the end-of-sequence token. Each (a, op, b)
+belongs to the held-out split iff
+
+    (a * (max_operand + 1) + b) * 2 + [op == "-"]  is selected by a seeded permutation    (eq. 2)
+
+(a fixed fraction `test_fraction` of all equations), so train and test never share an equation.
+
+The tokenizer is character level: ids 0, 1, 2 are <pad>, <bos>, <eos>, then "0".."9", "+",
+"-", "=" (16 ids). `save_tokenizer(directory)` writes a Hugging Face `tokenizers`
+tokenizer.json (a WordLevel model over single characters, <bos> prepended on encode, characters
+joined on decode) and a tokenizer_config.json, which `alignjax.models.convert.load_tokenizer`
+reads with transformers. `encode` / `decode` are the same mapping in plain Python (no
+dependency) for the training and evaluation loops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+SPECIALS = (PAD, BOS, EOS)
+CHARS = "0123456789+-="
+VOCAB = {tok: i for i, tok in enumerate(SPECIALS + tuple(CHARS))}
+PAD_ID, BOS_ID, EOS_ID = VOCAB[PAD], VOCAB[BOS], VOCAB[EOS]
+VOCAB_SIZE = len(VOCAB)
+OPS = ("+", "-")
+SPLITS = ("train", "test")
+
+__all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "VOCAB", "VOCAB_SIZE", "decode", "encode",
+           "equations", "max_sentence_length", "save_tokenizer", "sentences"]
+
+
+def equations(split: str, *, max_operand: int = 99, test_fraction: float = 0.1,
+              seed: int = 0) -> list[tuple[str, str]]:
+  """All (prompt, answer) pairs of a split (eqs. 1-2), e.g. ("12+7=", "19")."""
+  if split not in SPLITS:
+    raise ValueError(f"equations: split={split!r}; valid choices are {SPLITS}")
+  if max_operand < 1:
+    raise ValueError(f"equations: max_operand={max_operand} must be >= 1")
+  if not 0 < test_fraction < 1:
+    raise ValueError(f"equations: test_fraction={test_fraction} must be in (0, 1)")
+  n = max_operand + 1
+  codes = np.arange(n * n * 2)
+  held = np.zeros(codes.size, bool)
+  perm = np.random.default_rng(seed).permutation(codes.size)
+  held[perm[:int(round(test_fraction * codes.size))]] = True  # eq. 2
+  out = []
+  for code in codes[held if split == "test" else ~held]:
+    pair, minus = divmod(int(code), 2)
+    a, b = divmod(pair, n)
+    if minus and a < b:
+      continue
+    c = a - b if minus else a + b  # eq. 1
+    out.append((f"{a}{OPS[minus]}{b}=", str(c)))
+  return out
+
+
+def max_sentence_length(max_operand: int = 99) -> int:
+  """Tokens in the longest sentence: <bos> a op b = c <eos>."""
+  digits = len(str(max_operand))
+  return 1 + 2 * digits + 2 + len(str(2 * max_operand)) + 1
+
+
+def encode(text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+  """Character ids of `text` (characters outside the language raise ValueError)."""
+  bad = sorted(set(text) - set(CHARS))
+  if bad:
+    raise ValueError(f"encode: characters {bad} are not in the language; valid: {CHARS!r}")
+  return [BOS_ID] * bos + [VOCAB[ch] for ch in text] + [EOS_ID] * eos
+
+
+def decode(ids: Sequence[int]) -> str:
+  """Text of ids up to the first <eos>, special tokens dropped."""
+  inverse = {i: t for t, i in VOCAB.items()}
+  out = []
+  for i in ids:
+    i = int(i)
+    if i == EOS_ID:
+      break
+    if i in inverse and inverse[i] not in SPECIALS:
+      out.append(inverse[i])
+  return "".join(out)
+
+
+def sentences(pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+  """Token ids of full sentences <bos> prompt answer <eos>."""
+  return [encode(p + a, eos=True) for p, a in pairs]
+
+
+def save_tokenizer(directory: str) -> list[str]:
+  """tokenizer.json (HF `tokenizers`) + tokenizer_config.json into `directory`."""
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors  # pylint: disable=import-outside-toplevel
+
+  tok = Tokenizer(models.WordLevel(vocab=dict(VOCAB), unk_token=PAD))
+  tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+  tok.post_processor = processors.TemplateProcessing(
+      single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, BOS_ID)])
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens(list(SPECIALS))
+  os.makedirs(directory, exist_ok=True)
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+            "pad_token": PAD, "unk_token": PAD, "padding_side": "left",
+            "model_max_length": 1024, "clean_up_tokenization_spaces": False}
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return ["tokenizer.json", "tokenizer_config.json"]

@@ -1,0 +1,192 @@
+"""Tests of alignjax.lm.sampling against a non-cached full-forward loop and numpy filters."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+from alignjax.lm import sampling
+from alignjax.models.convert import pad_left
+from alignjax.models.lm import TransformerLM, forward
+from alignjax.models.lm_config import LMConfig
+
+V = 32
+CONFIG = LMConfig(family="llama", vocab_size=V, hidden_size=32, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8, mlp_dim=48, max_position_embeddings=64)
+FWD = jax.jit(forward, static_argnums=0)
+PROMPTS = [[1, 5, 9, 3, 7, 2, 11], [1, 4], [1, 30, 12, 8]]
+
+
+@functools.lru_cache(maxsize=None)
+def make(seed=0, scale=0.15):
+  """(graphdef, params) of a random model with numpy-drawn weights (fast on CPU)."""
+  graphdef, abstract = nnx.split(
+      nnx.eval_shape(lambda: TransformerLM(CONFIG, rngs=nnx.Rngs(seed))))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    base = 1.0 if path[-2].key == "scale" else 0.0
+    return jnp.asarray(base + scale * rng.normal(size=x.shape), x.dtype)
+
+  return graphdef, jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def full_logits(seq):
+  """Logits [len, V] of one unpadded sequence, full forward without a cache (right-padded to
+  one compiled length: causal attention keeps the first len logits unchanged)."""
+  graphdef, params = make()
+  padded = jnp.asarray([list(seq) + [0] * (32 - len(seq))], jnp.int32)
+  return np.asarray(FWD(graphdef, params, padded)[0][0], np.float64)[:len(seq)]
+
+
+def numpy_filter(z, temperature, top_k, top_p):
+  """Independent eqs. 1-4: the kept set and log q over the vocabulary (float64)."""
+  z = z / temperature
+  order = np.argsort(-z, kind="stable")
+  keep = np.ones(V, bool)
+  if 0 < top_k < V:
+    keep &= z >= z[order[top_k - 1]]
+  if top_p < 1:
+    zk = np.where(keep, z, -np.inf)
+    p = np.exp(zk - zk.max())
+    p /= p.sum()
+    sp = np.sort(p)[::-1]
+    before = np.cumsum(sp) - sp
+    threshold = sp[before < top_p].min()
+    keep &= p >= threshold * (1 - 1e-6)
+  zk = np.where(keep, z, -np.inf)
+  return keep, zk - np.logaddexp.reduce(zk[keep])
+
+
+def run(cfg, prompts=PROMPTS, key=0, **kw):
+  graphdef, params = make()
+  tokens, valid = pad_left(prompts, max_length=64)
+  out = sampling.sample(graphdef, params, tokens, valid, jax.random.key(key), cfg, **kw)
+  return jax.tree.map(np.asarray, out)
+
+
+def test_greedy_equals_full_forward_loop():
+  n = 8
+  out = run(sampling.SamplingConfig(max_new_tokens=n, temperature=0.0))
+  top1 = run(sampling.SamplingConfig(max_new_tokens=n, temperature=1.0, top_k=1), key=3)
+  for b, prompt in enumerate(PROMPTS):
+    seq = list(prompt)
+    for _ in range(n):
+      seq.append(int(np.argmax(full_logits(seq)[-1])))
+    np.testing.assert_array_equal(out.tokens[b], seq[len(prompt):])
+    np.testing.assert_array_equal(top1.tokens[b], seq[len(prompt):])
+  assert out.valid.all() and (out.lengths == n).all() and (out.log_probs == 0).all()
+  np.testing.assert_allclose(top1.log_probs, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p",
+                         [(1.0, 3, 1.0), (1.3, 0, 0.5), (0.9, 6, 0.8)])
+def test_log_probs_equal_rescored_filtered_distribution(temperature, top_k, top_p):
+  n = 6
+  cfg = sampling.SamplingConfig(max_new_tokens=n, temperature=temperature, top_k=top_k,
+                                top_p=top_p)
+  out = run(cfg, key=7)
+  for b, prompt in enumerate(PROMPTS):
+    seq = list(prompt) + [int(t) for t in out.tokens[b]]
+    logits = full_logits(seq)
+    for s in range(n):
+      z, y = logits[len(prompt) + s - 1], int(out.tokens[b, s])
+      keep, log_q = numpy_filter(z, temperature, top_k, top_p)
+      assert keep[y], f"sampled token {y} outside the kept set (row {b}, step {s})"
+      if top_k:
+        assert (z > z[y]).sum() < top_k  # among the k best
+      np.testing.assert_allclose(out.log_probs[b, s], log_q[y], atol=2e-4)
+      model_lp = z[y] - np.logaddexp.reduce(z)
+      np.testing.assert_allclose(out.model_log_probs[b, s], model_lp, atol=2e-4)
+
+
+def test_filter_logits_nucleus_is_smallest_prefix():
+  z = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  kept = np.isfinite(np.asarray(sampling.filter_logits(z, 1.0, 0, 0.8)))
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])  # 0.5 + 0.3 reaches 0.8
+  kept = np.isfinite(np.asarray(sampling.filter_logits(z, 1.0, 0, 0.81)))
+  np.testing.assert_array_equal(kept, [[True, True, True, False]])
+  kept = np.isfinite(np.asarray(sampling.filter_logits(z, 1.0, 2, 1.0)))
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])
+
+
+def test_sampling_log_probs_over_vocabulary():
+  z = np.random.default_rng(2).normal(size=(3, V)) * 2
+  for t, k, p in [(0.8, 5, 0.9), (1.5, 0, 0.6), (1.0, 0, 1.0)]:
+    got = np.asarray(sampling.sampling_log_probs(
+        jnp.asarray(z, jnp.float32), sampling.SamplingConfig(1, t, k, p)))
+    for row in range(3):
+      keep, log_q = numpy_filter(z[row], t, k, p)
+      np.testing.assert_array_equal(np.isfinite(got[row]), keep)
+      np.testing.assert_allclose(got[row][keep], log_q[keep], atol=1e-5)
+  greedy = np.asarray(sampling.sampling_log_probs(jnp.asarray(z), sampling.SamplingConfig(1, 0.0)))
+  np.testing.assert_array_equal(np.argmax(greedy, -1), np.argmax(z, -1))
+  assert (np.isfinite(greedy).sum(-1) == 1).all() and (greedy.max(-1) == 0).all()
+
+
+def test_eos_stops_rows_and_pads_after():
+  n = 8
+  greedy = run(sampling.SamplingConfig(max_new_tokens=n, temperature=0.0))
+  eos = int(greedy.tokens[0, 2])
+  out = run(sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_ids=(eos,),
+                                    pad_id=-1))
+  for b in range(len(PROMPTS)):
+    row = list(greedy.tokens[b])
+    stop = row.index(eos) + 1 if eos in row else n
+    np.testing.assert_array_equal(out.tokens[b, :stop], row[:stop])
+    assert (out.tokens[b, stop:] == -1).all()
+    np.testing.assert_array_equal(out.valid[b], np.arange(n) < stop)
+    assert out.lengths[b] == stop
+  assert out.lengths[0] <= 3
+
+
+def test_frequencies_match_softmax():
+  prompt = [1, 5, 9]
+  b = 4000
+  out = run(sampling.SamplingConfig(max_new_tokens=1, temperature=1.0), prompts=[prompt] * b,
+            key=11)
+  z = full_logits(prompt)[-1]
+  p = np.exp(z - np.logaddexp.reduce(z))
+  counts = np.bincount(out.tokens[:, 0], minlength=V)
+  expected = b * p
+  big = expected >= 5  # chi-square on cells with enough mass, the rest pooled
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  chi2 = ((obs - exp) ** 2 / np.maximum(exp, 1e-12)).sum()
+  assert chi2 < stats.chi2.ppf(0.999, len(obs) - 1), (chi2, len(obs))
+  np.testing.assert_allclose(out.model_log_probs[:, 0], np.log(p[out.tokens[:, 0]]), atol=1e-4)
+
+
+def test_prompt_buckets_bound_compilations():
+  cfg = sampling.SamplingConfig(max_new_tokens=2, temperature=1.0, top_k=5)
+  before = sampling._generate_jit._cache_size()  # pylint: disable=protected-access
+  rng = np.random.default_rng(0)
+  for length in (1, 3, 9, 16, 17, 30, 33, 40, 47):
+    prompts = [list(rng.integers(3, V, size=length)), [1]]
+    out = run(cfg, prompts=prompts, max_prompt_len=48)
+    assert out.tokens.shape == (2, 2)
+  compiled = sampling._generate_jit._cache_size() - before  # pylint: disable=protected-access
+  assert compiled <= 3, compiled  # buckets 16, 32, 48
+  assert [sampling.bucket_length(n, 48) for n in (1, 16, 17, 33, 48)] == [16, 16, 32, 48, 48]
+
+
+def test_bad_inputs_raise_clear_errors():
+  with pytest.raises(ValueError, match="maximum prompt length 48"):
+    run(sampling.SamplingConfig(max_new_tokens=2), prompts=[[1] * 49], max_prompt_len=48)
+  with pytest.raises(ValueError, match="maximum prompt length 62"):
+    run(sampling.SamplingConfig(max_new_tokens=2), prompts=[[1] * 63])
+  with pytest.raises(ValueError, match="top_p"):
+    sampling.SamplingConfig(max_new_tokens=2, top_p=0.0)
+  with pytest.raises(ValueError, match="temperature"):
+    sampling.SamplingConfig(max_new_tokens=2, temperature=-1.0)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    sampling.SamplingConfig(max_new_tokens=0)
+  graphdef, params = make()
+  with pytest.raises(ValueError, match="left-padded"):
+    sampling.sample(graphdef, params, np.ones((1, 4), np.int32),
+                    np.array([[True, True, True, False]]), jax.random.key(0),
+                    sampling.SamplingConfig(max_new_tokens=2))
