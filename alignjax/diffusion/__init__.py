@@ -1,14 +1,15 @@
 """Diffusion core: noise schedules and DDIM/DDPM samplers with per-step log-probabilities."""
 from alignjax.diffusion.samplers import (DDIMStepOutput, EpsFn, Trajectory, Transitions,
                                          classifier_free_guidance, ddim_std, ddim_step,
-                                         gaussian_log_prob, sample, step_log_prob, transitions)
+                                         fixed_order_sum, gaussian_log_prob, sample,
+                                         step_log_prob, transitions)
 from alignjax.diffusion.schedules import (KINDS, NoiseSchedule, add_noise, alpha_cumprod_at,
-                                          inference_prev_timesteps, inference_timesteps,
-                                          make_schedule)
+                                          expand_like, inference_prev_timesteps,
+                                          inference_timesteps, make_schedule)
 
 __all__ = [
     "DDIMStepOutput", "EpsFn", "KINDS", "NoiseSchedule", "Trajectory", "Transitions",
     "add_noise", "alpha_cumprod_at", "classifier_free_guidance", "ddim_std", "ddim_step",
-    "gaussian_log_prob", "inference_prev_timesteps", "inference_timesteps", "make_schedule",
-    "sample", "step_log_prob", "transitions",
+    "expand_like", "fixed_order_sum", "gaussian_log_prob", "inference_prev_timesteps",
+    "inference_timesteps", "make_schedule", "sample", "step_log_prob", "transitions",
 ]

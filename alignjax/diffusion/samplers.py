@@ -22,7 +22,8 @@ Where sigma_t = 0 (eta = 0, or the last step when abar_s = 1 makes (2) vanish) t
 deterministic: its density is a point mass, and we define log_prob = log_prob_sum = 0 (with
 zero, not NaN, gradients). Such a step carries no policy randomness, so it adds nothing to a
 policy gradient and its importance ratio is 1. `step_log_prob` refuses eta = 0, where every
-step would be 0; use `set_alpha_to_one=False` in the schedule for a stochastic last step.
+step would be 0; a schedule with set_alpha_to_one=False and steps_offset=1 (Stable
+Diffusion's) makes the last step stochastic too.
 
 Classifier-free guidance (Ho & Salimans 2022) with scale w and the null condition:
 
@@ -31,20 +32,21 @@ Classifier-free guidance (Ho & Salimans 2022) with scale w and the null conditio
 The conditional and unconditional predictions come from ONE model call on a batch of 2B that
 interleaves (x_b, c_b) and (x_b, null), so a batch-sharded x stays sharded without moving data.
 
-On-policy ratio exp(lp_new - lp_old) = 1 exactly in float32. Three choices make the sampler
-and `step_log_prob` compute bitwise the same log-prob for the same step:
+On-policy ratio exp(lp_new - lp_old) = 1 exactly in float32. Four choices make the sampler
+and `step_log_prob` compute bitwise the same log-prob for the same step and eps:
   * one code path: `sample` draws x_s with (4), then scores it with (5)-(6) from
     (x_s, mu, sigma_t) in `ddim_step`, which `step_log_prob` calls on a stored x_s;
   * timesteps and classes reach eps_fn and (1)-(5) as runtime [B] vectors in both (through
     `jax.lax.optimization_barrier`), so XLA neither constant-folds them (its compile-time
     exp/log round differently) nor specialises products on a scalar timestep;
-  * the sums of (6) have a fixed order (`fixed_order_sum`), independent of the batch size,
-    and per-example factors multiply the arrays (reciprocals computed per example): XLA
-    rewrites a division by a broadcast into a reciprocal product in some contexts only.
-What remains is eps_fn itself: it must give an example the same bits in a batch of B
-(sampling) and of B*T (training pairs). XLA on CPU does so for the convolutional and dense
-models tested; GPU libraries may pick other algorithms per batch size, leaving |ratio - 1|
-at the level of float32 rounding (~1e-6).
+  * the sums of (6) have a fixed order (`fixed_order_sum`), independent of the batch size;
+  * arrays are multiplied by per-example reciprocals, never divided by a broadcast: XLA
+    turns such a division into a reciprocal product in some compile contexts only.
+What remains is eps_fn itself: the ratio is exactly 1 when the model gives an example the
+same bits in a batch of B (sampling, inside the scan) and of B*T (training pairs, possibly
+under jax.grad). Convolution and matmul kernels may not (XLA's CPU convolutions round some
+outputs differently per batch size; GPU libraries pick algorithms per shape); the ratio is
+then 1 up to float32 rounding of eps, amplified by 1/sigma_t (|ratio - 1| ~ 1e-6 - 1e-5).
 """
 from __future__ import annotations
 
@@ -216,8 +218,7 @@ def ddim_step(schedule: NoiseSchedule, eps: jax.Array, x_t: jax.Array, t, prev_t
 
   abar_t = expand_like(alpha_cumprod_at(schedule, t), x_t)
   abar_s = expand_like(alpha_cumprod_at(schedule, prev_t), x_t)
-  # Per-example factors multiply, never divide, the [B, ...] arrays: XLA turns a division by a
-  # broadcast into a product with its reciprocal in some compile contexts and not in others.
+  # Per-example factors multiply, never divide, the arrays (see the module docstring).
   x0_pred = (x_t - jnp.sqrt(1.0 - abar_t) * eps) * (1.0 / jnp.sqrt(abar_t))  # eq. 1
   if clip is not None:
     x0_pred = jnp.clip(x0_pred, -clip, clip)

@@ -106,7 +106,8 @@ def test_bad_inputs():
     schedules.make_schedule("linear", 0)
   with pytest.raises(ValueError, match="beta_start"):
     schedules.make_schedule("linear", 10, 0.5, 0.1)
-  with pytest.raises(ValueError, match="num_steps=51: must be between 1 and num_train_timesteps=50"):
+  with pytest.raises(ValueError, match="num_steps=51: must be between 1 and "
+                                       "num_train_timesteps=50"):
     schedules.inference_timesteps(50, 51)
   with pytest.raises(ValueError, match="num_steps=0"):
     schedules.inference_timesteps(1000, 0)
