@@ -38,7 +38,7 @@ def get_config(arg=None):
   c.reward = dict(name=arg.reward, target=-1, jpeg_quality=95, jpeg_upscale=4)
 
   c.sampling = ml_collections.ConfigDict(dict(
-      num_steps=20, eta=1.0, guidance_scale=2.0, batch_size=64, batches_per_round=2,
+      num_steps=20, eta=1.0, guidance_scale=1.0, batch_size=64, batches_per_round=2,
       clip_sample=1.0))
 
   c.ddpo = ml_collections.ConfigDict(dict(
@@ -62,7 +62,7 @@ def get_config(arg=None):
 
   if arg.tiny:
     c.num_rounds = 2
-    c.sampling.update(num_steps=4, batch_size=8, batches_per_round=2)
+    c.sampling.update(num_steps=4, batch_size=8, batches_per_round=2, guidance_scale=2.0)
     c.ddpo.update(num_minibatches=2, buffer_size=16, min_count=4)
     c.checkpoint.every = 1
     c.log.image_every = 1

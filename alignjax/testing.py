@@ -1,0 +1,73 @@
+"""Tiny models for tests and colabs: a few channels, random weights, built in milliseconds.
+
+The tiny models are initialised on the host with numpy rather than with the modules' own
+JAX initialisers: building them then costs no XLA compilation (on a small CPU, compiling the
+dozens of per-parameter random initialisers takes far longer than the tests that use them).
+The host initialisation is deterministic in `seed` and keeps every tensor non-trivial:
+
+    kernel     ~ N(0, 1 / fan_in),  fan_in = prod(shape[:-1])   (LeCun normal, untruncated)
+    embedding  ~ N(0, 1)
+    bias       ~ N(0, 0.1^2)          scale ~ 1 + N(0, 0.1^2)    (norm layers)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignjax.models.classifier import ClassifierConfig, DigitsClassifier
+from alignjax.models.lora import path_str
+from alignjax.models.unet import UNet, UNetConfig
+
+# A one-level UNet (no down/up-sampling, fewest layers: cheapest to compile) with
+# self-attention in the mid block; TWO_LEVEL_UNET_CONFIG adds the 8 -> 4 level. The output
+# conv is random (not zero) so that eps predictions, samples and gradients are non-trivial.
+TINY_UNET_CONFIG = UNetConfig(channels=(8,), num_res_blocks=1, attention_resolutions=(),
+                              num_heads=2, num_groups=4, embed_dim=16, time_freq_dim=8,
+                              zero_init_output=False)
+TWO_LEVEL_UNET_CONFIG = dataclasses.replace(TINY_UNET_CONFIG, channels=(8, 16))
+TINY_CLASSIFIER_CONFIG = ClassifierConfig(channels=(8, 8), hidden_dim=16, num_groups=4)
+
+
+def host_init(build, seed: int = 0) -> nnx.Module:
+  """`build(rngs)` (an NNX module) with parameters drawn on the host (module docstring).
+
+  Example: `host_init(lambda rngs: UNet(config, rngs=rngs), seed=0)`.
+  """
+  abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name, shape = path_str(path), tuple(leaf.shape)
+    last = name.rsplit("/", 1)[-1]
+    if last == "kernel":
+      value = rng.normal(size=shape) / math.sqrt(max(1, math.prod(shape[:-1])))
+    elif last == "embedding":
+      value = rng.normal(size=shape)
+    elif last == "scale":
+      value = 1.0 + 0.1 * rng.normal(size=shape)
+    elif last == "bias":
+      value = 0.1 * rng.normal(size=shape)
+    else:
+      raise ValueError(f"host_init: no rule for parameter {name!r} (kernel, embedding, "
+                       "scale or bias)")
+    return jnp.asarray(value, leaf.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+
+
+def tiny_unet(seed: int = 0, config: UNetConfig = TINY_UNET_CONFIG) -> UNet:
+  """A random tiny class-conditional UNet for 8x8x1 inputs (about 9k parameters)."""
+  return host_init(lambda rngs: UNet(config, rngs=rngs), seed)
+
+
+def tiny_classifier(seed: int = 0, config: ClassifierConfig = TINY_CLASSIFIER_CONFIG
+                    ) -> DigitsClassifier:
+  """A random tiny digits classifier: images [B, 8, 8, 1] in [0, 1] -> logits [B, 10]."""
+  return host_init(lambda rngs: DigitsClassifier(config, rngs=rngs), seed)

@@ -1,0 +1,102 @@
+"""Tests of the digits pretraining script (experiments/pretrain_diffusion.py)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+
+from alignjax.diffusion import schedules
+from alignjax.models import classifier as classifier_lib
+from alignjax.models import io as model_io
+from alignjax.models import unet as unet_lib
+from experiments import pretrain_diffusion as pd
+from experiments.configs.pretrain_diffusion import digits as digits_config
+
+CONFIG_FILE = os.path.join(os.path.dirname(digits_config.__file__), "digits.py")
+
+
+def test_diffusion_loss_formula():
+  schedule = schedules.make_schedule("linear")
+  x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4096, 2, 2, 1)), jnp.float32)
+  cond = jnp.zeros((4096,), jnp.int32)
+  key = jax.random.key(0)
+
+  def exact(x_t, t, c):  # inverts eq. 1's x_t with the known x0: loss must vanish
+    abar = schedule.alphas_cumprod[t][:, None, None, None]
+    return (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+
+  loss = pd.diffusion_loss(exact, schedule, x0, cond, key, p_uncond=0.0, null_class=10)
+  assert float(loss) < 1e-6
+  # eps_fn = 1[c~ is null]: E (eps - m)^2 = 1 + p_uncond (eps ~ N(0, 1), m ~ Bernoulli(p)).
+  is_null = lambda x_t, t, c: jnp.broadcast_to((c == 10)[:, None, None, None], x_t.shape) * 1.0
+  loss = pd.diffusion_loss(is_null, schedule, x0, cond, key, p_uncond=0.3, null_class=10)
+  assert abs(float(loss) - 1.3) < 0.05
+
+
+def test_ema_update_hand_computed():
+  ema, params = {"w": jnp.array([1.0])}, {"w": jnp.array([3.0])}
+  # step 0: d = min(0.999, 1/10) = 0.1 -> 0.1 * 1 + 0.9 * 3 = 2.8
+  np.testing.assert_allclose(pd.ema_update(ema, params, 0, 0.999)["w"], [2.8], rtol=1e-6)
+  # late step: d = 0.5 (the cap) -> 2.0
+  np.testing.assert_allclose(pd.ema_update(ema, params, 10_000, 0.5)["w"], [2.0], rtol=1e-6)
+
+
+def test_config_docstring_and_validation():
+  assert digits_config.__doc__.lstrip().startswith(
+      "Pretrain") and "python -m experiments.pretrain_diffusion" in digits_config.__doc__
+  config = digits_config.get_config()
+  pd.validate(config)
+  assert pd.unet_config(config) == unet_lib.UNetConfig(
+      channels=tuple(config.unet.channels), attention_resolutions=(2,))
+  config.train.p_uncond = 1.5
+  with pytest.raises(ValueError, match=r"config.train.p_uncond=1.5"):
+    pd.validate(config)
+  config = digits_config.get_config()
+  config.unet.widths = 3
+  with pytest.raises(ValueError, match="widths"):
+    pd.unet_config(config)
+
+
+def test_tiny_pretraining_cli_and_cache(tmp_path):
+  """Runs the script's command line on a tiny config, loads the outputs, reuses the cache."""
+  workdir = str(tmp_path / "cache")
+  argv = ["prog", f"--config={CONFIG_FILE}:tiny=True", "--config.sample.num_steps=2",
+          f"--workdir={workdir}"]
+  fv = flags.FlagValues()
+  config_flag, workdir_flag = pd.define_flags(fv, argv)
+  fv(argv)
+  assert pd.main(["prog"], config_flag, workdir_flag) is None  # exit status 0 under app.run
+
+  with open(os.path.join(workdir, pd.REPORT_NAME)) as f:
+    saved = json.load(f)
+  assert saved["recognition_rate"] == saved["evaluations"][0]["recognition_rate"]
+  assert 0.0 <= saved["recognition_rate"] <= 1.0
+  assert 0.0 <= saved["classifier_test_accuracy"] <= 1.0
+  assert saved["num_samples"] == 20 and saved["config"]["sample"]["num_steps"] == 2
+  assert set(saved["time_s"]) == {"unet_train", "classifier_train", "sampling", "total"}
+  assert os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
+  unet = model_io.load_model(os.path.join(workdir, "unet"), unet_lib.UNet, unet_lib.UNetConfig)
+  assert unet.config.channels == (8,)
+  out = unet(jnp.zeros((2, 8, 8, 1)), jnp.array([0, 999]), jnp.array([3, 10]))
+  assert out.shape == (2, 8, 8, 1) and np.all(np.isfinite(np.asarray(out)))
+  clf = model_io.load_model(os.path.join(workdir, "classifier"),
+                            classifier_lib.DigitsClassifier, classifier_lib.ClassifierConfig)
+  assert clf(jnp.zeros((1, 8, 8, 1))).shape == (1, 10)
+
+  # ensure_pretrained: a valid cache for the same config is reused, not retrained.
+  config = config_flag.value
+  mtime = os.path.getmtime(os.path.join(workdir, pd.REPORT_NAME))
+  paths = pd.ensure_pretrained(workdir, config)
+  assert paths["unet_dir"] == os.path.join(workdir, "unet")
+  assert paths["classifier_dir"] == os.path.join(workdir, "classifier")
+  assert schedules.make_schedule(**paths["schedule"]).num_train_timesteps == 1000
+  assert os.path.getmtime(os.path.join(workdir, pd.REPORT_NAME)) == mtime
+  # ...while another config, or missing weights, makes the cache invalid.
+  other = digits_config.get_config("tiny=True")
+  assert "different config" in pd._cache_status(workdir, other)
+  os.remove(os.path.join(workdir, "unet", "model.safetensors"))
+  assert "do not load" in pd._cache_status(workdir, config)
