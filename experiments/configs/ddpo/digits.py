@@ -25,7 +25,7 @@ def get_config(arg=None):
   arg = configs.parse_arg(arg, variant="is", finetune="full", reward="classifier", tiny=False)
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.num_rounds = 30
+  c.num_rounds = 25
 
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=1, process_id=0)
@@ -38,12 +38,12 @@ def get_config(arg=None):
   c.reward = dict(name=arg.reward, target=-1, jpeg_quality=95, jpeg_upscale=4)
 
   c.sampling = ml_collections.ConfigDict(dict(
-      num_steps=20, eta=1.0, guidance_scale=1.0, batch_size=64, batches_per_round=2,
+      num_steps=20, eta=1.0, guidance_scale=1.0, batch_size=32, batches_per_round=2,
       clip_sample=1.0))
 
   c.ddpo = ml_collections.ConfigDict(dict(
       objective="clipped", clip_range=1e-2, adv_clip_max=5.0, inner_epochs=1,
-      num_minibatches=4, num_microbatches=1, timestep_fraction=1.0,
+      num_minibatches=2, num_microbatches=1, timestep_fraction=0.5,
       per_prompt_stat_tracking=True, buffer_size=64, min_count=16))
   if arg.variant == "sf":
     c.ddpo.objective = "score_function"
@@ -53,7 +53,7 @@ def get_config(arg=None):
     raise configs.ConfigError(f"variant={arg.variant!r}: valid choices are ('is', 'sf')")
 
   c.finetune = dict(mode=arg.finetune, lora_rank=8, lora_alpha=8.0)
-  c.optimizer = dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+  c.optimizer = dict(learning_rate=2e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                      max_grad_norm=1.0)
 
   c.checkpoint = dict(every=10, keep=3)
