@@ -8,7 +8,3 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
-# Threefry's partitionable mode compiles each new random shape slowly on CPU (seconds); the
-# classic mode draws the same kind of numbers and compiles ~10x faster. Results never depend
-# on sharding in either mode.
-jax.config.update("jax_threefry_partitionable", False)
