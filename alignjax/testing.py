@@ -71,3 +71,46 @@ def tiny_classifier(seed: int = 0, config: ClassifierConfig = TINY_CLASSIFIER_CO
                     ) -> DigitsClassifier:
   """A random tiny digits classifier: images [B, 8, 8, 1] in [0, 1] -> logits [B, 10]."""
   return host_init(lambda rngs: DigitsClassifier(config, rngs=rngs), seed)
+
+
+def free_port() -> int:
+  """A free TCP port on 127.0.0.1, for a local `jax.distributed` coordinator."""
+  import socket
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_local_processes(script, args_per_process, *, devices_per_process: int = 2,
+                        timeout: float = 150.0, pythonpath: str | None = None) -> list[dict]:
+  """Runs one Python `script` per entry of `args_per_process` at once (a local multi-host job).
+
+  Each child gets `devices_per_process` fake CPU devices and must print one line
+  "RESULT <json>"; the parsed JSON of every child is returned in process order. A child
+  that fails or hangs fails the call with its output; none is left running.
+  """
+  import json
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  if pythonpath:
+    env["PYTHONPATH"] = pythonpath + os.pathsep + os.environ.get("PYTHONPATH", "")
+  procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for args in args_per_process]
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=timeout))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  for p, (out, err) in zip(procs, outputs):
+    if p.returncode != 0:
+      raise AssertionError(f"child failed:\n{out}\n{err[-3000:]}")
+  return [json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+          for out, _ in outputs]

@@ -5,8 +5,6 @@ import json
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -19,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from alignjax import parallel
+from alignjax import parallel, testing
 from alignjax.checkpoint import (Checkpointer, CheckpointError, abstract_like, content_hash,
                                  frozen_model_metadata)
 
@@ -387,28 +385,9 @@ CHILD = textwrap.dedent("""
 def test_two_processes_save_restore_and_agree_on_preemption(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port),
-                               str(tmp_path / "ckpt")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=150))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, f"child failed:\n{out}\n{err[-3000:]}"
-    results = [json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
-               for out, _ in outputs]
+    port = testing.free_port()
+    results = testing.run_local_processes(
+        script, [(i, port, tmp_path / "ckpt") for i in range(2)], pythonpath=REPO)
     for r in results:   # process 0's host_state is the one saved; arrays from both
         assert r == {"host": {"pid": 0}, "same": True, "saved": True, "key": [0, 7],
                      "steps": [1, 2]}

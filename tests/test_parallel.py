@@ -1,8 +1,6 @@
 """Tests for alignjax.parallel on 8 fake CPU devices, plus a 2-process gloo run."""
 import json
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -15,7 +13,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from alignjax import parallel
+from alignjax import parallel, testing
 from alignjax.configs import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,7 +242,7 @@ CHILD = textwrap.dedent("""
     import jax
     jax.config.update("jax_num_cpu_devices", 2)
     import jax.numpy as jnp, numpy as np
-    from alignjax import parallel
+    from alignjax import parallel, testing
 
     pid, port = int(sys.argv[1]), int(sys.argv[2])
     config = {"distributed": {"enabled": True, "coordinator_address": f"127.0.0.1:{port}",
@@ -272,35 +270,12 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_single_process(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=150))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, f"child failed:\n{out}\n{err[-3000:]}"
-    results = [json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
-               for out, _ in outputs]
+    port = testing.free_port()
+    results = testing.run_local_processes(script, [(i, port) for i in range(2)],
+                                          pythonpath=REPO)
     assert results[0] == results[1]                      # both processes agree
     # single-process reference, written out by hand: one SGD step of least squares
     x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3) / 10.0

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -191,14 +190,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   assert steps and 0 < max(steps) < 50
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path):
-  port = _free_port()
+  port = testing.free_port()
   # Adam with a larger eps, as in test_sharded_runs_match_one_device.
   adam = ["--config.optimizer.eps=1e-3", "--config.optimizer.learning_rate=1e-3"]
   common = [*adam, "--config.num_rounds=2", "--config.distributed.enabled=True",
