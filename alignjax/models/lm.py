@@ -22,10 +22,14 @@ with W the sliding window of local layers (Gemma 2, Qwen). The network is
     z  <- cap tanh(z / cap) with a final logit soft cap (Gemma 2)                      (eq. 4)
 
 KV cache: an explicit pytree `KVCache` preallocated to `max_len` slots with per-layer keys and
-values [B, max_len, K, D], slot validity and positions [B, max_len], and the next slot `index`.
+values [B, K, max_len, D] (head-major: the key/value heads are batch axes of the attention
+products, which then read the cache without a transpose), slot validity and positions
+[B, max_len], and the next slot `index`.
 A call with a cache writes its L new keys at slots index .. index+L-1 and advances the index,
 so a sampler can prefill a prompt and then decode one token at a time inside `lax.while_loop`
 (the caller keeps index + L <= max_len; slots are not bounds-checked under jit).
+`extend_cache` appends empty slots, so that a prompt can be prefilled into a cache of exactly
+its length (attention then reads only its keys) before decoding.
 
 Layers are a plain per-layer list (not `nnx.scan`): each layer's attention type (local or
 global) stays static, HF tensors map one-to-one to parameters, and loading fills one tensor at a
@@ -51,8 +55,8 @@ from alignjax.models.lm_config import LMConfig, lm_config_from_hf, lm_config_to_
 from alignjax.models.lm_layers import Block, Dense, Norm, normal_init, rope_sin_cos
 
 __all__ = [
-    "KVCache", "LMConfig", "LM_SHARDING_RULES", "TransformerLM", "forward", "init_cache",
-    "lm_config_from_hf", "lm_config_to_hf", "lm_param_shardings", "lm_sharding_rules",
+    "KVCache", "LMConfig", "LM_SHARDING_RULES", "TransformerLM", "extend_cache", "forward",
+    "init_cache", "lm_config_from_hf", "lm_config_to_hf", "lm_param_shardings", "lm_sharding_rules",
     "positions_from_mask", "spec_for",
 ]
 
@@ -61,8 +65,8 @@ __all__ = [
 class KVCache:
   """Preallocated key/value cache (see module docstring)."""
 
-  keys: tuple[jax.Array, ...]  # per layer [B, S, K, D]
-  values: tuple[jax.Array, ...]  # per layer [B, S, K, D]
+  keys: tuple[jax.Array, ...]  # per layer [B, K, S, D]
+  values: tuple[jax.Array, ...]  # per layer [B, K, S, D]
   valid: jax.Array  # [B, S] bool: slot holds a real token
   positions: jax.Array  # [B, S] int32: position of the token in each slot
   index: jax.Array  # [] int32: next slot to write
@@ -78,12 +82,30 @@ def init_cache(config: LMConfig, batch_size: int, max_len: int, dtype=None) -> K
     raise ValueError(f"init_cache: max_len={max_len} exceeds the model's "
                      f"max_position_embeddings={config.max_position_embeddings}")
   dtype = jnp.dtype(dtype or config.dtype)
-  shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+  shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
   return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in zeros),
                  valid=jnp.zeros((batch_size, max_len), bool),
                  positions=jnp.zeros((batch_size, max_len), jnp.int32),
                  index=jnp.zeros((), jnp.int32))
+
+
+def extend_cache(cache: KVCache, max_len: int) -> KVCache:
+  """`cache` with `max_len` >= cache.max_len slots, the new ones empty (zero keys and values,
+  invalid). A sampler prefills a cache of exactly the prompt's length (attention then reads
+  only the prompt's keys) and extends it before decoding."""
+  extra = max_len - cache.max_len
+  if extra < 0:
+    raise ValueError(f"extend_cache: max_len={max_len} is smaller than the cache's "
+                     f"{cache.max_len} slots")
+
+  def pad(x, axis):  # zeros with x written at slot 0
+    shape = x.shape[:axis] + (max_len,) + x.shape[axis + 1:]
+    return jax.lax.dynamic_update_slice(jnp.zeros(shape, x.dtype), x, (0,) * x.ndim)
+
+  return KVCache(keys=tuple(pad(k, 2) for k in cache.keys),
+                 values=tuple(pad(v, 2) for v in cache.values),
+                 valid=pad(cache.valid, 1), positions=pad(cache.positions, 1), index=cache.index)
 
 
 def positions_from_mask(valid) -> jax.Array:

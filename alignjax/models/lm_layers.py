@@ -91,18 +91,20 @@ def apply_rope(x, sin, cos):
 def attend(q, k, v, allowed, *, scale: float, softcap: float | None):
   """Grouped-query attention (eq. 4).
 
-  q [B, L, N, D], k/v [B, S, K, D], allowed [B, L, S] bool -> [B, L, N, D]. Rows with no
-  allowed key (padding queries) get uniform weights instead of NaNs.
+  q [B, L, N, D], k/v [B, K, S, D] (head-major, the KV cache layout: the key/value heads are
+  batch axes of both products, so no per-step transpose of the cache), allowed [B, L, S]
+  bool -> [B, L, N, D]. Rows with no allowed key (padding queries) get uniform weights
+  instead of NaNs.
   """
   b, l, n, d = q.shape
-  kv = k.shape[2]
+  kv = k.shape[1]
   q = q.reshape(b, l, kv, n // kv, d)
-  s = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32) * scale
+  s = jnp.einsum("blkgd,bksd->bkgls", q, k, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     s = softcap * jnp.tanh(s / softcap)
   s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1)
-  out = jnp.einsum("bkgls,bskd->blkgd", p.astype(v.dtype), v,
+  out = jnp.einsum("bkgls,bksd->blkgd", p.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, l, n, d).astype(q.dtype)
 
@@ -124,16 +126,18 @@ class Attention(nnx.Module):
     self.scale, self.softcap = c.attention_scale, c.attn_logit_softcap
 
   def __call__(self, x, allowed, rope, kv_cache=None, index=None):
-    """x [B, L, H]; rope = (sin, cos) or None; kv_cache = (k [B,S,K,D], v) written at index."""
+    """x [B, L, H]; rope = (sin, cos) or None; kv_cache = (k [B,K,S,D], v) written at slots
+    index .. index+L-1. Returns the output [B, L, H] and (k, v) [B, K, S, D]."""
     q, k, v = self.q(x), self.k(x), self.v(x)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, L, D]
     if kv_cache is not None:
       ck, cv = kv_cache
-      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
+      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
     out = attend(q, k, v, allowed, scale=self.scale, softcap=self.softcap)
     return self.o(out), (k, v)
 

@@ -104,6 +104,52 @@ def test_log_probs_equal_rescored_filtered_distribution(temperature, top_k, top_
       np.testing.assert_allclose(out.model_log_probs[b, s], model_lp, atol=2e-4)
 
 
+def test_prefill_then_decode_equals_generate():
+  """`sample` runs two programs (prefill, then the decode loop with the state donated);
+  one jitted `generate` must give the same outputs, and the prefill state holds token 1."""
+  n = 5
+  cfg = sampling.SamplingConfig(max_new_tokens=n, temperature=1.1, top_k=8, eos_ids=(3,))
+  graphdef, params = make()
+  tokens, valid = (jnp.asarray(x) for x in pad_left(PROMPTS, max_length=16))
+  key = jax.random.key(5)
+  whole = jax.tree.map(np.asarray, jax.jit(sampling.generate, static_argnums=(0, 5))(
+      graphdef, params, tokens, valid, key, cfg))
+  state = jax.jit(sampling.prefill, static_argnums=(0, 5))(graphdef, params, tokens, valid,
+                                                           key, cfg)
+  p = tokens.shape[1]
+  assert int(state.step) == 1 and int(state.cache.index) == p and state.cache.max_len == p + n
+  np.testing.assert_array_equal(state.prompt_len, [len(q) for q in PROMPTS])
+  np.testing.assert_array_equal(state.tokens[:, 0], whole.tokens[:, 0])
+  assert (np.asarray(state.tokens[:, 1:]) == cfg.pad_id).all()
+  out = run(cfg, key=5)  # sample(): the jitted prefill and decode programs, then finish
+  np.testing.assert_array_equal(out.tokens, whole.tokens)
+  np.testing.assert_array_equal(out.valid, whole.valid)
+  np.testing.assert_array_equal(out.lengths, whole.valid.sum(-1))
+  assert (out.lengths < n).any()  # an EOS stopped a row early
+  np.testing.assert_allclose(out.log_probs, whole.log_probs, atol=1e-5)
+  np.testing.assert_allclose(out.model_log_probs, whole.model_log_probs, atol=1e-5)
+
+
+def test_cpu_decode_program_uses_eigen_and_updates_the_cache_in_place():
+  """On CPU the decode loop compiles with `CPU_DECODE_COMPILER_OPTIONS` (accepted by this
+  jaxlib; no YNNPACK fusions) and aliases the donated state, KV cache included, to its
+  output, so the loop writes the cache in place (no copy of it in the program)."""
+  graphdef, params = make()
+  cfg = sampling.SamplingConfig(max_new_tokens=3, temperature=0.0)
+  tokens, valid = (jnp.asarray(x) for x in pad_left(PROMPTS, max_length=16))
+  state = sampling.prefill(graphdef, params, tokens, valid, jax.random.key(0), cfg)
+  hlo = sampling.decode_jit(params).lower(graphdef, params, state, jax.random.key(0),
+                                          cfg).compile().as_text()
+  default = jax.jit(sampling.decode, static_argnums=(0, 4)).lower(
+      graphdef, params, state, jax.random.key(0), cfg).compile().as_text()
+  assert "ynn_fusion" in default and "ynn_fusion" not in hlo
+  num_state = len(jax.tree.leaves(state))
+  aliased = hlo.split("\n", 1)[0].count("may-alias")
+  assert aliased == num_state, (aliased, num_state)
+  cache_shape = "f32[%d,%d,%d,%d]" % state.cache.keys[0].shape
+  assert not [l for l in hlo.splitlines() if " copy(" in l and cache_shape in l]
+
+
 def test_filter_logits_nucleus_is_smallest_prefix():
   z = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   kept = np.isfinite(np.asarray(sampling.filter_logits(z, 1.0, 0, 0.8)))
@@ -163,14 +209,16 @@ def test_frequencies_match_softmax():
 
 def test_prompt_buckets_bound_compilations():
   cfg = sampling.SamplingConfig(max_new_tokens=2, temperature=1.0, top_k=5)
-  before = sampling._generate_jit._cache_size()  # pylint: disable=protected-access
+  graphdef, params = make()
+  jits = (sampling._prefill_jit, sampling.decode_jit(params))  # pylint: disable=protected-access
+  before = [j._cache_size() for j in jits]  # pylint: disable=protected-access
   rng = np.random.default_rng(0)
   for length in (1, 3, 9, 16, 17, 30, 33, 40, 47):
     prompts = [list(rng.integers(3, V, size=length)), [1]]
     out = run(cfg, prompts=prompts, max_prompt_len=48)
     assert out.tokens.shape == (2, 2)
-  compiled = sampling._generate_jit._cache_size() - before  # pylint: disable=protected-access
-  assert compiled <= 3, compiled  # buckets 16, 32, 48
+  compiled = [j._cache_size() - b for j, b in zip(jits, before)]  # pylint: disable=protected-access
+  assert max(compiled) <= 3, compiled  # buckets 16, 32, 48
   assert [sampling.bucket_length(n, 48) for n in (1, 16, 17, 33, 48)] == [16, 16, 32, 48, 48]
 
 

@@ -12,7 +12,7 @@ import transformers as T
 from flax import nnx
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from alignjax.models.lm import (KVCache, TransformerLM, forward, init_cache,
+from alignjax.models.lm import (KVCache, TransformerLM, extend_cache, forward, init_cache,
                                 positions_from_mask)
 from alignjax.models.lm_config import LMConfig
 from alignjax.models.lm_layers import apply_rope, attend, rope_sin_cos
@@ -93,7 +93,7 @@ def test_inv_freq_matches_transformers(scaling):
 def test_attend_matches_naive_loop():
   rng = np.random.default_rng(0)
   q = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)
-  k, v = (rng.normal(size=(2, 7, 2, 8)).astype(np.float32) for _ in range(2))
+  k, v = (rng.normal(size=(2, 2, 7, 8)).astype(np.float32) for _ in range(2))  # [B, K, S, D]
   allowed = rng.random((2, 5, 7)) < 0.6
   allowed[0, 2] = False  # a query with no allowed key (padding) must stay finite
   got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(allowed),
@@ -101,9 +101,9 @@ def test_attend_matches_naive_loop():
   for b in range(2):
     for t in range(5):
       for n in range(4):
-        s = 2.0 * np.tanh(0.3 * k[b, :, n // 2] @ q[b, t, n] / 2.0)
+        s = 2.0 * np.tanh(0.3 * k[b, n // 2] @ q[b, t, n] / 2.0)
         w = np.exp(s - s.max()) * allowed[b, t] if allowed[b, t].any() else np.ones(7)
-        np.testing.assert_allclose(got[b, t, n], w @ v[b, :, n // 2] / w.sum(), atol=1e-5)
+        np.testing.assert_allclose(got[b, t, n], w @ v[b, n // 2] / w.sum(), atol=1e-5)
 
 
 @pytest.mark.parametrize("config", [TINY_LOCAL, TINY_GPT2], ids=["local_layers", "gpt2"])
@@ -123,6 +123,32 @@ def test_cached_prefill_and_decode_equal_full_forward(config):
   np.testing.assert_array_equal(cache.valid[:, :10], valid)
   got = np.concatenate(outs, axis=1)
   np.testing.assert_allclose(got[valid], np.asarray(full)[valid], atol=1e-5)
+
+
+def test_extended_prefill_cache_decodes_like_a_full_length_cache():
+  """Prefill into a cache of exactly the prompt's 7 slots, extend it to 12, decode 3 tokens:
+  same logits as the full forward, and the new slots start empty (zeros, invalid)."""
+  graphdef, params = make(TINY_LOCAL)
+  tokens, valid = batch()
+  positions = positions_from_mask(valid)
+  full, _ = FWD(graphdef, params, tokens, None, valid)
+  _, cache = FWD(graphdef, params, tokens[:, :7], positions[:, :7], valid[:, :7],
+                 init_cache(TINY_LOCAL, 3, 7))
+  short = cache
+  cache = extend_cache(cache, 12)
+  assert cache.max_len == 12 and int(cache.index) == 7
+  assert cache.keys[0].shape == (3, TINY_LOCAL.num_kv_heads, 12, TINY_LOCAL.head_dim)
+  for k, k_short in zip(cache.keys + cache.values, short.keys + short.values):
+    np.testing.assert_array_equal(k[:, :, :7], k_short)
+    assert not np.asarray(k[:, :, 7:]).any()
+  np.testing.assert_array_equal(cache.valid, np.pad(np.asarray(valid[:, :7]), ((0, 0), (0, 5))))
+  np.testing.assert_array_equal(cache.positions[:, :7], positions[:, :7])
+  for t in range(7, 10):
+    logits, cache = FWD(graphdef, params, tokens[:, t:t + 1], positions[:, t:t + 1],
+                        valid[:, t:t + 1], cache)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
+  with pytest.raises(ValueError, match="max_len=5 is smaller than the cache's 7 slots"):
+    extend_cache(short, 5)
 
 
 def test_left_padding_does_not_change_logits():
