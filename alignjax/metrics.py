@@ -27,6 +27,15 @@ row r = i // ncols, column c = i % ncols, with its top-left pixel at
 in a canvas of (rows * (H + pad) + pad) x (ncols * (W + pad) + pad) filled with pad_value.
 Float pixels are clipped to [0, 1] and mapped to uint8 by round(255 * x); ncols defaults
 to ceil(sqrt(N)).
+
+Diversity of samples x_i with labels y_i (eq. 2), the mean pairwise L2 distance within a
+class, averaged over the classes C that hold at least two samples (n_c of them):
+
+    D = (1/|C|) Σ_{c ∈ C} (2 / (n_c (n_c − 1))) Σ_{i < j, y_i = y_j = c} ‖x_i − x_j‖₂
+
+(the norm over all non-batch dimensions). A fine-tuned generator that hacks its reward by
+collapsing each class onto a few images shows D falling toward 0. D is NaN when no class
+has two samples.
 """
 from __future__ import annotations
 
@@ -94,6 +103,30 @@ def save_png(path: str | os.PathLike, array: Any) -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     Image.fromarray(arr).save(path, format="PNG")
     return path
+
+
+# --------------------------------------------------------------------------- diversity
+def within_class_diversity(samples: Any, labels: Any = None) -> float:
+    """D of eq. 2 for samples [N, ...] and int labels [N] (None: one class); float64."""
+    x = np.asarray(samples, np.float64)
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"samples must have shape [N, ...] with N >= 1, got {x.shape}")
+    x = x.reshape(x.shape[0], -1)
+    y = np.zeros(x.shape[0], np.int64) if labels is None else np.asarray(labels)
+    if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integers of shape ({x.shape[0]},) (one per sample), "
+                         f"got {y.dtype} {y.shape}")
+    per_class = []
+    for c in np.unique(y):
+        xc = x[y == c]
+        n = xc.shape[0]
+        if n < 2:
+            continue
+        gram = xc @ xc.T
+        sq = np.diag(gram)[:, None] + np.diag(gram)[None, :] - 2.0 * gram
+        upper = np.triu_indices(n, k=1)
+        per_class.append(np.mean(np.sqrt(np.maximum(sq[upper], 0.0))))  # eq. 2, class c
+    return float(np.mean(per_class)) if per_class else float("nan")
 
 
 # --------------------------------------------------------------------------- scalars

@@ -26,9 +26,23 @@ Evaluation draws `per_class` samples for every digit c with DDIM and classifier-
 
   R = (1 / n) sum_i 1[argmax_k classifier(images_i)_k = c_i],  images = clip((x+1)/2, 0, 1)  (3)
 
+Flow-matching variant (`config.objective = "flow"`, experiments/configs/pretrain_diffusion/
+digits_flow.py): the same UNet is trained as a rectified-flow velocity model v_theta(x, t, c)
+(alignjax.diffusion.flow; t: noise 0 -> data 1). The UNet's time input is the diffusion
+timestep scale, run backwards so that noise sits at the large timesteps as for the eps model:
+
+  tau(t) = time_scale * (1 - t),   v_theta(x, t, c) = UNet(x, tau(t), c)   (a float tau)     (4)
+  L(theta) = E || v_theta(X_t, t, c~) - (X_1 - X_0) ||^2 / D,  X_t = (1 - t) X_0 + t X_1     (5)
+
+(flow eqs. 1-2, divided by the D pixels so that it is a per-pixel mean as eq. 1 is; t ~ U[0, 1),
+the same label dropout). Classifier-free guidance combines velocities like eq. 7 of the
+samplers: v = v(x, t, null) + w (v(x, t, c) - v(x, t, null)) (eq. 6), and the recognition
+check samples with the Euler ODE or the memoryless Euler-Maruyama SDE (flow eqs. 6-7).
+
 Cache layout (the workdir): unet/ and classifier/ (io.save_model: config.json +
 model.safetensors), report.json (accuracies, times, config, schedule; written last, so its
-presence marks a complete run), metrics.jsonl, images/.
+presence marks a complete run), metrics.jsonl, images/. The flow model's default cache is the
+subdirectory flow/ of the eps cache (`default_cache_dir("flow")`), so the two never mix.
 """
 
 from __future__ import annotations
@@ -48,21 +62,32 @@ from flax import nnx
 
 from alignjax import configs, metrics
 from alignjax.data import digits
-from alignjax.diffusion import samplers, schedules
+from alignjax.diffusion import flow, samplers, schedules
 from alignjax.models import classifier as classifier_lib
 from alignjax.models import io as model_io
 from alignjax.models import unet as unet_lib
 
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+OBJECTIVES = ("eps", "flow")
+FLOW_SAMPLERS = ("ode", "sde")
+FLOW_SUBDIR = "flow"
 REPORT_NAME = "report.json"
 UNET_DIR = "unet"
 CLASSIFIER_DIR = "classifier"
 
 
-def default_cache_dir() -> str:
-  """$ALIGNJAX_CACHE, else ~/.cache/alignjax/digits."""
-  return os.environ.get("ALIGNJAX_CACHE") or os.path.join(
+def default_cache_dir(objective: str = "eps") -> str:
+  """$ALIGNJAX_CACHE, else ~/.cache/alignjax/digits; the flow model lives in its flow/."""
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective={objective!r}: valid choices are {OBJECTIVES}")
+  eps_dir = os.environ.get("ALIGNJAX_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "alignjax", "digits")
+  return eps_dir if objective == "eps" else os.path.join(eps_dir, FLOW_SUBDIR)
+
+
+def objective_of(config) -> str:
+  """config.objective, "eps" when absent (the eps config predates the key)."""
+  return config.get("objective", "eps")
 
 
 def default_config():
@@ -83,8 +108,13 @@ def validate(config) -> None:
                             "train.max_grad_norm")
   configs.check_fraction(config, "train.p_uncond")
   configs.check_fraction(config, "train.ema_decay")
-  configs.check_fraction(config, "sample.eta")
-  configs.check_choice(config, "schedule.kind", schedules.KINDS)
+  if objective_of(config) == "eps":
+    configs.check_fraction(config, "sample.eta")
+    configs.check_choice(config, "schedule.kind", schedules.KINDS)
+  else:
+    configs.check_choice(config, "objective", OBJECTIVES)
+    configs.check_positive(config, "flow.time_scale")
+    configs.check_choice(config, "sample.sampler", FLOW_SAMPLERS)
   configs.check_choice(config, "prng_impl", PRNG_IMPLS)
   if not len(config.sample.guidance_scales):
     raise configs.ConfigError("config.sample.guidance_scales=(): give at least one scale")
@@ -130,6 +160,36 @@ def diffusion_loss(eps_fn, schedule, x0, cond, key, *, p_uncond: float, null_cla
   return jnp.mean((eps - eps_fn(x_t, t, cond)) ** 2)  # eq. 1
 
 
+def unet_velocity(model_fn, time_scale: float):
+  """vel(x, t, cond) = model_fn(x, tau(t), cond) with tau = time_scale (1 - t) (eq. 4)."""
+  return lambda x, t, cond: model_fn(x, time_scale * (1.0 - t), cond)  # eq. 4
+
+
+def guided_velocity(vel_fn, guidance_scale: float, null_class: int):
+  """v(x, t, null) + w (v(x, t, c) - v(x, t, null)) (eq. 6) as vel(x, t, cond); one call on
+  2B examples (w = 1: the conditional velocity alone)."""
+  if guidance_scale == 1.0:
+    return vel_fn
+
+  def guided(x, t, cond):
+    b = x.shape[0]
+    v = vel_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+               jnp.concatenate([cond, jnp.full_like(cond, null_class)]))
+    return v[b:] + guidance_scale * (v[:b] - v[b:])  # eq. 6
+
+  return guided
+
+
+def flow_loss(vel_fn, x1, cond, key, *, p_uncond: float, null_class: int):
+  """Eq. 5: per-pixel rectified-flow loss with label dropout; vel_fn(x_t, t, cond) -> v."""
+  k_flow, k_drop = jax.random.split(key)
+  x0, t = flow.sample_noise_and_time(x1, k_flow)
+  drop = jax.random.bernoulli(k_drop, p_uncond, (x1.shape[0],))
+  cond = jnp.where(drop, null_class, cond).astype(jnp.int32)
+  per_example_sum = flow.flow_matching_loss(lambda x, tt: vel_fn(x, tt, cond), x0, x1, t)
+  return per_example_sum / (x1.size // x1.shape[0])  # eq. 5
+
+
 def ema_update(ema, params, step, decay: float):
   """theta_ema <- d_k theta_ema + (1 - d_k) theta, d_k = min(decay, (1+k)/(10+k)) (eq. 2)."""
   step = jnp.asarray(step, jnp.float32)
@@ -138,7 +198,8 @@ def ema_update(ema, params, step, decay: float):
 
 
 def train_unet(config, x_train, y_train, schedule, key, writer=None):
-  """Trains the UNet (eqs. 1-2) with PRNG `key`; returns (graphdef, ema_params, final_loss)."""
+  """Trains the UNet (eqs. 1-2, or 5 and 2 for the flow objective; schedule is then unused)
+  with PRNG `key`; returns (graphdef, ema_params, final_loss)."""
   cfg, tc = unet_config(config), config.train
   init_key, key = jax.random.split(key)
   model = init_model(lambda rngs: unet_lib.UNet(cfg, rngs=rngs), init_key)
@@ -157,8 +218,11 @@ def train_unet(config, x_train, y_train, schedule, key, writer=None):
     idx = jax.random.randint(k_idx, (tc.batch_size,), 0, x_train.shape[0])
 
     def loss_fn(p):
-      eps_fn = lambda x, t, c: nnx.merge(graphdef, p)(x, t, c)
-      return diffusion_loss(eps_fn, schedule, x_train[idx], y_train[idx], k_loss,
+      model_fn = lambda x, t, c: nnx.merge(graphdef, p)(x, t, c)
+      if objective_of(config) == "flow":
+        return flow_loss(unet_velocity(model_fn, config.flow.time_scale), x_train[idx],
+                         y_train[idx], k_loss, p_uncond=tc.p_uncond, null_class=cfg.null_class)
+      return diffusion_loss(model_fn, schedule, x_train[idx], y_train[idx], k_loss,
                             p_uncond=tc.p_uncond, null_class=cfg.null_class)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -206,6 +270,40 @@ def sample_digits(graphdef, params, schedule, cond, key, *, num_steps: int, eta:
   return np.concatenate(out)
 
 
+def sample_digits_flow(graphdef, params, cond, key, *, num_steps: int, sampler: str,
+                       guidance_scale: float, time_scale: float, null_class: int,
+                       batch_size: int) -> np.ndarray:
+  """Class-conditional samples X_1 of the flow model (eqs. 4, 6; flow eq. 7) as numpy [N,8,8,1].
+
+  sampler "ode": Euler steps of dX = v dt; "sde": the memoryless Euler-Maruyama SDE
+  (flow eq. 6 with shift 1/num_steps). Noise X_0 ~ N(0, I) is drawn from `key` per batch.
+  """
+  if sampler not in FLOW_SAMPLERS:
+    raise ValueError(f"sampler={sampler!r}: valid choices are {FLOW_SAMPLERS}")
+
+  @jax.jit
+  def draw(params, cond, key):
+    model_fn = lambda x, t, c: nnx.merge(graphdef, params)(x, t, c)
+    vel = guided_velocity(unet_velocity(model_fn, time_scale), guidance_scale, null_class)
+    vel_fn = lambda x, t: vel(x, t, cond)
+    k_x0, k_sde = jax.random.split(key)
+    x0 = jax.random.normal(k_x0, (cond.shape[0], 8, 8, 1), jnp.float32)
+    if sampler == "ode":
+      return flow.sample_ode(vel_fn, x0, num_steps=num_steps).final
+    return flow.sample_sde(vel_fn, x0, k_sde, num_steps=num_steps,
+                           sigma_fn=flow.memoryless_sigma(1.0 / num_steps)).final
+
+  cond = np.asarray(cond, np.int32)
+  out = []
+  for i, start in enumerate(range(0, len(cond), batch_size)):
+    chunk = cond[start:start + batch_size]
+    pad = batch_size - len(chunk)  # keep one compiled shape
+    padded = np.concatenate([chunk, np.zeros(pad, np.int32)]) if pad else chunk
+    x = draw(params, jnp.asarray(padded), jax.random.fold_in(key, i))
+    out.append(np.asarray(x)[:len(chunk)])
+  return np.concatenate(out)
+
+
 # ============================================================================ pipeline
 
 
@@ -226,7 +324,8 @@ def pretrain(config, workdir: str) -> dict:
   t_start = time.time()
   key = jax.random.key(config.seed, impl=config.prng_impl)
   unet_key, clf_key, sample_key = jax.random.split(key, 3)
-  schedule = schedules.make_schedule(**config.schedule.to_dict())
+  is_flow = objective_of(config) == "flow"
+  schedule = None if is_flow else schedules.make_schedule(**config.schedule.to_dict())
   x_train, y_train = digits.load_digits_split("train")
   x_test, y_test = digits.load_digits_split("test")
   writer = metrics.MetricWriter(workdir)
@@ -263,13 +362,22 @@ def pretrain(config, workdir: str) -> dict:
   cond = np.repeat(np.arange(digits.NUM_CLASSES, dtype=np.int32), sc.per_class)
   evaluations = []
   for i, scale in enumerate(sc.guidance_scales):
-    x_gen = sample_digits(graphdef, ema, schedule, cond, jax.random.fold_in(sample_key, i),
-                          num_steps=sc.num_steps, eta=sc.eta, guidance_scale=scale,
-                          clip_sample=sc.clip_sample, batch_size=sc.batch_size)
+    if is_flow:
+      x_gen = sample_digits_flow(graphdef, ema, cond, jax.random.fold_in(sample_key, i),
+                                 num_steps=sc.num_steps, sampler=sc.sampler,
+                                 guidance_scale=scale, time_scale=config.flow.time_scale,
+                                 null_class=unet_model.config.null_class,
+                                 batch_size=sc.batch_size)
+      sampler = {"sampler": sc.sampler}
+    else:
+      x_gen = sample_digits(graphdef, ema, schedule, cond, jax.random.fold_in(sample_key, i),
+                            num_steps=sc.num_steps, eta=sc.eta, guidance_scale=scale,
+                            clip_sample=sc.clip_sample, batch_size=sc.batch_size)
+      sampler = {"eta": sc.eta}
     images = digits.to_images(x_gen)
     rate, per_class = recognition(clf, images, cond)  # eq. 3
     evaluations.append({"guidance_scale": float(scale), "num_steps": sc.num_steps,
-                        "eta": sc.eta, "recognition_rate": rate, "per_class": per_class})
+                        **sampler, "recognition_rate": rate, "per_class": per_class})
     writer.write_scalars(config.train.steps, {f"samples/recognition_rate_w{scale:g}": rate})
     grid = np.concatenate([images[cond == c][:10] for c in range(digits.NUM_CLASSES)])
     writer.write_images(config.train.steps, f"samples_w{scale:g}".replace(".", "_"), grid,
@@ -292,7 +400,7 @@ def pretrain(config, workdir: str) -> dict:
       "time_s": {"unet_train": unet_time, "classifier_train": classifier_time,
                  "sampling": sample_time, "total": time.time() - t_start},
       "device": str(jax.devices()[0].platform),
-      "schedule": config.schedule.to_dict(),
+      "schedule": None if is_flow else config.schedule.to_dict(),
       "config": json.loads(config.to_json()),
   }
   tmp = report_path + ".tmp"
@@ -330,18 +438,19 @@ def ensure_pretrained(cache_dir: str | None = None, config=None) -> dict:
   """Paths of the pretrained digits UNet and classifier, pretraining them if needed.
 
   Args:
-    cache_dir: directory of the cache (default: $ALIGNJAX_CACHE or ~/.cache/alignjax/digits).
+    cache_dir: directory of the cache (default: `default_cache_dir` of the config's objective:
+      $ALIGNJAX_CACHE or ~/.cache/alignjax/digits, and its flow/ for the flow model).
     config: pretraining ConfigDict (default: experiments/configs/pretrain_diffusion/digits.py).
       A cache made with another config is retrained.
 
   Returns:
-    dict(unet_dir=..., classifier_dir=..., schedule=kwargs of schedules.make_schedule,
-    report=path of report.json).
+    dict(unet_dir=..., classifier_dir=..., schedule=kwargs of schedules.make_schedule (None
+    for the flow objective), report=path of report.json).
   In a multi-process job, process 0 pretrains (cache_dir must be on a shared file system)
   while the others wait at a barrier.
   """
-  cache_dir = os.fspath(cache_dir or default_cache_dir())
   config = default_config() if config is None else config
+  cache_dir = os.fspath(cache_dir or default_cache_dir(objective_of(config)))
   if jax.process_index() == 0:
     reason = _cache_status(cache_dir, config)
     if reason is not None:
@@ -352,7 +461,7 @@ def ensure_pretrained(cache_dir: str | None = None, config=None) -> dict:
     multihost_utils.sync_global_devices("alignjax_ensure_pretrained")
   return {"unet_dir": os.path.join(cache_dir, UNET_DIR),
           "classifier_dir": os.path.join(cache_dir, CLASSIFIER_DIR),
-          "schedule": config.schedule.to_dict(),
+          "schedule": None if objective_of(config) == "flow" else config.schedule.to_dict(),
           "report": os.path.join(cache_dir, REPORT_NAME)}
 
 
@@ -381,7 +490,7 @@ def main(argv, config_flag, workdir_flag) -> None:
   if config_flag.value is None:
     raise app.UsageError("--config is required, e.g. "
                          "--config=experiments/configs/pretrain_diffusion/digits.py")
-  workdir = workdir_flag.value or default_cache_dir()
+  workdir = workdir_flag.value or default_cache_dir(objective_of(config_flag.value))
   report = pretrain(config_flag.value, workdir)
   summary = {k: report[k] for k in ("classifier_test_accuracy", "recognition_rate",
                                     "targets_met", "time_s")}

@@ -197,3 +197,24 @@ def test_plot_curves_png(tmp_path):
         metrics.plot_curves(tmp_path / "x.png", {})
     with pytest.raises(KeyError, match="'acc'"):
         metrics.curves_from_records(records, ["acc"])
+
+
+# --------------------------------------------------------------------------- diversity
+def test_within_class_diversity_matches_scipy_pdist_per_class():
+    from scipy.spatial.distance import pdist
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(13, 3, 2, 1)).astype(np.float32)
+    y = np.array([0, 1, 1, 2, 0, 1, 0, 5, 1, 2, 3, 3, 0])  # class 5 has one sample: ignored
+    flat = x.reshape(13, -1).astype(np.float64)
+    want = np.mean([pdist(flat[y == c]).mean() for c in (0, 1, 2, 3)])
+    assert metrics.within_class_diversity(x, y) == pytest.approx(want, rel=1e-10)
+    assert metrics.within_class_diversity(x) == pytest.approx(pdist(flat).mean(), rel=1e-10)
+    # two points at distance 5 (3-4-5), a collapsed class (distance 0)
+    pts = np.array([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0]])
+    assert metrics.within_class_diversity(pts, np.array([7, 7, 2, 2])) == pytest.approx(2.5)
+    assert np.isnan(metrics.within_class_diversity(pts, np.arange(4)))
+    with pytest.raises(ValueError, match="labels must be integers"):
+        metrics.within_class_diversity(pts, np.zeros(3, int))
+    with pytest.raises(ValueError, match="labels must be integers"):
+        metrics.within_class_diversity(pts, np.zeros(4))

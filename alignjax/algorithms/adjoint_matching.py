@@ -165,27 +165,52 @@ def make_update_fn(vel_fn_builder: Callable, base_vel_fn_builder: Callable,
   eq. 5, and takes one optimizer step on eq. 6. sigma_fn defaults to the memoryless σ_h
   (flow eq. 6, h = 1/num_steps). Pure: jit it, donating the state.
   """
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}: must be >= 1")
+  update = make_conditional_update_fn(
+      lambda params, frozen, cond: vel_fn_builder(params, frozen),
+      lambda frozen, cond: base_vel_fn_builder(frozen),
+      lambda frozen, cond: reward_fn_builder(frozen), optimizer, lam=lam, num_steps=num_steps,
+      shape=shape, sigma_fn=sigma_fn, num_timesteps=num_timesteps, loss_clip=loss_clip)
+  return lambda state, frozen, key: update(state, frozen, key,
+                                           jnp.zeros((batch_size,), jnp.int32))
+
+
+def make_conditional_update_fn(vel_fn_builder: Callable, base_vel_fn_builder: Callable,
+                               reward_fn_builder: Callable,
+                               optimizer: optax.GradientTransformation, *, lam: float,
+                               num_steps: int, shape: tuple[int, ...],
+                               sigma_fn: flow.SigmaFn | None = None,
+                               num_timesteps: int | None = None, loss_clip: float = math.inf):
+  """`make_update_fn` for conditional models: `update(state, frozen, key, cond)`.
+
+  The builders also receive the conditioning of the rows they are applied to (e.g. class
+  ids), since a VelFn v(x, t) closes over it: `vel_fn_builder(trainable, frozen, cond)`,
+  `base_vel_fn_builder(frozen, cond)`, `reward_fn_builder(frozen, cond)`. One step samples
+  len(cond) = B trajectories; the loss (eq. 6) evaluates the velocities on the B·M
+  subsampled (sample, time) rows, sample-major, so its builders get `jnp.repeat(cond, M)`.
+  """
   if sigma_fn is None:
     sigma_fn = flow.memoryless_sigma(1.0 / num_steps)
   grid_sigma = np.asarray(sigma_fn(flow.time_grid(num_steps)[:-1]))
   if not np.all(np.isfinite(grid_sigma)) or not np.all(grid_sigma > 0):
     raise ValueError("sigma_fn must be finite and > 0 on the grid: the control (eq. 2) "
                      "divides by σ; σ = 0 (the ODE) has no Adjoint Matching loss")
-  if batch_size < 1:
-    raise ValueError(f"batch_size={batch_size}: must be >= 1")
 
-  def update(state: TrainState, frozen, key: jax.Array):
+  def update(state: TrainState, frozen, key: jax.Array, cond: jax.Array):
     k_x0, k_sde, k_sub = jax.random.split(key, 3)
-    base_vel, reward_fn = base_vel_fn_builder(frozen), reward_fn_builder(frozen)
-    x0 = jax.random.normal(k_x0, (batch_size,) + tuple(shape), jnp.float32)
-    traj = sample_memoryless(vel_fn_builder(state.params, frozen), x0, k_sde,
+    base_vel, reward_fn = base_vel_fn_builder(frozen, cond), reward_fn_builder(frozen, cond)
+    x0 = jax.random.normal(k_x0, (cond.shape[0],) + tuple(shape), jnp.float32)
+    traj = sample_memoryless(vel_fn_builder(state.params, frozen, cond), x0, k_sde,
                              num_steps=num_steps, sigma_fn=sigma_fn)
     adj = lean_adjoint(base_vel, traj, terminal_adjoint(reward_fn, traj.final, lam), sigma_fn)
 
+    rows = jnp.repeat(cond, num_steps if num_timesteps is None else num_timesteps, axis=0)
+
     def loss_fn(params):
-      return adjoint_matching_loss(vel_fn_builder(params, frozen), base_vel, traj, adj,
-                                   sigma_fn, k_sub, num_timesteps=num_timesteps,
-                                   loss_clip=loss_clip)
+      return adjoint_matching_loss(vel_fn_builder(params, frozen, rows),
+                                   base_vel_fn_builder(frozen, rows), traj, adj, sigma_fn,
+                                   k_sub, num_timesteps=num_timesteps, loss_clip=loss_clip)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     metrics = {"loss": loss, "reward": jnp.mean(reward_fn(traj.final)),

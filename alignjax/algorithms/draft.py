@@ -259,6 +259,10 @@ def draft_loss(trainable, frozen, cond: jax.Array, key: jax.Array, *,
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L(θ) of eq. 2 for DRaFT, DRaFT-K (eq. 3) or DRaFT-LV (eq. 4); returns (loss, metrics).
 
+  metrics holds scalars and "samples" [B, *shape]: the chain's final samples x_T (for
+  DRaFT-LV the chain's output before re-noising), gradient stopped, for logging (e.g. a
+  diversity measure) without sampling the batch a second time.
+
   Differentiate with respect to `trainable` (see `reward_gradient`). `eps_fn_builder(
   trainable, frozen)` gives the unguided EpsFn of the fine-tuned model, `base_eps_fn_builder(
   frozen)` that of the frozen base model (needed when kl_weight > 0). `reward_fn(images,
@@ -286,6 +290,7 @@ def draft_loss(trainable, frozen, cond: jax.Array, key: jax.Array, *,
         truncation_k=truncation_k, shape=shape, remat_policy=remat_policy,
         initial_latents=initial_latents, **common)
     reward_cond = jnp.asarray(cond)
+    final = x
   rewards = jnp.asarray(reward_fn(images_from(x), reward_cond))
   if rewards.shape != (x.shape[0],) or not jnp.issubdtype(rewards.dtype, jnp.floating):
     raise ValueError(f"reward_fn must return floats [B] = ({x.shape[0]},); got "
@@ -293,7 +298,7 @@ def draft_loss(trainable, frozen, cond: jax.Array, key: jax.Array, *,
   reward_mean = jnp.mean(rewards)
   loss = -reward_scale * reward_mean + kl_weight * penalty  # eq. 2
   return loss, {"loss": loss, "reward_mean": reward_mean, "reward_std": jnp.std(rewards),
-                "kl_penalty": penalty}
+                "kl_penalty": penalty, "samples": jax.lax.stop_gradient(final)}
 
 
 def reward_gradient(trainable, frozen, cond: jax.Array, key: jax.Array, **options
@@ -317,7 +322,7 @@ def make_update_fn(eps_fn_builder: EpsFnBuilder, schedule: NoiseSchedule, reward
   parameters: full weights or LoRA factors, `alignjax.training.Finetune.split`) and applies
   it. `frozen` (LoRA base weights, or the base model for the eq. 5 penalty) is never
   differentiated. Pure and jittable; jit with the state donated. Options are checked here,
-  before compilation.
+  before compilation. metrics: those of `draft_loss` (scalars and "samples") + "grad_norm".
   """
   options = dict(eps_fn_builder=eps_fn_builder, schedule=schedule, reward_fn=reward_fn,
                  num_steps=num_steps, truncation_k=truncation_k, lv_samples=lv_samples,

@@ -99,6 +99,18 @@ def test_loss_matches_a_numpy_ddim_chain_with_penalty():
   np.testing.assert_allclose(loss, expected, rtol=2e-5)
   np.testing.assert_allclose(aux["reward_mean"], reward.mean(), rtol=2e-5)
   np.testing.assert_allclose(aux["kl_penalty"], np.mean(penalties), rtol=2e-5)
+  np.testing.assert_allclose(aux["samples"], x, rtol=2e-5, atol=1e-6)
+
+
+def test_lv_reports_the_chain_samples_not_the_re_denoised_ones():
+  """DRaFT-LV's "samples" are the chain's x_T: the same as full DRaFT's for the same key."""
+  options = dict(eps_fn_builder=per_step_builder, schedule=SCHEDULE, reward_fn=mean_reward,
+                 num_steps=4, eta=0.5, shape=(2, 2, 1))
+  cond, key = jnp.arange(3, dtype=jnp.int32), jax.random.key(4)
+  _, full = draft.draft_loss(per_step_params(0), {}, cond, key, **options)
+  _, lv = draft.draft_loss(per_step_params(0), {}, cond, key, lv_samples=2, **options)
+  assert lv["samples"].shape == (3, 2, 2, 1)
+  np.testing.assert_allclose(lv["samples"], full["samples"], rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- truncation
