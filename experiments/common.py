@@ -185,3 +185,30 @@ def write_summary(workdir: str, reward_name: str, host: dict, final_reward: floa
                       {"train reward (mean per round)": (list(steps), list(values))},
                       xlabel="round", ylabel=reward_name)
   return table
+
+
+def run_experiment_cli(run_fn) -> None:
+  """The command line of an experiment script: `run_fn(config, workdir)` under absl.
+
+  --config (an ml_collections config file, locked; `--config.a.b=v` overrides) and
+  --workdir are defined here, when the script runs, not when it is imported: a module that
+  imports several experiment scripts (the reproduction tables, tests) defines no flag twice.
+  """
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                                lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", None,
+                                     "Directory for checkpoints, logs and images.")
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if config_flag.value is None:
+      raise app.UsageError("--config is required (an experiments/configs/<family>/<name>.py)")
+    if workdir_flag.value is None:
+      raise app.UsageError("--workdir is required (checkpoints, logs and images go there)")
+    run_fn(config_flag.value, workdir_flag.value)
+
+  app.run(main, flags_parser=configs.flags_parser)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +25,6 @@ from alignjax.algorithms import ddpo
 from alignjax.diffusion import samplers, schedules
 from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
 
 
 # ============================================================================ validation
@@ -74,7 +70,8 @@ def validate(config, num_devices: int) -> None:
 
 
 def run(config, workdir: str, *, devices=None) -> dict:
-  """Trains and returns {"base_reward", "final_reward", "params", "history"}."""
+  """Trains; returns {"base_reward", "final_reward", "base_diversity", "final_diversity",
+  "params", "history"} (diversity: alignjax.metrics eq. 2 of the held-out samples)."""
   # ---------------------------------------------------------------- mesh and processes
   parallel.initialize_distributed(config)
   devices = jax.devices() if devices is None else devices
@@ -151,31 +148,37 @@ def run(config, workdir: str, *, devices=None) -> dict:
     return common.global_array(cond, batch_sharding)
 
   def evaluate(trainable):
-    """Mean reward on held-out seeds: fixed keys, every digit in turn, same sampler as training."""
-    rewards_, images = [], []
+    """(mean reward, within-class diversity (alignjax.metrics eq. 2), images) on held-out
+    seeds: fixed keys, every digit in turn, same sampler as training."""
+    rewards_, images, labels = [], [], []
     for b in range(config.eval.num_samples // sample_cfg.batch_size):
       cond = (np.arange(sample_cfg.batch_size) + b * sample_cfg.batch_size) % models.num_classes
       cond = common.global_array(cond.astype(np.int32), batch_sharding)
       batch = decode_fn(sample_fn(trainable, frozen, jax.random.fold_in(eval_key, b), cond).final)
       rewards_.append(rewards_fn(batch, cond))
       images.append(common.to_host(batch))
-    return float(np.mean(np.concatenate(rewards_))), np.concatenate(images)
+      labels.append(common.to_host(cond))
+    images = np.concatenate(images)
+    diversity = metrics.within_class_diversity(images, np.concatenate(labels))
+    return float(np.mean(np.concatenate(rewards_))), diversity, images
 
   # ---------------------------------------------------------------- restore or start
   ckpt = checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
       keep=config.checkpoint.keep, metadata=common.checkpoint_metadata(config, models))
   ckpt.install_preemption_handler()
-  host = {"round": 0, "tracker": None, "base_reward": None, "history": []}
+  host = {"round": 0, "tracker": None, "base_reward": None, "base_diversity": None,
+          "history": []}
   if ckpt.latest_step() is not None:
     state, host = ckpt.restore(state)
     logging.info("Resumed from round %d in %s", host["round"], workdir)
   tracker = (ddpo.PerPromptStatTracker.from_state_dict(host["tracker"]) if host["tracker"]
              else ddpo.PerPromptStatTracker(config.ddpo.buffer_size, config.ddpo.min_count))
   if host["base_reward"] is None:
-    host["base_reward"], base_images = evaluate(state.params)
+    host["base_reward"], host["base_diversity"], base_images = evaluate(state.params)
     writer.write_images(0, "eval_base", base_images[:config.log.num_images])
-    writer.write_scalars(0, {"eval/reward_mean": host["base_reward"]})
+    writer.write_scalars(0, {"eval/reward_mean": host["base_reward"],
+                             "eval/diversity": host["base_diversity"]})
 
   # ---------------------------------------------------------------- the loop
   for round_ in metrics.progress(range(host["round"], config.num_rounds),
@@ -228,8 +231,9 @@ def run(config, workdir: str, *, devices=None) -> dict:
       return {"preempted": True, "round": round_ + 1}
 
   # ---------------------------------------------------------------- final evaluation
-  final_reward, final_images = evaluate(state.params)
-  writer.write_scalars(config.num_rounds, {"eval/reward_mean": final_reward})
+  final_reward, final_diversity, final_images = evaluate(state.params)
+  writer.write_scalars(config.num_rounds, {"eval/reward_mean": final_reward,
+                                           "eval/diversity": final_diversity})
   writer.write_images(config.num_rounds, "eval_final",
                       final_images[:config.log.num_images])
   ckpt.wait_until_finished()
@@ -241,16 +245,10 @@ def run(config, workdir: str, *, devices=None) -> dict:
                             common.to_host_tree(frozen), finetune)
   writer.close()
   return {"base_reward": host["base_reward"], "final_reward": final_reward,
+          # None when resumed from a checkpoint written before diversity was recorded
+          "base_diversity": host.get("base_diversity"), "final_diversity": final_diversity,
           "params": trainable, "history": host["history"]}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required (checkpoints, logs and images go there)")
-  run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=configs.flags_parser)
+  common.run_experiment_cli(run)
