@@ -28,7 +28,7 @@ Diagnostics:
 
 One inner epoch shuffles the samples, draws a random subset of `timestep_fraction · T` steps
 for every sample (independently per sample), flattens samples × steps into one batch per
-minibatch, and takes one optimizer step per minibatch — all inside one jitted `lax.scan`.
+minibatch, and takes one optimizer step per minibatch — all inside one jitted program.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from alignjax.diffusion.schedules import NoiseSchedule
 from alignjax.training import TrainState
 
 OBJECTIVES = ("clipped", "score_function")
+MINIBATCH_LOOPS = ("unrolled", "scan")
 ADVANTAGE_EPS = 1e-6
 
 
@@ -170,15 +171,23 @@ def make_epoch_fn(eps_fn_builder: Callable, schedule: NoiseSchedule,
                   clip_range: float, eta: float, guidance_scale: float, null_cond: int,
                   timestep_fraction: float, num_minibatches: int, num_microbatches: int = 1,
                   clip_sample: float | None = None, mesh: Mesh | None = None,
-                  data_axes: tuple[str, ...] = ("data", "fsdp")):
+                  data_axes: tuple[str, ...] = ("data", "fsdp"),
+                  minibatch_loop: str = "unrolled"):
   """Builds `epoch(state, frozen, traj, advantages) -> (state, metrics)`, one inner epoch.
 
   `eps_fn_builder(trainable, frozen)` returns the model's unguided EpsFn; guidance is applied
   here exactly as at sampling time. Jit the result with the state donated. Each minibatch's
   gradient is accumulated over `num_microbatches` chunks (a `lax.scan`) to bound memory.
+
+  minibatch_loop: "unrolled" (default) writes the minibatch steps one after the other into
+  the program; "scan" loops over them with `lax.scan` (a program whose size does not grow with
+  num_minibatches, but XLA:CPU runs a conv net's gradient ~9x slower inside a loop:
+  `python -m benchmarks.ddpo_epoch`).
   """
   if objective not in OBJECTIVES:
     raise ValueError(f"objective={objective!r}: valid choices are {OBJECTIVES}")
+  if minibatch_loop not in MINIBATCH_LOOPS:
+    raise ValueError(f"minibatch_loop={minibatch_loop!r}: valid choices are {MINIBATCH_LOOPS}")
   if eta <= 0:
     raise ValueError(f"eta={eta}: DDPO needs a stochastic sampler (eta > 0) for log-probs")
 
@@ -212,9 +221,13 @@ def make_epoch_fn(eps_fn_builder: Callable, schedule: NoiseSchedule,
       chunk_grads, diag = grad_fn(state.params, frozen, chunk)
       return jax.tree_util.tree_map(jnp.add, grads, chunk_grads), diag
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    grads, diags = jax.lax.scan(accumulate, zeros, chunks)
-    grads = jax.tree_util.tree_map(lambda g: g / num_microbatches, grads)
+    if num_microbatches == 1:  # no loop (see minibatch_loop)
+      grads, diag = grad_fn(state.params, frozen, jax.tree_util.tree_map(lambda x: x[0], chunks))
+      diags = jax.tree_util.tree_map(lambda v: v[None], diag)
+    else:
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+      grads, diags = jax.lax.scan(accumulate, zeros, chunks)
+      grads = jax.tree_util.tree_map(lambda g: g / num_microbatches, grads)
     metrics = {k: jnp.mean(v) for k, v in diags.items()}
     metrics["ratio_min"] = jnp.min(diags["ratio_min"])
     metrics["ratio_max"] = jnp.max(diags["ratio_max"])
@@ -226,7 +239,14 @@ def make_epoch_fn(eps_fn_builder: Callable, schedule: NoiseSchedule,
     pairs = training_pairs(traj, advantages, key, timestep_fraction=timestep_fraction,
                            num_minibatches=num_minibatches)
     pairs = constrain(pairs, P(None, data_axes))
-    (state, _), metrics = jax.lax.scan(minibatch_step, (state, frozen), pairs)
-    return state, metrics
+    if minibatch_loop == "scan":
+      (state, _), metrics = jax.lax.scan(minibatch_step, (state, frozen), pairs)
+      return state, metrics
+    carry, per_minibatch = (state, frozen), []
+    for i in range(num_minibatches):
+      carry, mb_metrics = minibatch_step(carry, jax.tree_util.tree_map(lambda x: x[i], pairs))
+      per_minibatch.append(mb_metrics)
+    metrics = jax.tree_util.tree_map(lambda *v: jnp.stack(v), *per_minibatch)
+    return carry[0], metrics
 
   return epoch

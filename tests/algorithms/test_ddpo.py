@@ -161,11 +161,13 @@ def test_training_pairs_are_consistent_whole_samples():
   assert [len(r) for r in rows_per_mb] == [3, 3] and not rows_per_mb[0] & rows_per_mb[1]
 
 
-def _epoch(objective, num_minibatches=1, num_microbatches=1, guidance=1.5, lr=1.0):
+def _epoch(objective, num_minibatches=1, num_microbatches=1, guidance=1.5, lr=1.0,
+           optimizer=None, **options):
   return jax.jit(ddpo.make_epoch_fn(
-      affine_eps_builder, SCHEDULE, optax.sgd(lr), objective=objective, clip_range=0.2,
-      eta=ETA, guidance_scale=guidance, null_cond=10, timestep_fraction=1.0,
-      num_minibatches=num_minibatches, num_microbatches=num_microbatches, clip_sample=CLIP))
+      affine_eps_builder, SCHEDULE, optimizer or optax.sgd(lr), objective=objective,
+      clip_range=0.2, eta=ETA, guidance_scale=guidance, null_cond=10, timestep_fraction=1.0,
+      num_minibatches=num_minibatches, num_microbatches=num_microbatches, clip_sample=CLIP,
+      **options))
 
 
 def test_score_function_epoch_is_one_reinforce_step():
@@ -216,6 +218,23 @@ def test_microbatching_does_not_change_the_update():
     outs.append(_epoch("clipped", num_minibatches=2, num_microbatches=micro)(
         state, {}, traj, adv)[0].params)
   assert_trees_close(outs[1], outs[0], rel=1e-6)
+
+
+def test_unrolled_and_scanned_minibatch_loops_give_the_same_update():
+  params = toy_params()
+  traj = toy_trajectory(params)
+  adv = jnp.linspace(-1, 1, 6)
+  outs = []
+  for loop in ddpo.MINIBATCH_LOOPS:
+    state = TrainState.create(params, optax.adam(0.05), jax.random.key(0))
+    state, metrics = _epoch("clipped", num_minibatches=3, optimizer=optax.adam(0.05),
+                            minibatch_loop=loop)(state, {}, traj, adv)
+    assert metrics["loss"].shape == (3,)
+    outs.append((state.params, metrics))
+  assert_trees_close(outs[1][0], outs[0][0], rel=1e-6)
+  assert_trees_close(outs[1][1], outs[0][1], rel=1e-6)
+  with pytest.raises(ValueError, match="minibatch_loop='while'.*valid choices"):
+    _epoch("clipped", num_minibatches=1, minibatch_loop="while")
 
 
 @pytest.mark.parametrize("objective,num_minibatches,optimizer", [
