@@ -10,7 +10,8 @@ same held-out seeds: mean reward, recognition rate, and diversity
 
   D = (1/10) Σ_c mean_{i<j, c_i = c_j = c} ‖img_i − img_j‖₂      (images in [0, 1])      (1)
 
-(mean pairwise L2 distance of the samples of one class, averaged over classes). The maths is
+(mean pairwise L2 distance of the samples of one class, averaged over classes:
+`alignjax.metrics.within_class_diversity`). The maths is
 in alignjax/algorithms/adjoint_matching_ddpm.py (the DDPM chain, eta = 1, `model.kind=eps`)
 and alignjax/algorithms/adjoint_matching.py (rectified flow, memoryless SDE, `model.kind=flow`;
 the UNet's time input follows experiments/pretrain_diffusion.py eq. 4).
@@ -72,11 +73,7 @@ def validate(config, num_devices: int) -> None:
     raise configs.ConfigError(
         f"config.am.num_timesteps={config.am.num_timesteps} must be <= "
         f"config.sampling.num_steps={config.sampling.num_steps} (steps drawn per trajectory)")
-  if config.eval.num_samples % config.sampling.batch_size:
-    raise configs.ConfigError(
-        f"config.eval.num_samples={config.eval.num_samples} must be a multiple of "
-        f"config.sampling.batch_size={config.sampling.batch_size} (evaluation reuses the "
-        "training sampler)")
+  common.check_eval_batches(config)
   configs.check_mesh_and_batch(config.mesh, num_devices,
                                {"sampling.batch_size": config.sampling.batch_size})
 
@@ -114,17 +111,6 @@ def load_models(config, mesh) -> tuple[common.DiffusionModels, float]:
   return models, float(flow_config.flow.time_scale)
 
 
-def diversity(images: np.ndarray, cond: np.ndarray) -> float:
-  """Eq. 1: mean within-class pairwise L2 distance, averaged over the classes present."""
-  flat = images.reshape(images.shape[0], -1).astype(np.float64)
-  per_class = []
-  for c in np.unique(cond):
-    x = flat[cond == c]
-    if len(x) < 2:
-      continue
-    dist = np.sqrt(np.maximum(np.sum((x[:, None] - x[None]) ** 2, -1), 0.0))
-    per_class.append(dist[np.triu_indices(len(x), 1)].mean())
-  return float(np.mean(per_class)) if per_class else float("nan")
 
 
 # ============================================================================ the run
@@ -245,7 +231,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
     images, conds = np.concatenate(images), np.concatenate(conds)
     result = {"reward": float(np.mean(np.concatenate(rewards))),
               "recognition": float(np.mean(np.concatenate(correct))),
-              "diversity": diversity(images, conds)}  # eq. 1
+              "diversity": metrics.within_class_diversity(images, conds)}  # eq. 1
     per_class = max(config.log.num_images // models.num_classes, 1)  # a grid row per digit
     grid = np.concatenate([images[conds == c][:per_class] for c in range(models.num_classes)])
     return result, grid

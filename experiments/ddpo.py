@@ -56,11 +56,7 @@ def validate(config, num_devices: int) -> None:
     raise configs.ConfigError(
         f"config.ddpo.num_microbatches={config.ddpo.num_microbatches} must divide the "
         f"{pairs} (sample, step) pairs of a minibatch")
-  if config.eval.num_samples % config.sampling.batch_size:
-    raise configs.ConfigError(
-        f"config.eval.num_samples={config.eval.num_samples} must be a multiple of "
-        f"config.sampling.batch_size={config.sampling.batch_size} (evaluation reuses the "
-        "training sampler)")
+  common.check_eval_batches(config)
   configs.check_mesh_and_batch(config.mesh, num_devices, {
       "sampling.batch_size": config.sampling.batch_size,
       "ddpo.num_microbatches (pairs per microbatch)": pairs // config.ddpo.num_microbatches})

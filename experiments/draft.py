@@ -66,11 +66,7 @@ def validate(config, num_devices: int) -> None:
   configs.check_mesh_and_batch(config.mesh, num_devices,
                                {"sampling.batch_size": config.sampling.batch_size},
                                num_processes=config.distributed.num_processes)
-  if config.eval.num_samples % config.sampling.batch_size:
-    raise configs.ConfigError(
-        f"config.eval.num_samples={config.eval.num_samples} must be a multiple of "
-        f"config.sampling.batch_size={config.sampling.batch_size} (evaluation samples in "
-        "training-sized batches)")
+  common.check_eval_batches(config)
 
 
 def draft_options(config) -> dict:

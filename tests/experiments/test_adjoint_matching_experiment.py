@@ -58,16 +58,6 @@ def test_config_docstring_and_variants():
   am_script.validate(digits.get_config("model=flow,finetune=lora"), num_devices=1)
 
 
-def test_diversity_hand_computed():
-  images = np.zeros((5, 1, 2, 1))
-  images[1, 0, 0, 0] = 3.0  # class 0: points 0, (3, 0), (0, 4) -> distances 3, 4, 5
-  images[2, 0, 1, 0] = 4.0
-  images[4, 0, 0, 0] = 1.0  # class 1: points 0, (1, 0) -> distance 1
-  cond = np.array([0, 0, 0, 1, 1])
-  assert am_script.diversity(images, cond) == pytest.approx((4.0 + 1.0) / 2)
-  assert np.isnan(am_script.diversity(images[:1], cond[:1]))  # no pair in any class
-
-
 # ----------------------------------------------------------------------------- runs
 
 
