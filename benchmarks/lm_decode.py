@@ -2,6 +2,7 @@ r"""Prefill and decode throughput: the alignjax sampler vs transformers' `genera
 
   python -m benchmarks.lm_decode --threads=1   # ~134M-parameter Llama, batch 8, 128 new tokens
   python -m benchmarks.lm_decode --small       # a ~5M-parameter model, quick
+  python -m benchmarks.lm_decode --size=1b --torch_device=cuda   # GPU: Llama-3.2-1B's shape
 
 Both frameworks run the same randomly initialised Llama (the transformers model is saved to a
 temporary directory and loaded into alignjax with `convert.load_hf_lm`), the same prompts
@@ -72,7 +73,12 @@ def timed(fn) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--small", action="store_true", help="a small model (quick run)")
+  parser.add_argument("--size", choices=tuple(SIZES), default="full",
+                      help="model shape: full (~134M, the CPU target), small (quick), 1b (GPU)")
+  parser.add_argument("--small", action="store_true", help="same as --size=small")
+  parser.add_argument("--torch_device", default="cpu",
+                      help="device of the transformers model (cpu, or cuda on a GPU machine "
+                           "with a CUDA build of torch); alignjax uses jax's default device")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--prompt_len", type=int, default=64)
   parser.add_argument("--new_tokens", type=int, default=None,
@@ -96,9 +102,12 @@ def main():
   from alignjax.models import convert
   # pylint: enable=import-outside-toplevel
 
-  size = "small" if args.small else "full"
+  size = "small" if args.small else args.size
   b, p = args.batch, args.prompt_len
-  n = args.new_tokens or (32 if args.small else 128)
+  n = args.new_tokens or (32 if size == "small" else 128)
+  if args.torch_device != "cpu" and not torch.cuda.is_available():
+    raise SystemExit(f"--torch_device={args.torch_device}: this torch build "
+                     f"({torch.__version__}) sees no CUDA device; valid here: cpu")
   torch.manual_seed(0)
   torch.set_num_threads(threads)
   hf_config = transformers.LlamaConfig(**SIZES[size], max_position_embeddings=p + n + 16,
@@ -108,6 +117,7 @@ def main():
   with tempfile.TemporaryDirectory() as d:
     torch_model.save_pretrained(d)
     model, _ = convert.load_hf_lm(d)
+  torch_model = torch_model.to(args.torch_device)
   graphdef, params = nnx.split(model)
   prompts = np.random.default_rng(0).integers(3, hf_config.vocab_size, size=(b, p))
   print(f"Llama {size}: {num_params / 1e6:.1f}M parameters, float32, batch {b}, prompt {p}, "
@@ -132,8 +142,9 @@ def main():
         sampling.sample(graphdef, params, tokens, valid, key, cfg, min_bucket=p))
 
   # ------------------------------------------------------------------ transformers
-  ids = torch.as_tensor(prompts)
+  ids = torch.as_tensor(prompts, device=args.torch_device)
   mask = torch.ones_like(ids)
+  sync = torch.cuda.synchronize if args.torch_device.startswith("cuda") else (lambda: None)
 
   def cache_kwargs():  # the default (dynamic) cache is what transformers makes itself
     if args.torch_cache == "dynamic":
@@ -144,12 +155,14 @@ def main():
     with torch.inference_mode():
       torch_model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
                   **cache_kwargs())
+    sync()
 
   def torch_generate():
     with torch.inference_mode():
       out["torch"] = torch_model.generate(
           input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-          do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None, **cache_kwargs())
+          do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None,
+          **cache_kwargs()).cpu()
 
   fns = {"alignjax": (jax_prefill, jax_generate), "transformers": (torch_prefill, torch_generate)}
   times = {name: ([], []) for name in fns}

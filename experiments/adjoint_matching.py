@@ -202,8 +202,11 @@ def run(config, workdir: str, *, devices=None) -> dict:
   frozen = jax.device_put(frozen, parallel.param_shardings(frozen, mesh, rules))
 
   # ---------------------------------------------------------------- jitted functions
-  update_fn = jax.jit(update, donate_argnums=0, out_shardings=(state_shardings, replicated))
-  sample_fn = jax.jit(sample_final, out_shardings=batch_sharding)
+  compiler_options = dict(config.compiler_options) or None
+  update_fn = jax.jit(update, donate_argnums=0, out_shardings=(state_shardings, replicated),
+                      compiler_options=compiler_options)
+  sample_fn = jax.jit(sample_final, out_shardings=batch_sharding,
+                      compiler_options=compiler_options)
   decode_fn = jax.jit(common.images_from, out_shardings=batch_sharding)
   reward_eval = jax.jit(lambda frozen, x, cond: reward_fn_builder(frozen)(x, cond))
   logits_fn = jax.jit(lambda params, images: nnx.merge(clf_graphdef, params)(images))

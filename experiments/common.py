@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 
 from alignjax import checkpoint, configs, metrics, parallel, rewards, testing, training
 from alignjax.diffusion import schedules
@@ -221,3 +223,23 @@ def run_experiment_cli(run_fn) -> None:
     run_fn(config_flag.value, workdir_flag.value)
 
   app.run(main, flags_parser=configs.flags_parser)
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory: str):
+  """JAX's persistent compilation cache in `directory` for everything compiled meanwhile
+  (no minimum compile time or size); the previous settings are restored afterwards."""
+  settings = {"jax_compilation_cache_dir": directory,
+              "jax_persistent_cache_min_compile_time_secs": 0.0,
+              "jax_persistent_cache_min_entry_size_bytes": -1}
+  previous = {name: getattr(jax.config, name) for name in settings}
+  os.makedirs(directory, exist_ok=True)
+  compilation_cache.reset_cache()  # reopens at `directory` on the next compilation
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  try:
+    yield
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()

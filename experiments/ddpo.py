@@ -41,6 +41,7 @@ def validate(config, num_devices: int) -> None:
   configs.check_nonnegative(config, "sampling.guidance_scale")
   configs.check_fraction(config, "ddpo.timestep_fraction")
   configs.check_choice(config, "ddpo.objective", ddpo.OBJECTIVES)
+  configs.check_choice(config, "ddpo.minibatch_loop", ddpo.MINIBATCH_LOOPS)
   configs.check_choice(config, "finetune.mode", training.FINETUNE_MODES)
   if config.finetune.mode == "lora":
     configs.check_positive(config, "finetune.lora_rank")
@@ -123,7 +124,9 @@ def run(config, workdir: str, *, devices=None) -> dict:
       sample_batch, state.params, frozen, sample_key, cond_shape))
   traj_sharding = traj_sharding.replace(timesteps=replicated, prev_timesteps=replicated,
                                         stds=replicated)
-  sample_fn = jax.jit(sample_batch, out_shardings=traj_sharding)
+  compiler_options = dict(config.compiler_options) or None
+  sample_fn = jax.jit(sample_batch, out_shardings=traj_sharding,
+                      compiler_options=compiler_options)
   decode_fn = jax.jit(common.images_from, out_shardings=batch_sharding)
   epoch_fn = jax.jit(
       ddpo.make_epoch_fn(
@@ -133,8 +136,9 @@ def run(config, workdir: str, *, devices=None) -> dict:
           timestep_fraction=config.ddpo.timestep_fraction,
           num_minibatches=config.ddpo.num_minibatches,
           num_microbatches=config.ddpo.num_microbatches, clip_sample=sample_cfg.clip_sample,
-          mesh=mesh, data_axes=parallel.DATA_AXES),
-      donate_argnums=0, out_shardings=(state_shardings, replicated))
+          mesh=mesh, data_axes=parallel.DATA_AXES, minibatch_loop=config.ddpo.minibatch_loop),
+      donate_argnums=0, out_shardings=(state_shardings, replicated),
+      compiler_options=compiler_options)
   rewards_fn = common.RewardEvaluator(reward, mesh)
 
   def draw_prompts(seed_key, num) -> jax.Array:

@@ -96,7 +96,6 @@ reward vs diversity); each run's own outputs are under <workdir>/runs/<method>/s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -107,9 +106,9 @@ from absl import app, flags
 
 import jax
 import numpy as np
-from jax.experimental.compilation_cache import compilation_cache
 
 from experiments import adjoint_matching as am_script
+from experiments import common
 from experiments import ddpo as ddpo_script
 from experiments import draft as draft_script
 from experiments.configs.adjoint_matching import digits as am_configs
@@ -266,26 +265,6 @@ def reward_at(queries: list[int], rewards: list[float], target: int) -> float | 
   return within[-1] if within else None
 
 
-@contextlib.contextmanager
-def persistent_compilation_cache(directory: str):
-  """JAX's persistent compilation cache in `directory` for everything compiled meanwhile
-  (no minimum compile time or size); the previous settings are restored afterwards."""
-  settings = {"jax_compilation_cache_dir": directory,
-              "jax_persistent_cache_min_compile_time_secs": 0.0,
-              "jax_persistent_cache_min_entry_size_bytes": -1}
-  previous = {name: getattr(jax.config, name) for name in settings}
-  os.makedirs(directory, exist_ok=True)
-  compilation_cache.reset_cache()  # reopens at `directory` on the next compilation
-  for name, value in settings.items():
-    jax.config.update(name, value)
-  try:
-    yield
-  finally:
-    for name, value in previous.items():
-      jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-
 # ============================================================================ the table
 
 
@@ -302,7 +281,7 @@ def run(workdir: str, *, seeds: int = 3, budget: Budget = Budget(),
   checkpoints = [int(round(f * budget.queries)) for f in budget.fractions]
   t0 = time.perf_counter()
   results = {}
-  with persistent_compilation_cache(os.path.join(workdir, "jax_cache")):
+  with common.persistent_compilation_cache(os.path.join(workdir, "jax_cache")):
     for key in methods:
       results[key] = run_seeds(key, budget, seeds, checkpoints, workdir, tiny)
       print(f"{results[key]['label']}: done ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -58,6 +58,7 @@ def assert_params_close(a, b, atol):
 @pytest.mark.parametrize("key,value,message", [
     ("sampling.batch_size", -4, "config.sampling.batch_size=-4"),
     ("ddpo.objective", "ppo", "must be one of .clipped., .score_function."),
+    ("ddpo.minibatch_loop", "while", "must be one of .unrolled., .scan."),
     ("reward.name", "aesthetic", "must be one of .classifier."),
     ("mesh.data", 3, "device"),
     ("sampling.batch_size", 12, "sampling.batch_size"),  # 12 does not split over 8 devices

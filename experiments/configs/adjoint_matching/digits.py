@@ -61,6 +61,9 @@ def get_config(arg=None):
   c.optimizer = dict(learning_rate=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                      max_grad_norm=1.0)
 
+  # XLA compiler options of the jitted sampler and training step (jax.jit(compiler_options=)).
+  c.compiler_options = {}
+
   c.checkpoint = dict(every=20, keep=2)
   c.log = dict(image_every=20, num_images=100)
   c.eval = dict(num_samples=256, seed=10_000)
@@ -72,4 +75,6 @@ def get_config(arg=None):
     c.checkpoint.every = 1
     c.log.update(image_every=1, num_images=16)
     c.eval.num_samples = 16
+    # No LLVM optimisation: the tiny steps compile several times faster and run in ms anyway.
+    c.compiler_options = {"xla_backend_optimization_level": 0}
   return c
