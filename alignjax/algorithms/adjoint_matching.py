@@ -117,6 +117,20 @@ def subsample_timesteps(key: jax.Array, batch: int, num_steps: int, num_timestep
   return jnp.argsort(scores, axis=-1)[:, :num_timesteps].astype(jnp.int32)
 
 
+def loss_timesteps(key: jax.Array | None, batch: int, num_steps: int,
+                   num_timesteps: int | None) -> jax.Array:
+  """[B, M] grid indices of the loss (eq. 6): all K steps when num_timesteps is None or K,
+  else `subsample_timesteps` (which needs the key)."""
+  m = num_steps if num_timesteps is None else num_timesteps
+  if not 1 <= m <= num_steps:
+    raise ValueError(f"num_timesteps={m}: must lie in [1, num_steps={num_steps}]")
+  if m == num_steps:
+    return jnp.broadcast_to(jnp.arange(num_steps, dtype=jnp.int32), (batch, num_steps))
+  if key is None:
+    raise ValueError("key=None: timestep subsampling (num_timesteps < K) needs a PRNG key")
+  return subsample_timesteps(key, batch, num_steps, m)
+
+
 def adjoint_matching_loss(vel_fn: flow.VelFn, base_vel_fn: flow.VelFn,
                           traj: flow.FlowTrajectory, adjoint: jax.Array,
                           sigma_fn: flow.SigmaFn, key: jax.Array | None = None, *,
@@ -128,15 +142,8 @@ def adjoint_matching_loss(vel_fn: flow.VelFn, base_vel_fn: flow.VelFn,
   if not loss_clip > 0:
     raise ValueError(f"loss_clip={loss_clip!r}: must be > 0 (math.inf disables clipping)")
   batch, num_steps = traj.states.shape[0], traj.num_steps
-  m = num_steps if num_timesteps is None else num_timesteps
-  if not 1 <= m <= num_steps:
-    raise ValueError(f"num_timesteps={m}: must lie in [1, num_steps={num_steps}]")
-  if m < num_steps:
-    if key is None:
-      raise ValueError("key=None: timestep subsampling (num_timesteps < K) needs a PRNG key")
-    idx = subsample_timesteps(key, batch, num_steps, m)
-  else:
-    idx = jnp.broadcast_to(jnp.arange(num_steps, dtype=jnp.int32), (batch, num_steps))
+  idx = loss_timesteps(key, batch, num_steps, num_timesteps)
+  m = idx.shape[1]
   take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
   x = take(traj.states).reshape((batch * m,) + traj.states.shape[2:])
   a = take(adjoint[:, 1:]).reshape(x.shape)  # ã_{k+1}, eq. 6

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alignjax.algorithms.adjoint_matching import subsample_timesteps
+from alignjax.algorithms.adjoint_matching import loss_timesteps, subsample_timesteps  # noqa: F401
 from alignjax.diffusion import samplers
 from alignjax.diffusion.schedules import (NoiseSchedule, expand_like, inference_prev_timesteps,
                                           inference_timesteps)
@@ -149,15 +149,8 @@ def adjoint_matching_loss(eps_fn: EpsFn, base_eps_fn: EpsFn, schedule: NoiseSche
     raise ValueError(f"loss_clip={loss_clip!r}: must be > 0 (math.inf disables clipping)")
   eta = _check_eta(eta)
   batch, num_steps = traj.latents.shape[0], traj.num_steps
-  m = num_steps if num_timesteps is None else num_timesteps
-  if not 1 <= m <= num_steps:
-    raise ValueError(f"num_timesteps={m}: must lie in [1, num_steps={num_steps}]")
-  if m < num_steps:
-    if key is None:
-      raise ValueError("key=None: timestep subsampling (num_timesteps < K) needs a PRNG key")
-    idx = subsample_timesteps(key, batch, num_steps, m)
-  else:
-    idx = jnp.broadcast_to(jnp.arange(num_steps, dtype=jnp.int32), (batch, num_steps))
+  idx = loss_timesteps(key, batch, num_steps, num_timesteps)
+  m = idx.shape[1]
   take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
   x = take(traj.latents[:, :-1]).reshape((batch * m,) + traj.latents.shape[2:])
   a = take(adjoint[:, 1:]).reshape(x.shape)  # ã_{k+1}, eq. 6
