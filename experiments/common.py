@@ -72,11 +72,8 @@ def load_diffusion_models(config, mesh=None) -> DiffusionModels:
 
 def check_eval_batches(config) -> None:
   """Evaluation samples in training-sized batches: eval.num_samples % sampling.batch_size == 0."""
-  if config.eval.num_samples % config.sampling.batch_size:
-    raise configs.ConfigError(
-        f"config.eval.num_samples={config.eval.num_samples} must be a multiple of "
-        f"config.sampling.batch_size={config.sampling.batch_size} (evaluation samples in "
-        "training-sized batches)")
+  configs.check_divisible(config, "eval.num_samples", config.sampling.batch_size,
+                          "sampling.batch_size: evaluation samples in training-sized batches")
 
 
 def make_reward(reward_cfg, classifier) -> rewards.Reward:
