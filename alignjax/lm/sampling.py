@@ -6,7 +6,9 @@ prompt attends to its own keys only) that is then extended to P + N slots; then 
 step is drawn inside a single `lax.while_loop` (`decode`) that stops after N = max_new_tokens
 steps or as soon as every row has emitted an end-of-sequence token. `generate` is the two in
 one pure function; the host entry `sample` runs them as two jitted programs, the decode loop
-with its state donated (the loop writes the KV cache in place) and, on CPU, compiled with
+with its state donated (the loop writes the KV cache in place) and, on one CPU device, with
+its float32 weight products done by the skinny-matrix kernel
+(`alignjax.kernels.skinny_matmul`, when available) and compiled with
 `CPU_DECODE_COMPILER_OPTIONS` (see there).
 
 Sampling distribution at step s from the float32 logits z (one row):
@@ -46,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from alignjax.kernels import skinny_matmul
 from alignjax.models.lm import KVCache, extend_cache, init_cache
 
 __all__ = ["CPU_DECODE_COMPILER_OPTIONS", "DecodeState", "SampleOutput", "SamplingConfig",
@@ -236,33 +239,49 @@ def generate(graphdef, params, tokens, valid, key, config: SamplingConfig) -> Sa
   return finish(decode(graphdef, params, state, key, config))
 
 
-# XLA:CPU compiles a matrix product into a YNNPACK fusion (its default) or an Eigen call. A
-# decode step multiplies B rows (a few) by every weight matrix once, so it is bound by
-# streaming the weights from memory, and Eigen streams them faster: for a 134M-parameter Llama
-# at batch 8 on one core, 8.0-8.8 GB/s against 5.5-5.8 GB/s, i.e. 60 against 92 ms per decode
-# step on an AMD EPYC (80 against 86 on an Intel Xeon), while YNNPACK is faster for the
-# prefill's large products (1.10 s against 1.58 s). So `sample` compiles the decode loop as
-# a program of its own, on CPU without YNNPACK fusions (a per-program option, not a flag).
+# Where the products of a CPU decode step go. XLA:CPU compiles a matrix product into a YNNPACK
+# fusion (its default) or an Eigen call; a decode step multiplies B rows (a few) by every
+# weight matrix once, so it is bound by streaming the weights from memory. For a 134M-parameter
+# Llama at batch 8 on one AMD EPYC core, Eigen streamed 8.0-8.8 GB/s against YNNPACK's
+# 5.5-5.8, while YNNPACK is faster for the prefill's large products, so the decode loop is a
+# program of its own, compiled without YNNPACK fusions (a per-program option, not a flag).
+# Both pack the weights before multiplying; on one device the float32 weight products of the
+# loop go to `skinny_matmul`, which streams them unpacked (`benchmarks/lm_decode.py`).
 CPU_DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def _decode_with_kernel(graphdef, params, state, key, config):
+  with skinny_matmul.enabled():
+    return decode(graphdef, params, state, key, config)
+
 
 _prefill_jit = jax.jit(prefill, static_argnums=(0, 5))
 _decode_jit = {
+    "cpu_kernel": jax.jit(_decode_with_kernel, static_argnums=(0, 4), donate_argnums=(2,),
+                          compiler_options=CPU_DECODE_COMPILER_OPTIONS),
     "cpu": jax.jit(decode, static_argnums=(0, 4), donate_argnums=(2,),
                    compiler_options=CPU_DECODE_COMPILER_OPTIONS),
     None: jax.jit(decode, static_argnums=(0, 4), donate_argnums=(2,)),
 }
 
 
-def _platform(params) -> str | None:
+def _devices(params) -> set:
   leaves = jax.tree.leaves(params)
-  devices = leaves[0].devices() if leaves and isinstance(leaves[0], jax.Array) else None
-  return next(iter(devices)).platform if devices else jax.default_backend()
+  if leaves and isinstance(leaves[0], jax.Array):
+    return set(leaves[0].devices())
+  return {jax.devices()[0]}
 
 
-def decode_jit(params):
-  """The jitted `decode` `sample` uses for params on their platform (state donated)."""
-  platform = _platform(params)
-  return _decode_jit["cpu" if platform == "cpu" else None]
+def decode_jit(params, *, kernel: bool = True):
+  """The jitted `decode` `sample` uses for params on their devices (state donated): on one
+  CPU device the skinny-matrix kernel (unless `kernel` is False or it is unavailable), on
+  several CPU devices the same compiler options without it, elsewhere plain."""
+  devices = _devices(params)
+  if any(d.platform != "cpu" for d in devices):
+    return _decode_jit[None]
+  if kernel and len(devices) == 1 and skinny_matmul.available()[0]:
+    return _decode_jit["cpu_kernel"]
+  return _decode_jit["cpu"]
 
 
 def bucket_length(length: int, max_prompt_len: int, min_bucket: int = 16) -> int:

@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from alignjax.kernels import skinny_matmul
 from alignjax.models.lm_config import LMConfig, lm_config_from_hf, lm_config_to_hf
 from alignjax.models.lm_layers import Block, Dense, Norm, normal_init, rope_sin_cos
 
@@ -194,6 +195,8 @@ class TransformerLM(nnx.Module):
     if self.lm_head is None:
       z = jnp.einsum("...h,vh->...v", hidden, self.embed.embedding[...],
                      preferred_element_type=jnp.float32)
+    elif skinny_matmul.qualifies(hidden, self.lm_head.kernel[...]):
+      z = skinny_matmul.matmul(hidden, self.lm_head.kernel[...])
     else:
       z = jnp.einsum("...h,hv->...v", hidden, self.lm_head.kernel[...],
                      preferred_element_type=jnp.float32)

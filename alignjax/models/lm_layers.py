@@ -19,10 +19,13 @@ Norms, softmax and rotary angles are computed in float32 and cast back to the in
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alignjax.kernels import skinny_matmul
 from alignjax.models.lm_config import LMConfig
 
 _ACT = {"silu": jax.nn.silu, "relu": jax.nn.relu,
@@ -39,6 +42,18 @@ def normal_init(key, shape, dtype, stddev: float = 0.02):
   return (stddev * jax.random.normal(key, (n,), dtype)).reshape(shape)
 
 
+def dense_product(x, kernel, num_in: int):
+  """x [..., in...] . kernel [in..., out...], contracting the `num_in` in-axes: a tensordot,
+  or the skinny-matrix kernel inside its scope (`alignjax.kernels.skinny_matmul`)."""
+  out_shape = kernel.shape[num_in:]
+  w = kernel.reshape(math.prod(kernel.shape[:num_in]), math.prod(out_shape))
+  lead = x.shape[:x.ndim - num_in]
+  x2 = x.reshape(*lead, w.shape[0])
+  if skinny_matmul.qualifies(x2, w):
+    return skinny_matmul.matmul(x2, w).reshape(*lead, *out_shape)
+  return jnp.tensordot(x, kernel, axes=num_in)
+
+
 class Dense(nnx.Module):
   """y = x . kernel (+ bias), contracting the trailing `len(in_shape)` axes of x."""
 
@@ -50,7 +65,7 @@ class Dense(nnx.Module):
     self.num_in = len(in_shape)
 
   def __call__(self, x):
-    y = jnp.tensordot(x, self.kernel[...], axes=self.num_in)
+    y = dense_product(x, self.kernel[...], self.num_in)
     return y if self.bias is None else y + self.bias[...]
 
 

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
+from alignjax.kernels import skinny_matmul
 from alignjax.lm import sampling
 from alignjax.models.convert import pad_left
 from alignjax.models.lm import TransformerLM, forward
@@ -205,6 +206,30 @@ def test_frequencies_match_softmax():
   chi2 = ((obs - exp) ** 2 / np.maximum(exp, 1e-12)).sum()
   assert chi2 < stats.chi2.ppf(0.999, len(obs) - 1), (chi2, len(obs))
   np.testing.assert_allclose(out.model_log_probs[:, 0], np.log(p[out.tokens[:, 0]]), atol=1e-4)
+
+
+def test_cpu_decode_with_the_skinny_matmul_kernel_equals_decode_without():
+  """On one CPU device `sample` decodes with the skinny-matrix kernel for every weight
+  product (in the compiled program), and its samples equal those of the plain XLA decode."""
+  graphdef, params = make()
+  ok, why = skinny_matmul.available()
+  assert ok, why
+  cfg = sampling.SamplingConfig(max_new_tokens=6, temperature=0.8, top_k=10)
+  tokens, valid = (jnp.asarray(x) for x in pad_left(PROMPTS, max_length=16))
+  state = sampling.prefill(graphdef, params, tokens, valid, jax.random.key(3), cfg)
+  with_kernel = sampling.decode_jit(params)
+  without = sampling.decode_jit(params, kernel=False)
+  hlo = with_kernel.lower(graphdef, params, state, jax.random.key(3), cfg).compile().as_text()
+  calls = hlo.count(f'custom_call_target="{skinny_matmul.TARGET}"')
+  assert calls == CONFIG.num_layers * 7 + 1, calls  # q k v o gate up down per layer, lm_head
+  assert skinny_matmul.TARGET not in without.lower(
+      graphdef, params, state, jax.random.key(3), cfg).compile().as_text()
+  a = sampling.finish(with_kernel(graphdef, params, jax.tree.map(jnp.copy, state),
+                                  jax.random.key(3), cfg))
+  b = sampling.finish(without(graphdef, params, state, jax.random.key(3), cfg))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.log_probs, b.log_probs, atol=1e-5)
+  np.testing.assert_allclose(a.model_log_probs, b.model_log_probs, atol=1e-5)
 
 
 def test_prompt_buckets_bound_compilations():
