@@ -3,15 +3,16 @@
 //   y[m, n] = sum_k x[m, k] w[k, n]      x [M, K], w [K, N], y [M, N], row-major, M small (eq. 1)
 //
 // A decode step multiplies a few rows (the batch) by every weight matrix once, so its products
-// are bound by reading w from memory. This kernel reads each element of w exactly once per
-// pass of 8 rows of x and never copies (packs) it:
-//   - rows of x are taken 8 at a time, transposed to xt [K, 8] so that the 8 values multiplying
-//     one row of w are one 32-byte line;
-//   - w is read in blocks of kRowBlock rows; within a block, columns advance in strips of 16
-//     (two AVX2 registers), so each of the block's rows is streamed contiguously, with a
+// are bound by reading w from memory. This kernel reads w from memory once and never copies
+// (packs) it:
+//   - rows of x are taken 8 at a time (a pass), transposed to xt [K, 8] so that the 8 values
+//     multiplying one row of w are one 32-byte line; all passes use a block of w while it is
+//     in cache, so w is read from memory once for any number of rows;
+//   - w is read in blocks of kRowBlock rows; within a block, columns advance in strips of 8
+//     (one AVX2 register), so each of the block's rows is streamed contiguously, with a
 //     software prefetch kPrefetch floats ahead;
-//   - the 8 x 16 partial sums of a strip live in 16 AVX2 registers and are accumulated into y
-//     from one row block to the next;
+//   - the 8 x 8 partial sums of a strip live in 8 AVX2 registers (8 x 16 would need all 16
+//     and spill) and are accumulated into y from one row block to the next;
 //   - columns are split between the threads of XLA's intra-op pool; the calling thread works
 //     too and claims parts from a shared counter, so it never waits for a part no thread has
 //     started.
@@ -31,60 +32,62 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kRows = 8;          // rows of x per pass
-constexpr int64_t kStrip = 16;        // columns of w per strip (two AVX2 registers)
+constexpr int64_t kStrip = 8;         // columns of w per strip (one AVX2 register)
 constexpr int64_t kRowBlock = 8;      // rows of w streamed side by side
 constexpr int64_t kPrefetch = 64;     // floats ahead in each streamed row of w
-constexpr int64_t kMinStripsPerPart = 8;  // 128 columns: the least work worth a thread
+constexpr int64_t kMinStripsPerPart = 16;  // 128 columns: the least work worth a thread
 
-// Strips [strip_begin, strip_end) of one pass: y rows [0, rows) += xt-block . w-block, over
-// all row blocks of w. The last strip may be partial (width = n - its first column).
-void PassColumns(const float* xt, const float* w, float* y, int64_t rows, int64_t k, int64_t n,
-                 int64_t strip_begin, int64_t strip_end) {
-  for (int64_t k0 = 0; k0 < k; k0 += kRowBlock) {
+// One 8 x 8 tile of a pass: y[0:rows, c:c+8] (+)= xt[k0:k0+kb] . w[k0:k0+kb, c:c+8] (written,
+// not added to, when k0 = 0). The 8 partial sums take 8 of AVX2's 16 registers, with room
+// for the weights and the broadcast. kFull: all 8 columns exist, else only the lanes in mask.
+template <bool kFull>
+inline void Tile(const float* xt, const float* w, float* y, int64_t rows, int64_t n, int64_t c,
+                 int64_t k0, int64_t kb, __m256i mask) {
+  __m256 acc[kRows];
+  for (int64_t r = 0; r < kRows; ++r) {
+    if (k0 == 0 || r >= rows) {
+      acc[r] = _mm256_setzero_ps();
+    } else {
+      acc[r] = kFull ? _mm256_loadu_ps(y + r * n + c) : _mm256_maskload_ps(y + r * n + c, mask);
+    }
+  }
+  const float* wp = w + k0 * n + c;
+  const float* xk = xt + k0 * kRows;
+  for (int64_t i = 0; i < kb; ++i, wp += n, xk += kRows) {
+    _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
+    const __m256 wv = kFull ? _mm256_loadu_ps(wp) : _mm256_maskload_ps(wp, mask);
+    for (int64_t r = 0; r < kRows; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(xk + r), wv, acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (kFull) {
+      _mm256_storeu_ps(y + r * n + c, acc[r]);
+    } else {
+      _mm256_maskstore_ps(y + r * n + c, mask, acc[r]);
+    }
+  }
+}
+
+// Columns of strips [strip_begin, strip_end) of y = x . w, for every pass of 8 rows (xt holds
+// the passes' transposes, [passes, K, 8]). The last strip may be partial (n % 8 columns).
+void Columns(const float* xt, const float* w, float* y, int64_t m, int64_t k, int64_t n,
+             int64_t strip_begin, int64_t strip_end) {
+  const int64_t passes = (m + kRows - 1) / kRows;
+  const int64_t full_end = std::min(strip_end, n / kStrip);
+  alignas(32) int32_t lanes[kStrip];
+  for (int64_t i = 0; i < kStrip; ++i) lanes[i] = i < n % kStrip ? -1 : 0;
+  const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+  for (int64_t k0 = 0; k0 < k; k0 += kRowBlock) {  // all passes use the block while cached
     const int64_t kb = std::min(kRowBlock, k - k0);
-    for (int64_t s = strip_begin; s < strip_end; ++s) {
-      const int64_t c = s * kStrip;
-      const int64_t width = std::min(kStrip, n - c);
-      const bool full = width == kStrip;
-      alignas(32) int32_t lanes[kStrip];
-      for (int64_t i = 0; i < kStrip; ++i) lanes[i] = i < width ? -1 : 0;
-      const __m256i mask0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
-      const __m256i mask1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + 8));
-
-      __m256 acc[kRows][2];
-      for (int64_t m = 0; m < kRows; ++m) {
-        if (k0 == 0 || m >= rows) {
-          acc[m][0] = _mm256_setzero_ps();
-          acc[m][1] = _mm256_setzero_ps();
-        } else if (full) {
-          acc[m][0] = _mm256_loadu_ps(y + m * n + c);
-          acc[m][1] = _mm256_loadu_ps(y + m * n + c + 8);
-        } else {
-          acc[m][0] = _mm256_maskload_ps(y + m * n + c, mask0);
-          acc[m][1] = _mm256_maskload_ps(y + m * n + c + 8, mask1);
-        }
+    for (int64_t p = 0; p < passes; ++p) {
+      const int64_t rows = std::min(kRows, m - p * kRows);
+      const float* xp = xt + p * k * kRows;
+      float* yp = y + p * kRows * n;
+      for (int64_t s = strip_begin; s < full_end; ++s) {
+        Tile<true>(xp, w, yp, rows, n, s * kStrip, k0, kb, tail);
       }
-      const float* wp = w + k0 * n + c;
-      const float* xk = xt + k0 * kRows;
-      for (int64_t i = 0; i < kb; ++i, wp += n, xk += kRows) {
-        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
-        const __m256 w0 = full ? _mm256_loadu_ps(wp) : _mm256_maskload_ps(wp, mask0);
-        const __m256 w1 = full ? _mm256_loadu_ps(wp + 8) : _mm256_maskload_ps(wp + 8, mask1);
-        for (int64_t m = 0; m < kRows; ++m) {
-          const __m256 xb = _mm256_broadcast_ss(xk + m);
-          acc[m][0] = _mm256_fmadd_ps(xb, w0, acc[m][0]);
-          acc[m][1] = _mm256_fmadd_ps(xb, w1, acc[m][1]);
-        }
-      }
-      for (int64_t m = 0; m < rows; ++m) {
-        if (full) {
-          _mm256_storeu_ps(y + m * n + c, acc[m][0]);
-          _mm256_storeu_ps(y + m * n + c + 8, acc[m][1]);
-        } else {
-          _mm256_maskstore_ps(y + m * n + c, mask0, acc[m][0]);
-          _mm256_maskstore_ps(y + m * n + c + 8, mask1, acc[m][1]);
-        }
-      }
+      if (full_end < strip_end) Tile<false>(xp, w, yp, rows, n, full_end * kStrip, k0, kb, tail);
     }
   }
 }
@@ -129,11 +132,7 @@ ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t parts = std::clamp<int64_t>(strips / kMinStripsPerPart, 1, threads);
   const float* xt_data = xt.data();
   auto run_part = [=](int64_t part) {
-    const int64_t begin = part * strips / parts, end = (part + 1) * strips / parts;
-    for (int64_t p = 0; p < passes; ++p) {
-      const int64_t rows = std::min(kRows, m - p * kRows);
-      PassColumns(xt_data + p * k * kRows, ws, out + p * kRows * n, rows, k, n, begin, end);
-    }
+    Columns(xt_data, ws, out, m, k, n, part * strips / parts, (part + 1) * strips / parts);
   };
   auto progress = std::make_shared<Progress>();
   auto work = [progress, run_part, parts] {

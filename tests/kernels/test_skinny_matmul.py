@@ -31,8 +31,8 @@ def kernel_product(x, w):
 
 
 @pytest.mark.parametrize("lead,k,n", [
-    ((1,), 1, 1), ((3,), 17, 33), ((8,), 768, 2048), ((5,), 64, 4099), ((9,), 40, 100),
-    ((16,), 7, 16), ((2, 3), 24, 30), ((1, 1), 130, 8)])
+    ((2,), 1, 1), ((3,), 17, 33), ((8,), 768, 2048), ((5,), 64, 4099), ((9,), 40, 100),
+    ((16,), 7, 16), ((2, 3), 24, 30), ((2, 1), 130, 8), ((32,), 33, 71), ((8,), 16, 7)])
 def test_kernel_equals_the_float64_product(lead, k, n):
   ok, why = skinny_matmul.available()
   assert ok, why
@@ -65,6 +65,7 @@ def test_the_kernel_is_compiled_in_only_where_it_qualifies():
   assert target in hlo(scoped, jnp.ones((4, 32)), w)
   assert target not in hlo(skinny_matmul.matmul, jnp.ones((4, 32)), w)  # no scope
   assert target not in hlo(scoped, jnp.ones((skinny_matmul.MAX_ROWS + 1, 32)), w)  # many rows
+  assert target not in hlo(scoped, jnp.ones((1, 32)), w)  # one row: XLA's matrix-vector product
   assert target not in hlo(scoped, jnp.ones((4, 32), jnp.bfloat16), w.astype(jnp.bfloat16))
   with skinny_matmul.enabled(False):
     assert not skinny_matmul.qualifies(jnp.ones((4, 32)), w)
