@@ -40,9 +40,12 @@ that streams the weights without packing them, 1.6-2.2x faster than XLA:CPU's ow
 8 rows. What is left per step is reading the weights and the cache.
 
 Measured on the 2-core AMD EPYC (Zen 3, 2.45 GHz) this project is developed on, 134.1M
-parameters, batch 8, prompt 64, 128 new tokens (ratios alignjax / transformers, DynamicCache):
-  --threads=1: prefill x1.00, decode x2.30, generate x2.13 (115.7 against 50.3 decode tok/s)
-  --threads=2: prefill x0.88-1.04, decode x2.19-2.21, generate x2.03-2.09
+parameters, batch 8, prompt 64, 128 new tokens (ratios alignjax / transformers):
+  --threads=1:                      prefill x1.00, decode x2.42, generate x2.23
+                                    (113.0 against 46.7 decode tok/s)
+  --threads=2:                      prefill x0.97, decode x2.51, generate x2.35
+                                    (130.6 against 51.9 decode tok/s)
+  --threads=2 --torch_cache=static: prefill x1.10, decode x2.52, generate x2.36
 (before the kernel: decode x1.56 on 1 thread, x1.70-1.81 on 2). The machine's memory bandwidth
 is shared with other tenants, so absolute figures vary by ~30 % between runs; the ratios come
 from interleaved repeats in one process.
