@@ -5,8 +5,8 @@
 A decode step multiplies B rows (the batch, a few) by every weight matrix once. On CPU that is
 bound by reading the weights from memory, and XLA:CPU's matrix products (Eigen, or YNNPACK
 fusions) stream them at well under the memory bandwidth for so few rows (they pack the weights
-into blocks first, which pays off only for many rows). `skinny_matmul.cc` reads each weight
-exactly once per 8 rows without packing (its header says how) and splits the columns between
+into blocks first, which pays off only for many rows). `skinny_matmul.cc` reads the weights
+from memory once, without packing them (its header says how), and splits the columns between
 XLA's intra-op threads.
 
 Measured (`python -m benchmarks.skinny_matmul --threads=T`, 2-core AMD EPYC, w 768 x 2048
@@ -20,8 +20,9 @@ float32, weights read from memory; time of XLA:CPU's (Eigen) product / the kerne
 is a matrix-vector product, which XLA streams faster, hence MIN_ROWS = 2 and MAX_ROWS = 32.
 
 Use: `matmul(x, w)` anywhere; it calls the kernel inside an `enabled()` scope when the kernel
-is available and the product qualifies (float32, `MIN_ROWS` to `MAX_ROWS` rows, on CPU), and is
-`jnp.dot` otherwise. Like `jax.default_matmul_precision`, the scope is read while tracing, so a
+is available and the product qualifies (float32, `MIN_ROWS` to `MAX_ROWS` rows), and is
+`jnp.dot` otherwise; a program lowered for another platform than the CPU gets `jnp.dot` too
+(`jax.lax.platform_dependent`). Like `jax.default_matmul_precision`, the scope is read while tracing, so a
 jitted function should enter it inside its own body (as `alignjax.lm.sampling` does for its
 CPU decode loop), never around a call of a jitted function that is also used outside it. The
 kernel has no derivative: use it for inference.
@@ -155,6 +156,7 @@ def matmul(x, w):
     return jnp.dot(x, w)
   k, n = w.shape
   lead = x.shape[:-1]
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.size // k, n), jnp.float32),
-                          vmap_method="sequential")
-  return call(x.reshape(-1, k), w).reshape(*lead, n)
+  kernel = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.size // k, n), jnp.float32),
+                            vmap_method="sequential")
+  y = jax.lax.platform_dependent(x.reshape(-1, k), w, cpu=kernel, default=jnp.dot)
+  return y.reshape(*lead, n)

@@ -71,6 +71,19 @@ def test_the_kernel_is_compiled_in_only_where_it_qualifies():
     assert not skinny_matmul.qualifies(jnp.ones((4, 32)), w)
 
 
+def test_programs_lowered_for_accelerators_use_the_plain_product():
+  assert skinny_matmul.available()[0]
+
+  def scoped(x, w):
+    with skinny_matmul.enabled():
+      return skinny_matmul.matmul(x, w)
+
+  traced = jax.jit(scoped).trace(jnp.ones((4, 32)), jnp.ones((32, 48)))
+  for platforms, has_kernel in ((("cpu",), True), (("cuda",), False), (("tpu",), False)):
+    text = traced.lower(lowering_platforms=platforms).as_text()
+    assert (skinny_matmul.TARGET in text) == has_kernel, platforms
+
+
 def test_without_a_compiler_the_product_falls_back_with_the_reason(
     fresh_availability, monkeypatch, tmp_path):  # pylint: disable=redefined-outer-name,unused-argument
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
