@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.ddpo --config=experiments/configs/ddpo/digits.py --workdir=runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs
