@@ -108,7 +108,7 @@ import jax
 import numpy as np
 
 from experiments import adjoint_matching as am_script
-from experiments import common
+from experiments import common, tables
 from experiments import ddpo as ddpo_script
 from experiments import draft as draft_script
 from experiments.configs.adjoint_matching import digits as am_configs
@@ -272,12 +272,7 @@ def run(workdir: str, *, seeds: int = 3, budget: Budget = Budget(),
         methods: tuple[str, ...] | None = None, tiny: bool = False) -> dict:
   """Trains every method (default: all of METHODS) × seed on the same query budget; writes
   and returns the table. tiny=True: the configs' random tiny models (tests)."""
-  if seeds < 1:
-    raise ValueError(f"seeds={seeds}: must be >= 1")
-  methods = tuple(METHODS) if methods is None else tuple(methods)
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown:
-    raise ValueError(f"unknown method {unknown[0]!r}: valid choices are {list(METHODS)}")
+  methods = tables.check_rows("method", methods, METHODS, seeds)
   checkpoints = [int(round(f * budget.queries)) for f in budget.fractions]
   t0 = time.perf_counter()
   results = {}

@@ -60,6 +60,7 @@ from alignjax.algorithms import adjoint_matching as am
 from alignjax.diffusion import flow
 from alignjax.models import toy
 from alignjax.training import TrainState
+from experiments import tables
 
 # The problems of tests/algorithms/test_adjoint_matching.py.
 GAUSS = dict(mean=np.array([0.5, -0.5]), std=0.6, c=np.array([1.0, 0.5]), lam=3.0)
@@ -195,12 +196,7 @@ def predicted_mean_error(sigma, budget: Budget, seed: int = 0) -> float:
 def run(workdir: str, *, seeds: int = 3, budget: Budget = Budget(),
         schedules: tuple[str, ...] | None = None) -> dict:
   """Runs every schedule (default: all of SCHEDULES) × seed; writes and returns the table."""
-  if seeds < 1:
-    raise ValueError(f"seeds={seeds}: must be >= 1")
-  schedules = tuple(SCHEDULES) if schedules is None else tuple(schedules)
-  unknown = [n for n in schedules if n not in SCHEDULES]
-  if unknown:
-    raise ValueError(f"unknown schedule {unknown[0]!r}: valid choices are {list(SCHEDULES)}")
+  schedules = tables.check_rows("schedule", schedules, SCHEDULES, seeds)
   t0 = time.perf_counter()
   results = {}
   for name in schedules:

@@ -238,3 +238,13 @@ def test_reward_vs_queries_smoke_run_writes_a_table_equal_to_its_json(tmp_path):
   assert all("DDIM η=0" in row["sampler"] for row in rows.values())
   with pytest.raises(ValueError, match="unknown method"):
     rq.run(str(tmp_path), methods=("ppo",))
+
+
+def test_check_rows_names_bad_seeds_and_unknown_rows():
+  from experiments import tables  # pylint: disable=import-outside-toplevel
+  assert tables.check_rows("method", None, {"a": 1, "b": 2}, seeds=1) == ("a", "b")
+  assert tables.check_rows("method", ["b"], {"a": 1, "b": 2}, seeds=3) == ("b",)
+  with pytest.raises(ValueError, match=r"seeds=0: must be >= 1"):
+    tables.check_rows("method", None, {"a": 1}, seeds=0)
+  with pytest.raises(ValueError, match=r"unknown schedule 'c': valid choices are \['a', 'b'\]"):
+    tables.check_rows("schedule", ["a", "c"], {"a": 1, "b": 2}, seeds=1)
