@@ -19,13 +19,13 @@ float32, weights read from memory; time of XLA:CPU's (Eigen) product / the kerne
 (8 rows, 1 thread: 7.5 GB/s of weights against 4.6; an LM head 768 x 32000: 2.15x). One row
 is a matrix-vector product, which XLA streams faster, hence MIN_ROWS = 2 and MAX_ROWS = 32.
 
-Use: `matmul(x, w)` anywhere; it calls the kernel inside an `enabled()` scope when the kernel
-is available and the product qualifies (float32, `MIN_ROWS` to `MAX_ROWS` rows), and is
-`jnp.dot` otherwise; a program lowered for another platform than the CPU gets `jnp.dot` too
-(`jax.lax.platform_dependent`). Like `jax.default_matmul_precision`, the scope is read while tracing, so a
-jitted function should enter it inside its own body (as `alignjax.lm.sampling` does for its
-CPU decode loop), never around a call of a jitted function that is also used outside it. The
-kernel has no derivative: use it for inference.
+Use: `matmul(x, w)` anywhere; it calls the kernel inside an `enabled()` scope when the kernel is
+available and the product qualifies (float32, `MIN_ROWS` to `MAX_ROWS` rows), and is `jnp.dot`
+otherwise; a program lowered for another platform than the CPU gets `jnp.dot` too
+(`jax.lax.platform_dependent`). Like `jax.default_matmul_precision`, the scope is read while
+tracing, so a jitted function should enter it inside its own body (as `alignjax.lm.sampling`
+does for its CPU decode loop), never around a call of a jitted function that is also used
+outside it. The kernel has no derivative: use it for inference.
 
 The kernel is C++ compiled on first use with the system's C++ compiler (`$CXX`, else c++) into
 `$ALIGNJAX_KERNEL_CACHE` (default ~/.cache/alignjax/kernels), keyed by a hash of its source,
@@ -129,7 +129,9 @@ def enabled(on: bool = True):
 def qualifies(x, w) -> bool:
   """Whether `matmul(x, w)` calls the kernel here: in an `enabled()` scope, kernel available,
   float32 operands, w a non-empty matrix, MIN_ROWS to MAX_ROWS rows of x."""
-  if not _scope.get() or w.ndim != 2 or 0 in w.shape or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+  if not _scope.get() or w.ndim != 2 or 0 in w.shape:
+    return False
+  if x.dtype != jnp.float32 or w.dtype != jnp.float32:
     return False
   rows = 1
   for d in x.shape[:-1]:
@@ -147,13 +149,14 @@ def _warn_once(why: str):
   warnings.warn(f"alignjax skinny_matmul kernel unavailable, using jnp.dot: {why}", stacklevel=3)
 
 
-def matmul(x, w):
-  """Eq. 1: x [..., K] . w [K, N] -> [..., N] (the kernel when `qualifies`, else jnp.dot)."""
+def matmul(x, w, fallback=jnp.dot):
+  """Eq. 1: x [..., K] . w [K, N] -> [..., N]: the kernel when `qualifies`, else
+  `fallback(x, w)` (a caller's own form of the same product, e.g. a tensordot)."""
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
     raise ValueError(f"skinny_matmul.matmul: need x [..., K] and w [K, N], got {x.shape} and "
                      f"{w.shape}")
   if not qualifies(x, w):
-    return jnp.dot(x, w)
+    return fallback(x, w)
   k, n = w.shape
   lead = x.shape[:-1]
   kernel = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.size // k, n), jnp.float32),

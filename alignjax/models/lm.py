@@ -195,11 +195,9 @@ class TransformerLM(nnx.Module):
     if self.lm_head is None:
       z = jnp.einsum("...h,vh->...v", hidden, self.embed.embedding[...],
                      preferred_element_type=jnp.float32)
-    elif skinny_matmul.qualifies(hidden, self.lm_head.kernel[...]):
-      z = skinny_matmul.matmul(hidden, self.lm_head.kernel[...])
     else:
-      z = jnp.einsum("...h,hv->...v", hidden, self.lm_head.kernel[...],
-                     preferred_element_type=jnp.float32)
+      z = skinny_matmul.matmul(hidden, self.lm_head.kernel[...], fallback=lambda h, k: jnp.einsum(
+          "...h,hv->...v", h, k, preferred_element_type=jnp.float32))
     cap = self.config.final_logit_softcap
     return z if cap is None else cap * jnp.tanh(z / cap)
 

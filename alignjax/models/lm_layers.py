@@ -48,10 +48,9 @@ def dense_product(x, kernel, num_in: int):
   out_shape = kernel.shape[num_in:]
   w = kernel.reshape(math.prod(kernel.shape[:num_in]), math.prod(out_shape))
   lead = x.shape[:x.ndim - num_in]
-  x2 = x.reshape(*lead, w.shape[0])
-  if skinny_matmul.qualifies(x2, w):
-    return skinny_matmul.matmul(x2, w).reshape(*lead, *out_shape)
-  return jnp.tensordot(x, kernel, axes=num_in)
+  y = skinny_matmul.matmul(x.reshape(*lead, w.shape[0]), w,
+                           fallback=lambda *_: jnp.tensordot(x, kernel, axes=num_in))
+  return y.reshape(*lead, *out_shape)
 
 
 class Dense(nnx.Module):

@@ -95,6 +95,8 @@ def test_without_a_compiler_the_product_falls_back_with_the_reason(
     assert not skinny_matmul.qualifies(x, w)
   with skinny_matmul.enabled():
     np.testing.assert_array_equal(skinny_matmul.matmul(x, w), x @ w)
+    np.testing.assert_array_equal(skinny_matmul.matmul(x, w, fallback=lambda a, b: -(a @ b)),
+                                  -(x @ w))
 
 
 def test_a_failed_build_names_the_source_and_leaves_no_file(
