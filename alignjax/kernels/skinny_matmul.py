@@ -20,8 +20,8 @@ float32, weights read from memory; time of XLA:CPU's (Eigen) product / the kerne
 is a matrix-vector product, which XLA streams faster, hence MIN_ROWS = 2 and MAX_ROWS = 32.
 
 Use: `matmul(x, w)` anywhere; it calls the kernel inside an `enabled()` scope when the kernel is
-available and the product qualifies (float32, `MIN_ROWS` to `MAX_ROWS` rows), and is `jnp.dot`
-otherwise; a program lowered for another platform than the CPU gets `jnp.dot` too
+available and the product qualifies (float32, `MIN_ROWS` to `MAX_ROWS` rows), and its `fallback`
+(default `jnp.dot`) otherwise; a program lowered for another platform than the CPU gets `jnp.dot`
 (`jax.lax.platform_dependent`). Like `jax.default_matmul_precision`, the scope is read while
 tracing, so a jitted function should enter it inside its own body (as `alignjax.lm.sampling`
 does for its CPU decode loop), never around a call of a jitted function that is also used
