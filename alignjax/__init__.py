@@ -10,17 +10,44 @@ from alignjax import checkpoint, configs, metrics, parallel, training
 from alignjax.checkpoint import Checkpointer, CheckpointError
 from alignjax.configs import ConfigError, parse_arg
 from alignjax.metrics import MetricWriter, progress
-from alignjax.parallel import (DATA_AXES, batch_sharding, initialize_distributed,
-                               is_main_process, make_mesh, param_shardings, replicated,
-                               shard_batch, sharded_init)
+from alignjax.parallel import (
+    DATA_AXES,
+    batch_sharding,
+    initialize_distributed,
+    is_main_process,
+    make_mesh,
+    param_shardings,
+    replicated,
+    shard_batch,
+    sharded_init,
+)
 from alignjax.training import Finetune, OptimizerConfig, TrainState, make_optimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "Checkpointer", "ConfigError", "DATA_AXES", "Finetune", "MetricWriter",
-    "OptimizerConfig", "TrainState", "batch_sharding", "checkpoint", "configs",
-    "initialize_distributed", "is_main_process", "make_mesh", "make_optimizer", "metrics",
-    "parallel", "param_shardings", "parse_arg", "progress", "replicated", "shard_batch",
-    "sharded_init", "training",
+    "CheckpointError",
+    "Checkpointer",
+    "ConfigError",
+    "DATA_AXES",
+    "Finetune",
+    "MetricWriter",
+    "OptimizerConfig",
+    "TrainState",
+    "batch_sharding",
+    "checkpoint",
+    "configs",
+    "initialize_distributed",
+    "is_main_process",
+    "make_mesh",
+    "make_optimizer",
+    "metrics",
+    "parallel",
+    "param_shardings",
+    "parse_arg",
+    "progress",
+    "replicated",
+    "shard_batch",
+    "sharded_init",
+    "training",
 ]

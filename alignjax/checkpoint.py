@@ -54,6 +54,7 @@ a collective). Restoring uses the shardings of the abstract template (leaves tha
 `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`), so a state saved on one mesh restores
 onto another; template leaves without a sharding are restored onto the default device.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -76,403 +77,449 @@ _MISSING = "<missing>"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be saved or restored; the message says where and why."""
+  """A checkpoint cannot be saved or restored; the message says where and why."""
 
 
 # --------------------------------------------------------------------------- JSON helpers
 def _jsonable(obj: Any, where: str, strict: bool) -> Any:
-    """JSON-ready copy: numpy -> python, tuples -> lists; other objects -> str or error."""
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # ml_collections.ConfigDict
-        obj = obj.to_dict()
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                if strict:
-                    raise CheckpointError(f"{where}: key {k!r} ({type(k).__name__}) must be "
-                                          "a str; JSON would turn it into a string")
-                k = str(k)
-            out[k] = _jsonable(v, f"{where}/{k}", strict)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v, f"{where}/{i}", strict) for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
-        return np.asarray(obj).tolist()
-    if strict:
-        raise CheckpointError(f"{where}: {type(obj).__name__} is not JSON-serialisable "
-                              "(use dicts, lists, str, int, float, bool, None)")
-    return str(obj)
+  """JSON-ready copy: numpy -> python, tuples -> lists; other objects -> str or error."""
+  if hasattr(obj, "to_dict") and callable(obj.to_dict):  # ml_collections.ConfigDict
+    obj = obj.to_dict()
+  if isinstance(obj, Mapping):
+    out = {}
+    for k, v in obj.items():
+      if not isinstance(k, str):
+        if strict:
+          raise CheckpointError(
+              f"{where}: key {k!r} ({type(k).__name__}) must be "
+              "a str; JSON would turn it into a string"
+          )
+        k = str(k)
+      out[k] = _jsonable(v, f"{where}/{k}", strict)
+    return out
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v, f"{where}/{i}", strict) for i, v in enumerate(obj)]
+  if obj is None or isinstance(obj, (bool, int, float, str)):
+    return obj
+  if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(obj).tolist()
+  if strict:
+    raise CheckpointError(
+        f"{where}: {type(obj).__name__} is not JSON-serialisable "
+        "(use dicts, lists, str, int, float, bool, None)"
+    )
+  return str(obj)
 
 
 def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def content_hash(path: str | os.PathLike) -> str:
-    """"sha256:<hex>" identifying a file or a directory's contents.
+  """ "sha256:<hex>" identifying a file or a directory's contents.
 
-    A file: the sha256 of its bytes (what `sha256sum` prints). A directory: the sha256 of
-    the lines "<relative path>\\0<file sha256>\\n" over its files in sorted order, so
-    renaming, adding, removing or changing any file changes the hash.
-    """
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return "sha256:" + _file_sha256(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"content_hash: {path} does not exist")
-    files = sorted((os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/"),
-                    os.path.join(root, name))
-                   for root, _, names in os.walk(path) for name in names)
-    digest = hashlib.sha256()
-    for rel, full in files:
-        digest.update(f"{rel}\0{_file_sha256(full)}\n".encode())
-    return "sha256:" + digest.hexdigest()
+  A file: the sha256 of its bytes (what `sha256sum` prints). A directory: the sha256 of
+  the lines "<relative path>\\0<file sha256>\\n" over its files in sorted order, so
+  renaming, adding, removing or changing any file changes the hash.
+  """
+  path = os.fspath(path)
+  if os.path.isfile(path):
+    return "sha256:" + _file_sha256(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"content_hash: {path} does not exist")
+  files = sorted(
+      (
+          os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/"),
+          os.path.join(root, name),
+      )
+      for root, _, names in os.walk(path)
+      for name in names
+  )
+  digest = hashlib.sha256()
+  for rel, full in files:
+    digest.update(f"{rel}\0{_file_sha256(full)}\n".encode())
+  return "sha256:" + digest.hexdigest()
 
 
 def frozen_model_metadata(path: str | os.PathLike) -> dict:
-    """{"path", "hash"} that identifies a frozen model directory or file in metadata."""
-    return {"path": os.path.abspath(os.fspath(path)), "hash": content_hash(path)}
+  """{"path", "hash"} that identifies a frozen model directory or file in metadata."""
+  return {"path": os.path.abspath(os.fspath(path)), "hash": content_hash(path)}
 
 
 def _diff(stored: Any, current: Any, prefix: str) -> list[str]:
-    if isinstance(stored, dict) and isinstance(current, dict):
-        out = []
-        for k in sorted(set(stored) | set(current)):
-            out += _diff(stored.get(k, _MISSING), current.get(k, _MISSING), f"{prefix}.{k}")
-        return out
-    return [] if stored == current else [f"{prefix}: checkpoint {stored!r}, now {current!r}"]
+  if isinstance(stored, dict) and isinstance(current, dict):
+    out = []
+    for k in sorted(set(stored) | set(current)):
+      out += _diff(stored.get(k, _MISSING), current.get(k, _MISSING), f"{prefix}.{k}")
+    return out
+  return [] if stored == current else [f"{prefix}: checkpoint {stored!r}, now {current!r}"]
 
 
 # --------------------------------------------------------------------------- tree helpers
 def _escape(part: str) -> str:
-    # Orbax joins nested keys with "." in its storage names; keep parts unambiguous.
-    return part.replace("%", "%25").replace(".", "%2E").replace("/", "%2F") or "%00"
+  # Orbax joins nested keys with "." in its storage names; keep parts unambiguous.
+  return part.replace("%", "%25").replace(".", "%2E").replace("/", "%2F") or "%00"
 
 
 def _is_key(leaf: Any) -> bool:
-    dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _flat(tree: Any) -> tuple[list[tuple[tuple[str, ...], Any]], Any]:
-    """[(escaped path parts, leaf)], treedef; NNX's trailing "value" is dropped."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    out = []
-    for path, leaf in leaves:
-        name = parallel.path_str(path)
-        parts = tuple(_escape(p) for p in name.split("/")) if name else ("%00",)
-        out.append((parts, leaf))
-    return out, treedef
+  """[(escaped path parts, leaf)], treedef; NNX's trailing "value" is dropped."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  out = []
+  for path, leaf in leaves:
+    name = parallel.path_str(path)
+    parts = tuple(_escape(p) for p in name.split("/")) if name else ("%00",)
+    out.append((parts, leaf))
+  return out, treedef
 
 
 def _nest(pairs: list[tuple[tuple[str, ...], Any]]) -> dict:
-    root: dict = {}
-    for parts, value in pairs:
-        node = root
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise CheckpointError(f"train state path {'/'.join(parts)} clashes with "
-                                      "another leaf")
-        if parts[-1] in node:
-            raise CheckpointError(f"train state has two leaves at {'/'.join(parts)}")
-        node[parts[-1]] = value
-    return root
+  root: dict = {}
+  for parts, value in pairs:
+    node = root
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        raise CheckpointError(f"train state path {'/'.join(parts)} clashes with " "another leaf")
+    if parts[-1] in node:
+      raise CheckpointError(f"train state has two leaves at {'/'.join(parts)}")
+    node[parts[-1]] = value
+  return root
 
 
 def _flatten_nested(tree: Any, prefix: tuple[str, ...] = ()) -> dict:
-    if isinstance(tree, Mapping):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten_nested(v, prefix + (str(k),)))
-        return out
-    return {prefix: tree}
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten_nested(v, prefix + (str(k),)))
+    return out
+  return {prefix: tree}
 
 
 def _abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
-    """Restore target for one template leaf (typed PRNG keys -> their uint32 key data)."""
-    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-        leaf = np.asarray(leaf)
-    sharding = getattr(leaf, "sharding", None)
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    if _is_key(leaf):
-        data = jax.eval_shape(jax.random.key_data,
-                              jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
-    return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding)
+  """Restore target for one template leaf (typed PRNG keys -> their uint32 key data)."""
+  if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+    leaf = np.asarray(leaf)
+  sharding = getattr(leaf, "sharding", None)
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if _is_key(leaf):
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+  return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding)
 
 
 def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) of a concrete tree: a template for `restore`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                       sharding=getattr(x, "sharding", None)),
-                        tree)
+  """ShapeDtypeStructs (with shardings) of a concrete tree: a template for `restore`."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+  )
 
 
 # --------------------------------------------------------------------------- checkpointer
 class Checkpointer:
-    """Saves/restores (train_state, host_state) with metadata checks; see module docstring.
+  """Saves/restores (train_state, host_state) with metadata checks; see module docstring.
 
-    Args:
-      directory: where step directories live (created if missing).
-      save_every: save when step % save_every == 0 (None: only forced/preemption saves).
-      keep: number of most recent checkpoints to keep (None: keep all).
-      metadata: JSON-able dict describing the run (e.g. {"base_model":
-        frozen_model_metadata(path), "config": config}); checked on restore (None: the
-        check is skipped).
-      lenient_metadata_keys: metadata keys whose differences only warn.
-      async_save: write in a background thread (arrays are copied before `maybe_save`
-        returns, so the caller may donate or delete them right away).
+  Args:
+    directory: where step directories live (created if missing).
+    save_every: save when step % save_every == 0 (None: only forced/preemption saves).
+    keep: number of most recent checkpoints to keep (None: keep all).
+    metadata: JSON-able dict describing the run (e.g. {"base_model":
+      frozen_model_metadata(path), "config": config}); checked on restore (None: the
+      check is skipped).
+    lenient_metadata_keys: metadata keys whose differences only warn.
+    async_save: write in a background thread (arrays are copied before `maybe_save`
+      returns, so the caller may donate or delete them right away).
+  """
+
+  def __init__(
+      self,
+      directory: str | os.PathLike,
+      *,
+      save_every: int | None,
+      keep: int | None,
+      metadata: Mapping | None = None,
+      lenient_metadata_keys: tuple[str, ...] = ("config",),
+      async_save: bool = True,
+  ):
+    for name, value in (("save_every", save_every), ("keep", keep)):
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise CheckpointError(f"Checkpointer {name}={value!r}: must be an int >= 1 " "or None")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.save_every = save_every
+    self.keep = keep
+    self.metadata = None if metadata is None else _jsonable(metadata, "metadata", False)
+    self.lenient_metadata_keys = tuple(lenient_metadata_keys)
+    self._preempted = False
+    self._previous_handlers: dict[int, Any] = {}
+    self._known_steps: set[int] = set()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=False,
+    )
+    handlers = {
+        STATE: ocp.StandardCheckpointHandler(),
+        HOST: ocp.JsonCheckpointHandler(),
+        META: ocp.JsonCheckpointHandler(),
+    }
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    except Exception as e:
+      raise CheckpointError(
+          f"cannot open checkpoint directory {self.directory}: " f"{type(e).__name__}: {e}"
+      ) from e
+
+  # ----------------------------------------------------------------- queries
+  def all_steps(self) -> list[int]:
+    """Finalised steps on disk, ascending (Orbax's temporary directories excluded).
+
+    Waits for a background save first, then re-lists the directory.
+    """
+    self.wait_until_finished()
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """Newest finalised step, or None if the directory holds no checkpoint."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  # ----------------------------------------------------------------- preemption
+  def install_preemption_handler(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    """On these signals set `preemption_requested` (the next `maybe_save` saves).
+
+    Call from the main thread; `close()` or `uninstall_preemption_handler()` restores
+    the previous handlers.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, save_every: int | None,
-                 keep: int | None, metadata: Mapping | None = None,
-                 lenient_metadata_keys: tuple[str, ...] = ("config",),
-                 async_save: bool = True):
-        for name, value in (("save_every", save_every), ("keep", keep)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise CheckpointError(f"Checkpointer {name}={value!r}: must be an int >= 1 "
-                                      "or None")
-        self.directory = os.path.abspath(os.fspath(directory))
-        self.save_every = save_every
-        self.keep = keep
-        self.metadata = None if metadata is None else _jsonable(metadata, "metadata", False)
-        self.lenient_metadata_keys = tuple(lenient_metadata_keys)
-        self._preempted = False
-        self._previous_handlers: dict[int, Any] = {}
-        self._known_steps: set[int] = set()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=False)
-        handlers = {STATE: ocp.StandardCheckpointHandler(),
-                    HOST: ocp.JsonCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
-        try:
-            self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                                  item_handlers=handlers)
-        except Exception as e:
-            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: "
-                                  f"{type(e).__name__}: {e}") from e
+    def handler(signum, frame):
+      self._preempted = True
+      log.warning("signal %d received: will checkpoint at the next maybe_save", signum)
 
-    # ----------------------------------------------------------------- queries
-    def all_steps(self) -> list[int]:
-        """Finalised steps on disk, ascending (Orbax's temporary directories excluded).
+    for sig in signals:
+      try:
+        previous = signal.signal(sig, handler)
+      except ValueError as e:
+        raise CheckpointError(
+            "install_preemption_handler must be called from the " f"main thread ({e})"
+        ) from e
+      self._previous_handlers.setdefault(sig, previous)
 
-        Waits for a background save first, then re-lists the directory.
-        """
-        self.wait_until_finished()
-        self._manager.reload()
-        return sorted(self._manager.all_steps())
+  def uninstall_preemption_handler(self) -> None:
+    """Puts back the signal handlers that were there before."""
+    for sig, previous in self._previous_handlers.items():
+      signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+    self._previous_handlers.clear()
 
-    def latest_step(self) -> int | None:
-        """Newest finalised step, or None if the directory holds no checkpoint."""
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+  @property
+  def preemption_requested(self) -> bool:
+    """True once a preemption signal arrived (this process)."""
+    return self._preempted
 
-    # ----------------------------------------------------------------- preemption
-    def install_preemption_handler(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
-        """On these signals set `preemption_requested` (the next `maybe_save` saves).
+  def _preemption_agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self._preempted
+    from jax.experimental import multihost_utils
 
-        Call from the main thread; `close()` or `uninstall_preemption_handler()` restores
-        the previous handlers.
-        """
-        def handler(signum, frame):
-            self._preempted = True
-            log.warning("signal %d received: will checkpoint at the next maybe_save", signum)
+    flags = multihost_utils.process_allgather(np.int32(self._preempted))
+    self._preempted = bool(np.any(flags))
+    return self._preempted
 
-        for sig in signals:
-            try:
-                previous = signal.signal(sig, handler)
-            except ValueError as e:
-                raise CheckpointError("install_preemption_handler must be called from the "
-                                      f"main thread ({e})") from e
-            self._previous_handlers.setdefault(sig, previous)
+  # ----------------------------------------------------------------- save
+  def maybe_save(
+      self, step: int, train_state: Any, host_state: Any, *, force: bool = False
+  ) -> bool:
+    """Saves if forced, due (step % save_every == 0) or preempted; returns whether it did."""
+    step = int(step)
+    preempted = self._preemption_agreed()
+    due = force or preempted or (self.save_every is not None and step % self.save_every == 0)
+    if not due or step in self._known_steps:
+      return False
+    if step in self._manager.all_steps():  # as listed at start-up plus our own saves
+      raise CheckpointError(
+          f"step {step} already exists in {self.directory} (from "
+          "another run?); refusing to overwrite it"
+      )
+    pairs, _ = _flat(train_state)
+    key_impls, saveable = {}, []
+    for parts, leaf in pairs:
+      if _is_key(leaf):
+        key_impls["/".join(parts)] = str(jax.random.key_impl(leaf))
+        leaf = jax.random.key_data(leaf)
+      saveable.append((parts, leaf))
+    meta = {"metadata": self.metadata, "prng_keys": key_impls}
+    host = _jsonable(host_state, "host_state", True)
+    args = ocp.args.Composite(
+        **{
+            STATE: ocp.args.StandardSave(_nest(saveable)),
+            HOST: ocp.args.JsonSave(host),
+            META: ocp.args.JsonSave(meta),
+        }
+    )
+    try:
+      self._manager.save(step, args=args, force=True)
+    except Exception as e:
+      raise CheckpointError(
+          f"saving step {step} to {self.directory} failed: " f"{type(e).__name__}: {e}"
+      ) from e
+    self._known_steps.add(step)
+    log.info(
+        "checkpoint step %d -> %s%s", step, self.directory, " (preemption)" if preempted else ""
+    )
+    return True
 
-    def uninstall_preemption_handler(self) -> None:
-        """Puts back the signal handlers that were there before."""
-        for sig, previous in self._previous_handlers.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous_handlers.clear()
+  def wait_until_finished(self) -> None:
+    """Blocks until background writes are committed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise CheckpointError(
+          f"background checkpoint write to {self.directory} " f"failed: {type(e).__name__}: {e}"
+      ) from e
 
-    @property
-    def preemption_requested(self) -> bool:
-        """True once a preemption signal arrived (this process)."""
-        return self._preempted
+  def close(self) -> None:
+    """Waits for writes, closes the manager, restores signal handlers."""
+    try:
+      self.wait_until_finished()
+    finally:
+      self._manager.close()
+      self.uninstall_preemption_handler()
 
-    def _preemption_agreed(self) -> bool:
-        if jax.process_count() == 1:
-            return self._preempted
-        from jax.experimental import multihost_utils
+  # ----------------------------------------------------------------- restore
+  def _fail(self, step: int, what: str) -> CheckpointError:
+    others = [s for s in self.all_steps() if s != step]
+    return CheckpointError(
+        f"checkpoint {os.path.join(self.directory, str(step))} (step {step}) {what}. "
+        f"Other steps in {self.directory}: {others or 'none'}. Nothing was deleted; "
+        "restore another step with restore(..., step=N) or move this one aside."
+    )
 
-        flags = multihost_utils.process_allgather(np.int32(self._preempted))
-        self._preempted = bool(np.any(flags))
-        return self._preempted
+  def _check_metadata(self, step: int, stored: Any) -> None:
+    if self.metadata is None:
+      return
+    stored = stored if isinstance(stored, dict) else {}
+    strict, lenient = [], []
+    for key in sorted(set(stored) | set(self.metadata)):
+      diffs = _diff(stored.get(key, _MISSING), self.metadata.get(key, _MISSING), f"metadata.{key}")
+      (lenient if key in self.lenient_metadata_keys else strict).extend(diffs)
+    if lenient:
+      log.warning(
+          "resuming step %d of %s with different %s", step, self.directory, "; ".join(lenient[:10])
+      )
+    if strict:
+      raise self._fail(step, "does not match this run's metadata: " + "; ".join(strict[:10]))
 
-    # ----------------------------------------------------------------- save
-    def maybe_save(self, step: int, train_state: Any, host_state: Any, *,
-                   force: bool = False) -> bool:
-        """Saves if forced, due (step % save_every == 0) or preempted; returns whether it did."""
-        step = int(step)
-        preempted = self._preemption_agreed()
-        due = force or preempted or (self.save_every is not None
-                                     and step % self.save_every == 0)
-        if not due or step in self._known_steps:
-            return False
-        if step in self._manager.all_steps():  # as listed at start-up plus our own saves
-            raise CheckpointError(f"step {step} already exists in {self.directory} (from "
-                                  "another run?); refusing to overwrite it")
-        pairs, _ = _flat(train_state)
-        key_impls, saveable = {}, []
-        for parts, leaf in pairs:
-            if _is_key(leaf):
-                key_impls["/".join(parts)] = str(jax.random.key_impl(leaf))
-                leaf = jax.random.key_data(leaf)
-            saveable.append((parts, leaf))
-        meta = {"metadata": self.metadata, "prng_keys": key_impls}
-        host = _jsonable(host_state, "host_state", True)
-        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(_nest(saveable)),
-                                     HOST: ocp.args.JsonSave(host),
-                                     META: ocp.args.JsonSave(meta)})
-        try:
-            self._manager.save(step, args=args, force=True)
-        except Exception as e:
-            raise CheckpointError(f"saving step {step} to {self.directory} failed: "
-                                  f"{type(e).__name__}: {e}") from e
-        self._known_steps.add(step)
-        log.info("checkpoint step %d -> %s%s", step, self.directory,
-                 " (preemption)" if preempted else "")
-        return True
+  def _check_structure(self, step: int, target: dict, tree_meta: Any) -> None:
+    saved = {k: v for k, v in _flatten_nested(tree_meta).items()}
+    wanted = _flatten_nested(target)
+    problems = []
+    missing = sorted("/".join(k) for k in wanted if k not in saved)
+    extra = sorted("/".join(k) for k in saved if k not in wanted)
+    if missing:
+      problems.append(f"missing in checkpoint: {missing[:10]}")
+    if extra:
+      problems.append(f"in checkpoint but not in the train state: {extra[:10]}")
+    for k in sorted(set(saved) & set(wanted)):
+      s, w = saved[k], wanted[k]
+      if tuple(s.shape) != tuple(w.shape):
+        problems.append(
+            f"{'/'.join(k)} shape {tuple(s.shape)} in checkpoint, "
+            f"{tuple(w.shape)} in the train state"
+        )
+      elif np.dtype(s.dtype) != np.dtype(w.dtype):
+        problems.append(
+            f"{'/'.join(k)} dtype {np.dtype(s.dtype)} in checkpoint, "
+            f"{np.dtype(w.dtype)} in the train state"
+        )
+    if problems:
+      raise self._fail(step, "is incompatible with the train state: " + "; ".join(problems[:12]))
 
-    def wait_until_finished(self) -> None:
-        """Blocks until background writes are committed."""
-        try:
-            self._manager.wait_until_finished()
-        except Exception as e:
-            raise CheckpointError(f"background checkpoint write to {self.directory} "
-                                  f"failed: {type(e).__name__}: {e}") from e
+  def restore(self, abstract_train_state: Any, step: int | None = None) -> tuple[Any, Any]:
+    """(train_state, host_state) of `step` (default: the latest), on the template's shardings.
 
-    def close(self) -> None:
-        """Waits for writes, closes the manager, restores signal handlers."""
-        try:
-            self.wait_until_finished()
-        finally:
-            self._manager.close()
-            self.uninstall_preemption_handler()
+    `abstract_train_state` has the structure of the train state, with arrays or
+    ShapeDtypeStructs (shape, dtype, sharding) as leaves. Raises CheckpointError when
+    there is no such checkpoint, it is damaged, or it is incompatible.
+    """
+    self.wait_until_finished()
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise CheckpointError(f"no checkpoint in {self.directory}")
+      step = steps[-1]
+    step = int(step)
+    if step not in steps:
+      raise CheckpointError(
+          f"no checkpoint for step {step} in {self.directory}; "
+          f"available steps: {steps or 'none'}"
+      )
+    step_dir = os.path.join(self.directory, str(step))
+    missing = [i for i in (STATE, HOST, META) if not os.path.isdir(os.path.join(step_dir, i))]
+    if missing:
+      raise self._fail(step, f"is incomplete: item(s) {', '.join(missing)} missing")
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[
+          META
+      ]
+      tree_meta = self._manager.item_metadata(step)[STATE]
+    except Exception as e:
+      raise self._fail(
+          step,
+          f"cannot be read ({type(e).__name__}: {str(e)[:400]}); " "it may be truncated or corrupt",
+      ) from e
+    if not isinstance(meta, dict) or tree_meta is None:
+      raise self._fail(
+          step, "is incomplete: its metadata or train_state metadata is " "missing or unreadable"
+      )
+    self._check_metadata(step, meta.get("metadata"))
 
-    # ----------------------------------------------------------------- restore
-    def _fail(self, step: int, what: str) -> CheckpointError:
-        others = [s for s in self.all_steps() if s != step]
-        return CheckpointError(
-            f"checkpoint {os.path.join(self.directory, str(step))} (step {step}) {what}. "
-            f"Other steps in {self.directory}: {others or 'none'}. Nothing was deleted; "
-            "restore another step with restore(..., step=N) or move this one aside.")
+    pairs, treedef = _flat(abstract_train_state)
+    key_paths = {"/".join(parts) for parts, leaf in pairs if _is_key(leaf)}
+    saved_keys = meta.get("prng_keys", {})
+    if key_paths != set(saved_keys):
+      raise self._fail(
+          step,
+          f"stores typed PRNG keys at {sorted(saved_keys)} but the "
+          f"train state has them at {sorted(key_paths)}",
+      )
+    target = _nest([(parts, _abstract_leaf(leaf)) for parts, leaf in pairs])
+    self._check_structure(step, target, getattr(tree_meta, "tree", tree_meta))
+    try:
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+              **{STATE: ocp.args.StandardRestore(target), HOST: ocp.args.JsonRestore()}
+          ),
+      )
+    except Exception as e:
+      raise self._fail(
+          step,
+          f"cannot be read ({type(e).__name__}: {str(e)[:400]}); " "it may be truncated or corrupt",
+      ) from e
+    flat = _flatten_nested(restored[STATE])
+    leaves = []
+    for parts, _ in pairs:
+      value = flat[parts]
+      name = "/".join(parts)
+      if name in saved_keys:
+        value = jax.random.wrap_key_data(value, impl=saved_keys[name])
+      leaves.append(value)
+    self._known_steps.add(step)
+    log.info("restored step %d from %s", step, self.directory)
+    return jax.tree_util.tree_unflatten(treedef, leaves), restored[HOST]
 
-    def _check_metadata(self, step: int, stored: Any) -> None:
-        if self.metadata is None:
-            return
-        stored = stored if isinstance(stored, dict) else {}
-        strict, lenient = [], []
-        for key in sorted(set(stored) | set(self.metadata)):
-            diffs = _diff(stored.get(key, _MISSING), self.metadata.get(key, _MISSING),
-                          f"metadata.{key}")
-            (lenient if key in self.lenient_metadata_keys else strict).extend(diffs)
-        if lenient:
-            log.warning("resuming step %d of %s with different %s", step, self.directory,
-                        "; ".join(lenient[:10]))
-        if strict:
-            raise self._fail(step, "does not match this run's metadata: "
-                             + "; ".join(strict[:10]))
-
-    def _check_structure(self, step: int, target: dict, tree_meta: Any) -> None:
-        saved = {k: v for k, v in _flatten_nested(tree_meta).items()}
-        wanted = _flatten_nested(target)
-        problems = []
-        missing = sorted("/".join(k) for k in wanted if k not in saved)
-        extra = sorted("/".join(k) for k in saved if k not in wanted)
-        if missing:
-            problems.append(f"missing in checkpoint: {missing[:10]}")
-        if extra:
-            problems.append(f"in checkpoint but not in the train state: {extra[:10]}")
-        for k in sorted(set(saved) & set(wanted)):
-            s, w = saved[k], wanted[k]
-            if tuple(s.shape) != tuple(w.shape):
-                problems.append(f"{'/'.join(k)} shape {tuple(s.shape)} in checkpoint, "
-                                f"{tuple(w.shape)} in the train state")
-            elif np.dtype(s.dtype) != np.dtype(w.dtype):
-                problems.append(f"{'/'.join(k)} dtype {np.dtype(s.dtype)} in checkpoint, "
-                                f"{np.dtype(w.dtype)} in the train state")
-        if problems:
-            raise self._fail(step, "is incompatible with the train state: "
-                             + "; ".join(problems[:12]))
-
-    def restore(self, abstract_train_state: Any, step: int | None = None) -> tuple[Any, Any]:
-        """(train_state, host_state) of `step` (default: the latest), on the template's shardings.
-
-        `abstract_train_state` has the structure of the train state, with arrays or
-        ShapeDtypeStructs (shape, dtype, sharding) as leaves. Raises CheckpointError when
-        there is no such checkpoint, it is damaged, or it is incompatible.
-        """
-        self.wait_until_finished()
-        steps = self.all_steps()
-        if step is None:
-            if not steps:
-                raise CheckpointError(f"no checkpoint in {self.directory}")
-            step = steps[-1]
-        step = int(step)
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
-                                  f"available steps: {steps or 'none'}")
-        step_dir = os.path.join(self.directory, str(step))
-        missing = [i for i in (STATE, HOST, META) if not os.path.isdir(os.path.join(step_dir, i))]
-        if missing:
-            raise self._fail(step, f"is incomplete: item(s) {', '.join(missing)} missing")
-        try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(
-                **{META: ocp.args.JsonRestore()}))[META]
-            tree_meta = self._manager.item_metadata(step)[STATE]
-        except Exception as e:
-            raise self._fail(step, f"cannot be read ({type(e).__name__}: {str(e)[:400]}); "
-                             "it may be truncated or corrupt") from e
-        if not isinstance(meta, dict) or tree_meta is None:
-            raise self._fail(step, "is incomplete: its metadata or train_state metadata is "
-                             "missing or unreadable")
-        self._check_metadata(step, meta.get("metadata"))
-
-        pairs, treedef = _flat(abstract_train_state)
-        key_paths = {"/".join(parts) for parts, leaf in pairs if _is_key(leaf)}
-        saved_keys = meta.get("prng_keys", {})
-        if key_paths != set(saved_keys):
-            raise self._fail(step, f"stores typed PRNG keys at {sorted(saved_keys)} but the "
-                             f"train state has them at {sorted(key_paths)}")
-        target = _nest([(parts, _abstract_leaf(leaf)) for parts, leaf in pairs])
-        self._check_structure(step, target, getattr(tree_meta, "tree", tree_meta))
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                **{STATE: ocp.args.StandardRestore(target), HOST: ocp.args.JsonRestore()}))
-        except Exception as e:
-            raise self._fail(step, f"cannot be read ({type(e).__name__}: {str(e)[:400]}); "
-                             "it may be truncated or corrupt") from e
-        flat = _flatten_nested(restored[STATE])
-        leaves = []
-        for parts, _ in pairs:
-            value = flat[parts]
-            name = "/".join(parts)
-            if name in saved_keys:
-                value = jax.random.wrap_key_data(value, impl=saved_keys[name])
-            leaves.append(value)
-        self._known_steps.add(step)
-        log.info("restored step %d from %s", step, self.directory)
-        return jax.tree_util.tree_unflatten(treedef, leaves), restored[HOST]
-
-    def maybe_restore(self, abstract_train_state: Any) -> tuple[Any, Any] | None:
-        """`restore` of the latest step if the directory holds one, else None."""
-        if self.latest_step() is None:
-            return None
-        return self.restore(abstract_train_state)
+  def maybe_restore(self, abstract_train_state: Any) -> tuple[Any, Any] | None:
+    """`restore` of the latest step if the directory holds one, else None."""
+    if self.latest_step() is None:
+      return None
+    return self.restore(abstract_train_state)

@@ -27,9 +27,16 @@ from alignjax.models.unet import UNet, UNetConfig
 # A one-level UNet (no down/up-sampling, fewest layers: cheapest to compile) with
 # self-attention in the mid block; TWO_LEVEL_UNET_CONFIG adds the 8 -> 4 level. The output
 # conv is random (not zero) so that eps predictions, samples and gradients are non-trivial.
-TINY_UNET_CONFIG = UNetConfig(channels=(8,), num_res_blocks=1, attention_resolutions=(),
-                              num_heads=2, num_groups=4, embed_dim=16, time_freq_dim=8,
-                              zero_init_output=False)
+TINY_UNET_CONFIG = UNetConfig(
+    channels=(8,),
+    num_res_blocks=1,
+    attention_resolutions=(),
+    num_heads=2,
+    num_groups=4,
+    embed_dim=16,
+    time_freq_dim=8,
+    zero_init_output=False,
+)
 TWO_LEVEL_UNET_CONFIG = dataclasses.replace(TINY_UNET_CONFIG, channels=(8, 16))
 TINY_CLASSIFIER_CONFIG = ClassifierConfig(channels=(8, 8), hidden_dim=16, num_groups=4)
 
@@ -55,8 +62,9 @@ def host_init(build, seed: int = 0) -> nnx.Module:
     elif last == "bias":
       value = 0.1 * rng.normal(size=shape)
     else:
-      raise ValueError(f"host_init: no rule for parameter {name!r} (kernel, embedding, "
-                       "scale or bias)")
+      raise ValueError(
+          f"host_init: no rule for parameter {name!r} (kernel, embedding, " "scale or bias)"
+      )
     return jnp.asarray(value, leaf.dtype)
 
   return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
@@ -67,8 +75,9 @@ def tiny_unet(seed: int = 0, config: UNetConfig = TINY_UNET_CONFIG) -> UNet:
   return host_init(lambda rngs: UNet(config, rngs=rngs), seed)
 
 
-def tiny_classifier(seed: int = 0, config: ClassifierConfig = TINY_CLASSIFIER_CONFIG
-                    ) -> DigitsClassifier:
+def tiny_classifier(
+    seed: int = 0, config: ClassifierConfig = TINY_CLASSIFIER_CONFIG
+) -> DigitsClassifier:
   """A random tiny digits classifier: images [B, 8, 8, 1] in [0, 1] -> logits [B, 10]."""
   return host_init(lambda rngs: DigitsClassifier(config, rngs=rngs), seed)
 
@@ -76,13 +85,20 @@ def tiny_classifier(seed: int = 0, config: ClassifierConfig = TINY_CLASSIFIER_CO
 def free_port() -> int:
   """A free TCP port on 127.0.0.1, for a local `jax.distributed` coordinator."""
   import socket
+
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
-def run_local_processes(script, args_per_process, *, devices_per_process: int = 2,
-                        timeout: float = 150.0, pythonpath: str | None = None) -> list[dict]:
+def run_local_processes(
+    script,
+    args_per_process,
+    *,
+    devices_per_process: int = 2,
+    timeout: float = 150.0,
+    pythonpath: str | None = None,
+) -> list[dict]:
   """Runs one Python `script` per entry of `args_per_process` at once (a local multi-host job).
 
   Each child gets `devices_per_process` fake CPU devices and must print one line
@@ -93,13 +109,24 @@ def run_local_processes(script, args_per_process, *, devices_per_process: int = 
   import os
   import subprocess
   import sys
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+  )
   if pythonpath:
     env["PYTHONPATH"] = pythonpath + os.pathsep + os.environ.get("PYTHONPATH", "")
-  procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for args in args_per_process]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, str(script), *map(str, args)],
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for args in args_per_process
+  ]
   outputs = []
   try:
     for p in procs:
@@ -112,5 +139,7 @@ def run_local_processes(script, args_per_process, *, devices_per_process: int = 
   for p, (out, err) in zip(procs, outputs):
     if p.returncode != 0:
       raise AssertionError(f"child failed:\n{out}\n{err[-3000:]}")
-  return [json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
-          for out, _ in outputs]
+  return [
+      json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+      for out, _ in outputs
+  ]

@@ -34,13 +34,15 @@ class TrainState:
 
   @classmethod
   def create(cls, params, optimizer: optax.GradientTransformation, key: jax.Array):
-    return cls(params=params, opt_state=optimizer.init(params),
-               step=jnp.zeros((), jnp.int32), key=key)
+    return cls(
+        params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), key=key
+    )
 
   def apply_gradients(self, grads, optimizer: optax.GradientTransformation) -> "TrainState":
     updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
-    return self.replace(params=optax.apply_updates(self.params, updates),
-                        opt_state=opt_state, step=self.step + 1)
+    return self.replace(
+        params=optax.apply_updates(self.params, updates), opt_state=opt_state, step=self.step + 1
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +62,14 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
 
   `cfg` is an OptimizerConfig or any object/ConfigDict with the same fields.
   """
-  get = (lambda k: getattr(cfg, k))
-  adam = optax.adamw(get("learning_rate"), b1=get("b1"), b2=get("b2"), eps=get("eps"),
-                     weight_decay=get("weight_decay"))
+  get = lambda k: getattr(cfg, k)
+  adam = optax.adamw(
+      get("learning_rate"),
+      b1=get("b1"),
+      b2=get("b2"),
+      eps=get("eps"),
+      weight_decay=get("weight_decay"),
+  )
   if get("max_grad_norm") > 0:
     return optax.chain(optax.clip_by_global_norm(get("max_grad_norm")), adam)
   return adam
@@ -84,14 +91,16 @@ class Finetune:
 
   @classmethod
   def from_config(cls, cfg) -> "Finetune":
-    return cls(mode=cfg.mode, lora_rank=int(cfg.get("lora_rank", 4)),
-               lora_alpha=cfg.get("lora_alpha"))
+    return cls(
+        mode=cfg.mode, lora_rank=int(cfg.get("lora_rank", 4)), lora_alpha=cfg.get("lora_alpha")
+    )
 
   def split(self, base_params, key):
     """(trainable, frozen), see the module docstring."""
     if self.mode == "full":
       return base_params, {}
     from alignjax.models import lora  # local: models import nothing from here
+
     return lora.init_lora(base_params, self.lora_rank, key), base_params
 
   def params(self, trainable, frozen):
@@ -99,6 +108,7 @@ class Finetune:
     if self.mode == "full":
       return trainable
     from alignjax.models import lora
+
     return lora.merge_lora(frozen, trainable, alpha=self.lora_alpha)
 
 
@@ -110,4 +120,3 @@ def tree_max_abs_diff(a, b) -> float:
   """Largest |a - b| over all leaves of two pytrees of the same structure."""
   diffs = jax.tree_util.tree_map(lambda x, y: jnp.max(jnp.abs(x - y)), a, b)
   return float(max(jax.tree_util.tree_leaves(diffs), default=0.0))
-

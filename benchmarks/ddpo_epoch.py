@@ -51,25 +51,46 @@ def build(samples: int, steps: int):
   schedule = schedules.make_schedule("linear")
   cond = jnp.arange(samples, dtype=jnp.int32) % config.num_classes
   model_eps = lambda p: (lambda x, t, c: nnx.merge(graphdef, p)(x, t, c))
-  traj = jax.jit(lambda p, key: samplers.sample(
-      model_eps(p), schedule, cond, key, shape=(config.image_size, config.image_size,
-                                                config.in_channels),
-      num_steps=steps, eta=1.0, clip_sample=1.0))(params, jax.random.key(1))
+  traj = jax.jit(
+      lambda p, key: samplers.sample(
+          model_eps(p),
+          schedule,
+          cond,
+          key,
+          shape=(config.image_size, config.image_size, config.in_channels),
+          num_steps=steps,
+          eta=1.0,
+          clip_sample=1.0,
+      )
+  )(params, jax.random.key(1))
   advantages = jax.random.normal(jax.random.key(2), (samples,))
   return graphdef, params, schedule, traj, advantages, model_eps
 
 
-def time_epoch(loop: str, params, schedule, traj, advantages, model_eps, minibatches: int,
-               repeats: int):
+def time_epoch(
+    loop: str, params, schedule, traj, advantages, model_eps, minibatches: int, repeats: int
+):
   """(best seconds per epoch, final parameters) of one minibatch_loop variant."""
   optimizer = optax.adam(1e-5)
-  epoch = jax.jit(ddpo.make_epoch_fn(
-      lambda trainable, frozen: model_eps(trainable), schedule, optimizer,
-      objective="clipped", clip_range=1e-2, eta=1.0, guidance_scale=1.0, null_cond=10,
-      timestep_fraction=0.5, num_minibatches=minibatches, clip_sample=1.0,
-      minibatch_loop=loop))
-  fresh = lambda: TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer,
-                                    jax.random.key(3))
+  epoch = jax.jit(
+      ddpo.make_epoch_fn(
+          lambda trainable, frozen: model_eps(trainable),
+          schedule,
+          optimizer,
+          objective="clipped",
+          clip_range=1e-2,
+          eta=1.0,
+          guidance_scale=1.0,
+          null_cond=10,
+          timestep_fraction=0.5,
+          num_minibatches=minibatches,
+          clip_sample=1.0,
+          minibatch_loop=loop,
+      )
+  )
+  fresh = lambda: TrainState.create(
+      jax.tree_util.tree_map(jnp.copy, params), optimizer, jax.random.key(3)
+  )
   final = jax.block_until_ready(epoch(fresh(), {}, traj, advantages)[0].params)  # compiles
   best = np.inf
   for _ in range(repeats):
@@ -83,23 +104,35 @@ def time_epoch(loop: str, params, schedule, traj, advantages, model_eps, minibat
 def main(argv):
   del argv
   if _SAMPLES.value % _MINIBATCHES.value:
-    raise app.UsageError(f"--samples={_SAMPLES.value} must divide into "
-                         f"--minibatches={_MINIBATCHES.value}")
+    raise app.UsageError(
+        f"--samples={_SAMPLES.value} must divide into " f"--minibatches={_MINIBATCHES.value}"
+    )
   _, params, schedule, traj, advantages, model_eps = build(_SAMPLES.value, _STEPS.value)
-  results = {loop: time_epoch(loop, params, schedule, traj, advantages, model_eps,
-                              _MINIBATCHES.value, _REPEATS.value)
-             for loop in ddpo.MINIBATCH_LOOPS}
-  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-      jax.tree_util.tree_leaves(results["unrolled"][1]),
-      jax.tree_util.tree_leaves(results["scan"][1])))
+  results = {
+      loop: time_epoch(
+          loop, params, schedule, traj, advantages, model_eps, _MINIBATCHES.value, _REPEATS.value
+      )
+      for loop in ddpo.MINIBATCH_LOOPS
+  }
+  diff = max(
+      float(jnp.max(jnp.abs(a - b)))
+      for a, b in zip(
+          jax.tree_util.tree_leaves(results["unrolled"][1]),
+          jax.tree_util.tree_leaves(results["scan"][1]),
+      )
+  )
   pairs = _SAMPLES.value * ddpo.num_train_steps(_STEPS.value, 0.5)
-  print(f"DDPO epoch, digits UNet, {_SAMPLES.value} samples x {_STEPS.value} steps, "
-        f"{pairs} pairs in {_MINIBATCHES.value} minibatches, {jax.devices()[0].device_kind}")
+  print(
+      f"DDPO epoch, digits UNet, {_SAMPLES.value} samples x {_STEPS.value} steps, "
+      f"{pairs} pairs in {_MINIBATCHES.value} minibatches, {jax.devices()[0].device_kind}"
+  )
   print("| minibatch_loop | seconds / epoch |\n|---|---|")
   for loop, (seconds, _) in results.items():
     print(f"| {loop} | {seconds:.3f} |")
-  print(f"ratio scan / unrolled: {results['scan'][0] / results['unrolled'][0]:.2f}; "
-        f"max |Δθ| between the two: {diff:.2e}")
+  print(
+      f"ratio scan / unrolled: {results['scan'][0] / results['unrolled'][0]:.2f}; "
+      f"max |Δθ| between the two: {diff:.2e}"
+  )
 
 
 if __name__ == "__main__":

@@ -59,10 +59,22 @@ import tempfile
 import time
 
 SIZES = {
-    "full": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, intermediate_size=2048, vocab_size=32000),
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, intermediate_size=512, vocab_size=8000),
+    "full": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        intermediate_size=2048,
+        vocab_size=32000,
+    ),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=512,
+        vocab_size=8000,
+    ),
 }
 
 
@@ -85,21 +97,41 @@ def timed(fn) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--size", choices=tuple(SIZES), default="full",
-                      help="model shape: full (~134M, the CPU target), small (quick), 1b (GPU)")
+  parser.add_argument(
+      "--size",
+      choices=tuple(SIZES),
+      default="full",
+      help="model shape: full (~134M, the CPU target), small (quick), 1b (GPU)",
+  )
   parser.add_argument("--small", action="store_true", help="same as --size=small")
-  parser.add_argument("--torch_device", default="cpu",
-                      help="device of the transformers model (cpu, or cuda on a GPU machine "
-                           "with a CUDA build of torch); alignjax uses jax's default device")
+  parser.add_argument(
+      "--torch_device",
+      default="cpu",
+      help="device of the transformers model (cpu, or cuda on a GPU machine "
+      "with a CUDA build of torch); alignjax uses jax's default device",
+  )
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--prompt_len", type=int, default=64)
-  parser.add_argument("--new_tokens", type=int, default=None,
-                      help="tokens to generate (default 128, or 32 with --small)")
+  parser.add_argument(
+      "--new_tokens",
+      type=int,
+      default=None,
+      help="tokens to generate (default 128, or 32 with --small)",
+  )
   parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--threads", "--torch_threads", type=int, default=None,
-                      help="cores for both frameworks (default: all allowed)")
-  parser.add_argument("--torch_cache", choices=("dynamic", "static"), default="dynamic",
-                      help="transformers' KV cache (default: its default, dynamic)")
+  parser.add_argument(
+      "--threads",
+      "--torch_threads",
+      type=int,
+      default=None,
+      help="cores for both frameworks (default: all allowed)",
+  )
+  parser.add_argument(
+      "--torch_cache",
+      choices=("dynamic", "static"),
+      default="dynamic",
+      help="transformers' KV cache (default: its default, dynamic)",
+  )
   args = parser.parse_args()
   threads = pin_threads(args.threads)
   # pylint: disable=import-outside-toplevel
@@ -118,12 +150,19 @@ def main():
   b, p = args.batch, args.prompt_len
   n = args.new_tokens or (32 if size == "small" else 128)
   if args.torch_device != "cpu" and not torch.cuda.is_available():
-    raise SystemExit(f"--torch_device={args.torch_device}: this torch build "
-                     f"({torch.__version__}) sees no CUDA device; valid here: cpu")
+    raise SystemExit(
+        f"--torch_device={args.torch_device}: this torch build "
+        f"({torch.__version__}) sees no CUDA device; valid here: cpu"
+    )
   torch.manual_seed(0)
   torch.set_num_threads(threads)
-  hf_config = transformers.LlamaConfig(**SIZES[size], max_position_embeddings=p + n + 16,
-                                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  hf_config = transformers.LlamaConfig(
+      **SIZES[size],
+      max_position_embeddings=p + n + 16,
+      bos_token_id=1,
+      eos_token_id=2,
+      pad_token_id=0,
+  )
   torch_model = transformers.LlamaForCausalLM(hf_config).eval()
   num_params = sum(x.numel() for x in torch_model.parameters())
   with tempfile.TemporaryDirectory() as d:
@@ -132,12 +171,14 @@ def main():
   torch_model = torch_model.to(args.torch_device)
   graphdef, params = nnx.split(model)
   prompts = np.random.default_rng(0).integers(3, hf_config.vocab_size, size=(b, p))
-  print(f"Llama {size}: {num_params / 1e6:.1f}M parameters, float32, batch {b}, prompt {p}, "
-        f"{n} new tokens, greedy, no EOS stop; {threads} thread(s) for both (process pinned "
-        f"to cores {sorted(os.sched_getaffinity(0))}; torch x{torch.get_num_threads()}); "
-        f"jax {jax.__version__} {jax.devices()[0].platform}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__} ({args.torch_cache} cache); "
-        f"load average {os.getloadavg()[0]:.1f}")
+  print(
+      f"Llama {size}: {num_params / 1e6:.1f}M parameters, float32, batch {b}, prompt {p}, "
+      f"{n} new tokens, greedy, no EOS stop; {threads} thread(s) for both (process pinned "
+      f"to cores {sorted(os.sched_getaffinity(0))}; torch x{torch.get_num_threads()}); "
+      f"jax {jax.__version__} {jax.devices()[0].platform}, torch {torch.__version__}, "
+      f"transformers {transformers.__version__} ({args.torch_cache} cache); "
+      f"load average {os.getloadavg()[0]:.1f}"
+  )
 
   # ------------------------------------------------------------------ alignjax
   cfg = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0)
@@ -151,7 +192,8 @@ def main():
 
   def jax_generate():
     out["jax"] = jax.block_until_ready(
-        sampling.sample(graphdef, params, tokens, valid, key, cfg, min_bucket=p))
+        sampling.sample(graphdef, params, tokens, valid, key, cfg, min_bucket=p)
+    )
 
   # ------------------------------------------------------------------ transformers
   ids = torch.as_tensor(prompts, device=args.torch_device)
@@ -165,16 +207,24 @@ def main():
 
   def torch_prefill():
     with torch.inference_mode():
-      torch_model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                  **cache_kwargs())
+      torch_model(
+          input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **cache_kwargs()
+      )
     sync()
 
   def torch_generate():
     with torch.inference_mode():
       out["torch"] = torch_model.generate(
-          input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-          do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None,
-          **cache_kwargs()).cpu()
+          input_ids=ids,
+          attention_mask=mask,
+          max_new_tokens=n,
+          min_new_tokens=n,
+          do_sample=False,
+          num_beams=1,
+          pad_token_id=0,
+          eos_token_id=None,
+          **cache_kwargs(),
+      ).cpu()
 
   fns = {"alignjax": (jax_prefill, jax_generate), "transformers": (torch_prefill, torch_generate)}
   times = {name: ([], []) for name in fns}
@@ -193,12 +243,16 @@ def main():
   print(f"{'':14s}{'prefill tok/s':>15s}{'decode tok/s':>15s}{'generate s':>12s}")
   for name, pf, dc, total in rows:
     print(f"{name:14s}{pf:15.1f}{dc:15.1f}{total:12.2f}")
-  print(f"alignjax / transformers: prefill x{rows[0][1] / rows[1][1]:.2f}, "
-        f"decode x{rows[0][2] / rows[1][2]:.2f}, generate x{rows[1][3] / rows[0][3]:.2f} faster")
+  print(
+      f"alignjax / transformers: prefill x{rows[0][1] / rows[1][1]:.2f}, "
+      f"decode x{rows[0][2] / rows[1][2]:.2f}, generate x{rows[1][3] / rows[0][3]:.2f} faster"
+  )
   ours = np.asarray(out["jax"].tokens)
   theirs = out["torch"][:, p:].numpy()
-  print(f"greedy tokens equal: {np.mean(ours == theirs):.3f} "
-        f"(first token {np.mean(ours[:, 0] == theirs[:, 0]):.3f})")
+  print(
+      f"greedy tokens equal: {np.mean(ours == theirs):.3f} "
+      f"(first token {np.mean(ours[:, 0] == theirs[:, 0]):.3f})"
+  )
 
 
 if __name__ == "__main__":

@@ -43,12 +43,17 @@ def main():
     raise SystemExit(f"the kernel is unavailable here: {why}")
   rng = np.random.default_rng(0)
   k, n = args.k, args.n
-  ws = [jnp.asarray(rng.standard_normal((k, n), np.float32) / np.sqrt(k))
-        for _ in range(args.copies)]
-  print(f"x [M, {k}] . w [{k}, {n}] float32, {args.copies} weight copies "
-        f"({args.copies * k * n * 4 / 1e6:.0f} MB), {threads} thread(s), jax {jax.__version__}")
-  print(f"{'M':>4s}{'kernel ms':>11s}{'XLA ms':>9s}{'kernel GB/s':>13s}{'XLA GB/s':>10s}"
-        f"{'XLA / kernel':>14s}")
+  ws = [
+      jnp.asarray(rng.standard_normal((k, n), np.float32) / np.sqrt(k)) for _ in range(args.copies)
+  ]
+  print(
+      f"x [M, {k}] . w [{k}, {n}] float32, {args.copies} weight copies "
+      f"({args.copies * k * n * 4 / 1e6:.0f} MB), {threads} thread(s), jax {jax.__version__}"
+  )
+  print(
+      f"{'M':>4s}{'kernel ms':>11s}{'XLA ms':>9s}{'kernel GB/s':>13s}{'XLA GB/s':>10s}"
+      f"{'XLA / kernel':>14s}"
+  )
   saved = skinny_matmul.MIN_ROWS, skinny_matmul.MAX_ROWS
   skinny_matmul.MIN_ROWS, skinny_matmul.MAX_ROWS = 1, 1 << 30  # measure every M
 
@@ -56,6 +61,7 @@ def main():
     def products(x, ws):
       with skinny_matmul.enabled(kernel):
         return jnp.stack([skinny_matmul.matmul(x, w) for w in ws])
+
     return jax.jit(products, compiler_options=sampling.CPU_DECODE_COMPILER_OPTIONS)
 
   try:
@@ -71,8 +77,10 @@ def main():
           jax.block_until_ready(fn(x, ws))
           best[name] = min(best[name], (time.perf_counter() - t0) / args.copies)
       gbs = {name: k * n * 4 / t / 1e9 for name, t in best.items()}
-      print(f"{m:4d}{best['kernel'] * 1e3:11.3f}{best['xla'] * 1e3:9.3f}{gbs['kernel']:13.2f}"
-            f"{gbs['xla']:10.2f}{best['xla'] / best['kernel']:14.2f}")
+      print(
+          f"{m:4d}{best['kernel'] * 1e3:11.3f}{best['xla'] * 1e3:9.3f}{gbs['kernel']:13.2f}"
+          f"{gbs['xla']:10.2f}{best['xla'] / best['kernel']:14.2f}"
+      )
   finally:
     skinny_matmul.MIN_ROWS, skinny_matmul.MAX_ROWS = saved
 

@@ -44,20 +44,37 @@ MODEL_KINDS = ("eps", "flow")
 DIFFERENTIABLE_REWARDS = ("classifier", "brightness")
 
 
-
 # ============================================================================ validation
 
 
 def validate(config, num_devices: int) -> None:
   """Every check that can fail before compilation; each message names the key."""
-  configs.check_positive(config, "num_iterations", "sampling.num_steps", "sampling.batch_size",
-                         "am.lam", "am.num_timesteps", "am.loss_clip", "optimizer.learning_rate",
-                         "checkpoint.every", "checkpoint.keep", "log.image_every",
-                         "log.num_images", "eval.num_samples")
-  configs.check_integer(config, "num_iterations", "sampling.num_steps", "sampling.batch_size",
-                        "am.num_timesteps", "eval.num_samples")
-  configs.check_nonnegative(config, "sampling.guidance_scale", "sampling.clip_sample",
-                            "optimizer.max_grad_norm")
+  configs.check_positive(
+      config,
+      "num_iterations",
+      "sampling.num_steps",
+      "sampling.batch_size",
+      "am.lam",
+      "am.num_timesteps",
+      "am.loss_clip",
+      "optimizer.learning_rate",
+      "checkpoint.every",
+      "checkpoint.keep",
+      "log.image_every",
+      "log.num_images",
+      "eval.num_samples",
+  )
+  configs.check_integer(
+      config,
+      "num_iterations",
+      "sampling.num_steps",
+      "sampling.batch_size",
+      "am.num_timesteps",
+      "eval.num_samples",
+  )
+  configs.check_nonnegative(
+      config, "sampling.guidance_scale", "sampling.clip_sample", "optimizer.max_grad_norm"
+  )
   configs.check_choice(config, "model.kind", MODEL_KINDS)
   configs.check_choice(config, "finetune.mode", training.FINETUNE_MODES)
   if config.finetune.mode == "lora":
@@ -66,16 +83,19 @@ def validate(config, num_devices: int) -> None:
   if config.reward.name not in DIFFERENTIABLE_REWARDS:
     raise configs.ConfigError(
         f"config.reward.name={config.reward.name!r}: Adjoint Matching needs ∇r; valid "
-        f"choices are {', '.join(repr(r) for r in DIFFERENTIABLE_REWARDS)}")
+        f"choices are {', '.join(repr(r) for r in DIFFERENTIABLE_REWARDS)}"
+    )
   if config.model.kind == "eps":
     configs.check_range(config, "sampling.eta", 0.0, 1.0, inclusive=(False, True))
   if config.am.num_timesteps > config.sampling.num_steps:
     raise configs.ConfigError(
         f"config.am.num_timesteps={config.am.num_timesteps} must be <= "
-        f"config.sampling.num_steps={config.sampling.num_steps} (steps drawn per trajectory)")
+        f"config.sampling.num_steps={config.sampling.num_steps} (steps drawn per trajectory)"
+    )
   common.check_eval_batches(config)
-  configs.check_mesh_and_batch(config.mesh, num_devices,
-                               {"sampling.batch_size": config.sampling.batch_size})
+  configs.check_mesh_and_batch(
+      config.mesh, num_devices, {"sampling.batch_size": config.sampling.batch_size}
+  )
 
 
 # ============================================================================ models
@@ -88,29 +108,39 @@ def load_models(config, mesh) -> tuple[common.DiffusionModels, float]:
   if config.model.kind == "eps":
     return common.load_diffusion_models(config, mesh), 0.0
   from experiments.configs.pretrain_diffusion import digits_flow
+
   flow_config = digits_flow.get_config()
   if config.model.init == "random":
     unet = testing.tiny_unet(seed=config.seed)
     classifier = testing.tiny_classifier(seed=config.seed + 1)
-    base = {"init": "random", "kind": "flow", "preset": config.model.random_preset,
-            "seed": config.seed}
+    base = {
+        "init": "random",
+        "kind": "flow",
+        "preset": config.model.random_preset,
+        "seed": config.seed,
+    }
   else:
-    cache = (os.path.join(config.model.cache_dir, pd.FLOW_SUBDIR)
-             if config.model.cache_dir else None)
+    cache = os.path.join(config.model.cache_dir, pd.FLOW_SUBDIR) if config.model.cache_dir else None
     paths = pd.ensure_pretrained(cache, flow_config)
     unet = model_io.load_model(paths["unet_dir"], unet_lib.UNet, unet_lib.UNetConfig)
-    classifier = model_io.load_model(paths["classifier_dir"], classifier_lib.DigitsClassifier,
-                                     classifier_lib.ClassifierConfig)
-    base = {"init": "pretrained", "kind": "flow",
-            **checkpoint.frozen_model_metadata(paths["unet_dir"])}
+    classifier = model_io.load_model(
+        paths["classifier_dir"], classifier_lib.DigitsClassifier, classifier_lib.ClassifierConfig
+    )
+    base = {
+        "init": "pretrained",
+        "kind": "flow",
+        **checkpoint.frozen_model_metadata(paths["unet_dir"]),
+    }
   cfg = unet.config
   models = common.DiffusionModels(
-      unet=unet, classifier=classifier, schedule=None,
+      unet=unet,
+      classifier=classifier,
+      schedule=None,
       image_shape=(cfg.image_size, cfg.image_size, cfg.in_channels),
-      num_classes=cfg.num_classes, base=base)
+      num_classes=cfg.num_classes,
+      base=base,
+  )
   return models, float(flow_config.flow.time_scale)
-
-
 
 
 # ============================================================================ the run
@@ -148,36 +178,60 @@ def run(config, workdir: str, *, devices=None) -> dict:
     return lambda x, cond: reward(common.images_from(x), cond)
 
   if config.model.kind == "eps":
+
     def guided_eps(params):
-      return samplers.classifier_free_guidance(model_fn(params), sample_cfg.guidance_scale,
-                                               null_cond)
+      return samplers.classifier_free_guidance(
+          model_fn(params), sample_cfg.guidance_scale, null_cond
+      )
 
     eps_builder = lambda trainable, frozen: guided_eps(finetune.params(trainable, frozen["base"]))
     base_eps_builder = lambda frozen: guided_eps(frozen["base"])
     update = am_ddpm.make_update_fn(
-        eps_builder, base_eps_builder, reward_fn_builder, models.schedule,
-        optimizer, lam=am_cfg.lam,
-        num_steps=sample_cfg.num_steps, shape=shape, eta=sample_cfg.eta,
-        clip_sample=clip_sample, num_timesteps=am_cfg.num_timesteps, loss_clip=am_cfg.loss_clip)
+        eps_builder,
+        base_eps_builder,
+        reward_fn_builder,
+        models.schedule,
+        optimizer,
+        lam=am_cfg.lam,
+        num_steps=sample_cfg.num_steps,
+        shape=shape,
+        eta=sample_cfg.eta,
+        clip_sample=clip_sample,
+        num_timesteps=am_cfg.num_timesteps,
+        loss_clip=am_cfg.loss_clip,
+    )
 
     def sample_final(trainable, frozen, key, cond):
-      return am_ddpm.sample_chain(eps_builder(trainable, frozen), models.schedule, cond, key,
-                                  shape=shape, num_steps=sample_cfg.num_steps,
-                                  eta=sample_cfg.eta, clip_sample=clip_sample).final
+      return am_ddpm.sample_chain(
+          eps_builder(trainable, frozen),
+          models.schedule,
+          cond,
+          key,
+          shape=shape,
+          num_steps=sample_cfg.num_steps,
+          eta=sample_cfg.eta,
+          clip_sample=clip_sample,
+      ).final
+
   else:
+
     def velocity(params, cond):
-      vel = pd.guided_velocity(pd.unet_velocity(model_fn(params), time_scale),
-                               sample_cfg.guidance_scale, null_cond)
+      vel = pd.guided_velocity(
+          pd.unet_velocity(model_fn(params), time_scale), sample_cfg.guidance_scale, null_cond
+      )
       return lambda x, t: vel(x, t, cond)
 
     update = am_flow.make_conditional_update_fn(
-        lambda trainable, frozen, cond: velocity(finetune.params(trainable, frozen["base"]),
-                                                 cond),
+        lambda trainable, frozen, cond: velocity(finetune.params(trainable, frozen["base"]), cond),
         lambda frozen, cond: velocity(frozen["base"], cond),
         lambda frozen, cond: (lambda x, r=reward_fn_builder(frozen): r(x, cond)),
-        optimizer, lam=am_cfg.lam,
-        num_steps=sample_cfg.num_steps, shape=shape, num_timesteps=am_cfg.num_timesteps,
-        loss_clip=am_cfg.loss_clip)
+        optimizer,
+        lam=am_cfg.lam,
+        num_steps=sample_cfg.num_steps,
+        shape=shape,
+        num_timesteps=am_cfg.num_timesteps,
+        loss_clip=am_cfg.loss_clip,
+    )
 
     def sample_final(trainable, frozen, key, cond):
       k_x0, k_sde = jax.random.split(key)
@@ -195,18 +249,20 @@ def run(config, workdir: str, *, devices=None) -> dict:
     return training.TrainState.create(trainable, optimizer, init_key)
 
   rules = common.sharding_rules(config)
-  state_shardings = parallel.param_shardings(jax.eval_shape(init_state, base_params), mesh,
-                                             rules)
+  state_shardings = parallel.param_shardings(jax.eval_shape(init_state, base_params), mesh, rules)
   state = jax.jit(init_state, out_shardings=state_shardings)(base_params)
   frozen = {"base": base_params, "classifier": clf_params}
   frozen = jax.device_put(frozen, parallel.param_shardings(frozen, mesh, rules))
 
   # ---------------------------------------------------------------- jitted functions
   compiler_options = dict(config.compiler_options) or None
-  update_fn = jax.jit(update, donate_argnums=0, out_shardings=(state_shardings, replicated),
-                      compiler_options=compiler_options)
-  sample_fn = jax.jit(sample_final, out_shardings=batch_sharding,
-                      compiler_options=compiler_options)
+  update_fn = jax.jit(
+      update,
+      donate_argnums=0,
+      out_shardings=(state_shardings, replicated),
+      compiler_options=compiler_options,
+  )
+  sample_fn = jax.jit(sample_final, out_shardings=batch_sharding, compiler_options=compiler_options)
   decode_fn = jax.jit(common.images_from, out_shardings=batch_sharding)
   reward_eval = jax.jit(lambda frozen, x, cond: reward_fn_builder(frozen)(x, cond))
   logits_fn = jax.jit(lambda params, images: nnx.merge(clf_graphdef, params)(images))
@@ -232,17 +288,22 @@ def run(config, workdir: str, *, devices=None) -> dict:
       images.append(batch_images)
       conds.append(cond)
     images, conds = np.concatenate(images), np.concatenate(conds)
-    result = {"reward": float(np.mean(np.concatenate(rewards))),
-              "recognition": float(np.mean(np.concatenate(correct))),
-              "diversity": metrics.within_class_diversity(images, conds)}  # eq. 1
+    result = {
+        "reward": float(np.mean(np.concatenate(rewards))),
+        "recognition": float(np.mean(np.concatenate(correct))),
+        "diversity": metrics.within_class_diversity(images, conds),
+    }  # eq. 1
     per_class = max(config.log.num_images // models.num_classes, 1)  # a grid row per digit
     grid = np.concatenate([images[conds == c][:per_class] for c in range(models.num_classes)])
     return result, grid
 
   # ---------------------------------------------------------------- restore or start
   ckpt = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
-      keep=config.checkpoint.keep, metadata=common.checkpoint_metadata(config, models))
+      os.path.join(workdir, "checkpoints"),
+      save_every=config.checkpoint.every,
+      keep=config.checkpoint.keep,
+      metadata=common.checkpoint_metadata(config, models),
+  )
   ckpt.install_preemption_handler()
   host = {"iteration": 0, "base": None, "history": []}
   if ckpt.latest_step() is not None:
@@ -250,13 +311,15 @@ def run(config, workdir: str, *, devices=None) -> dict:
     logging.info("Resumed from iteration %d in %s", host["iteration"], workdir)
   if host["base"] is None:
     host["base"], base_images = evaluate(state.params)
-    writer.write_images(0, "eval_base", base_images[:config.log.num_images])
+    writer.write_images(0, "eval_base", base_images[: config.log.num_images])
     writer.write_scalars(0, {f"eval/{k}": v for k, v in host["base"].items()})
 
   # ---------------------------------------------------------------- the loop
-  for it in metrics.progress(range(host["iteration"], config.num_iterations),
-                             total=config.num_iterations - host["iteration"],
-                             desc="Adjoint Matching"):
+  for it in metrics.progress(
+      range(host["iteration"], config.num_iterations),
+      total=config.num_iterations - host["iteration"],
+      desc="Adjoint Matching",
+  ):
     t0 = time.perf_counter()
     key = jax.random.fold_in(train_key, it)
     cond = draw_prompts(jax.random.fold_in(key, 1), sample_cfg.batch_size)
@@ -280,40 +343,70 @@ def run(config, workdir: str, *, devices=None) -> dict:
   # ---------------------------------------------------------------- final evaluation
   final, final_images = evaluate(state.params)
   writer.write_scalars(config.num_iterations, {f"eval/{k}": v for k, v in final.items()})
-  writer.write_images(config.num_iterations, "eval_final", final_images[:config.log.num_images])
+  writer.write_images(config.num_iterations, "eval_final", final_images[: config.log.num_images])
   ckpt.wait_until_finished()
   ckpt.close()
   trainable = common.to_host_tree(state.params)
   if parallel.is_main_process():
     write_summary(workdir, host, final, config)
-    common.export_finetuned(workdir, graphdef, models.unet.config, trainable,
-                            common.to_host_tree(frozen["base"]), finetune)
+    common.export_finetuned(
+        workdir,
+        graphdef,
+        models.unet.config,
+        trainable,
+        common.to_host_tree(frozen["base"]),
+        finetune,
+    )
   writer.close()
-  return {"base": host["base"], "final": final, "params": trainable,
-          "history": host["history"]}
+  return {"base": host["base"], "final": final, "params": trainable, "history": host["history"]}
 
 
 def write_summary(workdir: str, host: dict, final: dict, config) -> str:
   """Prints and saves the base vs fine-tuned table and the reward curve (process 0 only)."""
   base = host["base"]
   name = config.reward.name
-  rows = [("base", base), (f"Adjoint Matching ({config.model.kind}, λ={config.am.lam:g}, "
-                           f"{config.num_iterations} iterations)", final)]
+  rows = [
+      ("base", base),
+      (
+          f"Adjoint Matching ({config.model.kind}, λ={config.am.lam:g}, "
+          f"{config.num_iterations} iterations)",
+          final,
+      ),
+  ]
   table = "\n".join(
-      [f"| model (eval: {config.eval.num_samples} held-out seeds) | mean {name} reward | "
-       "recognition rate | diversity (eq. 1) |", "|---|---|---|---|"]
-      + [f"| {label} | {r['reward']:.4f} | {r['recognition']:.3f} | {r['diversity']:.3f} |"
-         for label, r in rows])
+      [
+          f"| model (eval: {config.eval.num_samples} held-out seeds) | mean {name} reward | "
+          "recognition rate | diversity (eq. 1) |",
+          "|---|---|---|---|",
+      ]
+      + [
+          f"| {label} | {r['reward']:.4f} | {r['recognition']:.3f} | {r['diversity']:.3f} |"
+          for label, r in rows
+      ]
+  )
   print(table, flush=True)
   with open(os.path.join(workdir, "summary.md"), "w") as f:
     f.write(table + "\n")
   with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump({"base": base, "final": final, "reward": name, "model": config.model.kind,
-               "lam": config.am.lam, "iterations": config.num_iterations}, f, indent=2)
+    json.dump(
+        {
+            "base": base,
+            "final": final,
+            "reward": name,
+            "model": config.model.kind,
+            "lam": config.am.lam,
+            "iterations": config.num_iterations,
+        },
+        f,
+        indent=2,
+    )
   steps, values = zip(*host["history"]) if host["history"] else ((), ())
-  metrics.plot_curves(os.path.join(workdir, "reward_curve.png"),
-                      {"train reward (batch mean)": (list(steps), list(values))},
-                      xlabel="iteration", ylabel=name)
+  metrics.plot_curves(
+      os.path.join(workdir, "reward_curve.png"),
+      {"train reward (batch mean)": (list(steps), list(values))},
+      xlabel="iteration",
+      ylabel=name,
+  )
   return table
 
 

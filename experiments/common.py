@@ -34,7 +34,8 @@ def validate_model_and_reward(config) -> None:
   if config.reward.name == "classifier" and not -1 <= config.reward.target < NUM_CLASSES:
     raise configs.ConfigError(
         f"config.reward.target={config.reward.target}: valid choices are -1 (the prompt's "
-        f"digit) or a digit 0..{NUM_CLASSES - 1}")
+        f"digit) or a digit 0..{NUM_CLASSES - 1}"
+    )
   if config.reward.name.startswith("jpeg"):
     configs.check_positive(config, "reward.jpeg_quality", "reward.jpeg_upscale")
 
@@ -58,22 +59,33 @@ def load_diffusion_models(config, mesh=None) -> DiffusionModels:
     base = {"init": "random", "preset": config.model.random_preset, "seed": config.seed}
   else:
     from experiments import pretrain_diffusion  # pretrains on first use
+
     paths = pretrain_diffusion.ensure_pretrained(config.model.cache_dir or None)
     unet = model_io.load_model(paths["unet_dir"], unet_lib.UNet, unet_lib.UNetConfig)
-    classifier = model_io.load_model(paths["classifier_dir"], classifier_lib.DigitsClassifier,
-                                     classifier_lib.ClassifierConfig)
+    classifier = model_io.load_model(
+        paths["classifier_dir"], classifier_lib.DigitsClassifier, classifier_lib.ClassifierConfig
+    )
     schedule = schedules.make_schedule(**paths["schedule"])
     base = {"init": "pretrained", **checkpoint.frozen_model_metadata(paths["unet_dir"])}
   cfg = unet.config
-  return DiffusionModels(unet=unet, classifier=classifier, schedule=schedule,
-                         image_shape=(cfg.image_size, cfg.image_size, cfg.in_channels),
-                         num_classes=cfg.num_classes, base=base)
+  return DiffusionModels(
+      unet=unet,
+      classifier=classifier,
+      schedule=schedule,
+      image_shape=(cfg.image_size, cfg.image_size, cfg.in_channels),
+      num_classes=cfg.num_classes,
+      base=base,
+  )
 
 
 def check_eval_batches(config) -> None:
   """Evaluation samples in training-sized batches: eval.num_samples % sampling.batch_size == 0."""
-  configs.check_divisible(config, "eval.num_samples", config.sampling.batch_size,
-                          "sampling.batch_size: evaluation samples in training-sized batches")
+  configs.check_divisible(
+      config,
+      "eval.num_samples",
+      config.sampling.batch_size,
+      "sampling.batch_size: evaluation samples in training-sized batches",
+  )
 
 
 def make_reward(reward_cfg, classifier) -> rewards.Reward:
@@ -88,8 +100,10 @@ def make_reward(reward_cfg, classifier) -> rewards.Reward:
     return rewards.classifier_log_prob(logits_fn, target=target)
   if reward_cfg.name == "brightness":
     return rewards.brightness()
-  jpeg = {"jpeg_compressibility": rewards.jpeg_compressibility,
-          "jpeg_incompressibility": rewards.jpeg_incompressibility}[reward_cfg.name]
+  jpeg = {
+      "jpeg_compressibility": rewards.jpeg_compressibility,
+      "jpeg_incompressibility": rewards.jpeg_incompressibility,
+  }[reward_cfg.name]
   return jpeg(quality=reward_cfg.jpeg_quality, upscale=reward_cfg.jpeg_upscale)
 
 
@@ -115,8 +129,9 @@ def to_host_tree(tree):
   return jax.tree_util.tree_map(to_host, tree)
 
 
-def export_finetuned(workdir: str, graphdef, model_config, trainable, frozen,
-                     finetune: training.Finetune):
+def export_finetuned(
+    workdir: str, graphdef, model_config, trainable, frozen, finetune: training.Finetune
+):
   """Saves the trainable leaves (final_params.npz) and the merged model (final_model/)."""
   leaves, _ = parallel.flatten_with_paths(trainable)
   np.savez(os.path.join(workdir, "final_params.npz"), **dict(leaves))
@@ -125,6 +140,7 @@ def export_finetuned(workdir: str, graphdef, model_config, trainable, frozen,
 
 
 class _Done:
+
   def __init__(self, value):
     self._value = value
 
@@ -149,8 +165,9 @@ class RewardEvaluator:
     images, prompts = to_host(images), to_host(prompts)
     n, pid, count = images.shape[0], jax.process_index(), jax.process_count()
     lo, hi = n * pid // count, n * (pid + 1) // count
-    local = np.asarray(rewards.evaluate_reward(self.reward, images[lo:hi], prompts[lo:hi]),
-                       np.float32)
+    local = np.asarray(
+        rewards.evaluate_reward(self.reward, images[lo:hi], prompts[lo:hi]), np.float32
+    )
     if count == 1:
       return local
     return np.asarray(multihost_utils.process_allgather(local, tiled=True))
@@ -174,24 +191,37 @@ def checkpoint_metadata(config, models: DiffusionModels) -> dict:
   return {"base_model": models.base, "finetune": config.finetune.to_dict()}
 
 
-def write_summary(workdir: str, reward_name: str, host: dict, final_reward: float,
-                  config) -> str:
+def write_summary(workdir: str, reward_name: str, host: dict, final_reward: float, config) -> str:
   """Prints and saves the before/after table and the reward curve (process 0 only)."""
-  table = "\n".join([
-      f"| model (eval: {config.eval.num_samples} held-out seeds) | mean {reward_name} reward |",
-      "|---|---|",
-      f"| base | {host['base_reward']:.4f} |",
-      f"| DDPO, {config.num_rounds} rounds | {final_reward:.4f} |"])
+  table = "\n".join(
+      [
+          f"| model (eval: {config.eval.num_samples} held-out seeds) | mean {reward_name} reward |",
+          "|---|---|",
+          f"| base | {host['base_reward']:.4f} |",
+          f"| DDPO, {config.num_rounds} rounds | {final_reward:.4f} |",
+      ]
+  )
   print(table, flush=True)
   with open(os.path.join(workdir, "summary.md"), "w") as f:
     f.write(table + "\n")
   with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump({"base_reward": host["base_reward"], "final_reward": final_reward,
-               "reward": reward_name, "rounds": config.num_rounds}, f, indent=2)
+    json.dump(
+        {
+            "base_reward": host["base_reward"],
+            "final_reward": final_reward,
+            "reward": reward_name,
+            "rounds": config.num_rounds,
+        },
+        f,
+        indent=2,
+    )
   steps, values = zip(*host["history"]) if host["history"] else ((), ())
-  metrics.plot_curves(os.path.join(workdir, "reward_curve.png"),
-                      {"train reward (mean per round)": (list(steps), list(values))},
-                      xlabel="round", ylabel=reward_name)
+  metrics.plot_curves(
+      os.path.join(workdir, "reward_curve.png"),
+      {"train reward (mean per round)": (list(steps), list(values))},
+      xlabel="round",
+      ylabel=reward_name,
+  )
   return table
 
 
@@ -205,10 +235,10 @@ def run_experiment_cli(run_fn) -> None:
   from absl import app, flags
   from ml_collections import config_flags
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                                lock_config=True)
-  workdir_flag = flags.DEFINE_string("workdir", None,
-                                     "Directory for checkpoints, logs and images.")
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file.", lock_config=True
+  )
+  workdir_flag = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
 
   def main(argv):
     if len(argv) > 1:
@@ -226,9 +256,11 @@ def run_experiment_cli(run_fn) -> None:
 def persistent_compilation_cache(directory: str):
   """JAX's persistent compilation cache in `directory` for everything compiled meanwhile
   (no minimum compile time or size); the previous settings are restored afterwards."""
-  settings = {"jax_compilation_cache_dir": directory,
-              "jax_persistent_cache_min_compile_time_secs": 0.0,
-              "jax_persistent_cache_min_entry_size_bytes": -1}
+  settings = {
+      "jax_compilation_cache_dir": directory,
+      "jax_persistent_cache_min_compile_time_secs": 0.0,
+      "jax_persistent_cache_min_entry_size_bytes": -1,
+  }
   previous = {name: getattr(jax.config, name) for name in settings}
   os.makedirs(directory, exist_ok=True)
   compilation_cache.reset_cache()  # reopens at `directory` on the next compilation

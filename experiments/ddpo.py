@@ -25,19 +25,31 @@ from alignjax.algorithms import ddpo
 from alignjax.diffusion import samplers, schedules
 from experiments import common
 
-
-
 # ============================================================================ validation
 
 
 def validate(config, num_devices: int) -> None:
   """Every check that can fail before compilation; each message names the key."""
-  configs.check_positive(config, "num_rounds", "sampling.num_steps", "sampling.eta",
-                         "sampling.batch_size", "sampling.batches_per_round",
-                         "ddpo.clip_range", "ddpo.adv_clip_max", "ddpo.inner_epochs",
-                         "ddpo.num_minibatches", "ddpo.num_microbatches", "ddpo.buffer_size",
-                         "ddpo.min_count", "optimizer.learning_rate", "checkpoint.every",
-                         "checkpoint.keep", "log.image_every", "eval.num_samples")
+  configs.check_positive(
+      config,
+      "num_rounds",
+      "sampling.num_steps",
+      "sampling.eta",
+      "sampling.batch_size",
+      "sampling.batches_per_round",
+      "ddpo.clip_range",
+      "ddpo.adv_clip_max",
+      "ddpo.inner_epochs",
+      "ddpo.num_minibatches",
+      "ddpo.num_microbatches",
+      "ddpo.buffer_size",
+      "ddpo.min_count",
+      "optimizer.learning_rate",
+      "checkpoint.every",
+      "checkpoint.keep",
+      "log.image_every",
+      "eval.num_samples",
+  )
   configs.check_nonnegative(config, "sampling.guidance_scale")
   configs.check_fraction(config, "ddpo.timestep_fraction")
   configs.check_choice(config, "ddpo.objective", ddpo.OBJECTIVES)
@@ -50,17 +62,25 @@ def validate(config, num_devices: int) -> None:
   if round_batch % config.ddpo.num_minibatches:
     raise configs.ConfigError(
         f"config.ddpo.num_minibatches={config.ddpo.num_minibatches} must divide the round's "
-        f"{round_batch} samples (sampling.batch_size × sampling.batches_per_round)")
+        f"{round_batch} samples (sampling.batch_size × sampling.batches_per_round)"
+    )
   pairs = (round_batch // config.ddpo.num_minibatches) * ddpo.num_train_steps(
-      config.sampling.num_steps, config.ddpo.timestep_fraction)
+      config.sampling.num_steps, config.ddpo.timestep_fraction
+  )
   if pairs % config.ddpo.num_microbatches:
     raise configs.ConfigError(
         f"config.ddpo.num_microbatches={config.ddpo.num_microbatches} must divide the "
-        f"{pairs} (sample, step) pairs of a minibatch")
+        f"{pairs} (sample, step) pairs of a minibatch"
+    )
   common.check_eval_batches(config)
-  configs.check_mesh_and_batch(config.mesh, num_devices, {
-      "sampling.batch_size": config.sampling.batch_size,
-      "ddpo.num_microbatches (pairs per microbatch)": pairs // config.ddpo.num_microbatches})
+  configs.check_mesh_and_batch(
+      config.mesh,
+      num_devices,
+      {
+          "sampling.batch_size": config.sampling.batch_size,
+          "ddpo.num_microbatches (pairs per microbatch)": pairs // config.ddpo.num_microbatches,
+      },
+  )
 
 
 # ============================================================================ the run
@@ -108,37 +128,59 @@ def run(config, workdir: str, *, devices=None) -> dict:
   state_shardings = parallel.param_shardings(state_shapes, mesh, rules)
   frozen_shardings = parallel.param_shardings(frozen_shapes, mesh, rules)
   state, frozen = jax.jit(init_state, out_shardings=(state_shardings, frozen_shardings))(
-      base_params)
+      base_params
+  )
   del base_params
 
   # ---------------------------------------------------------------- jitted functions
   def sample_batch(trainable, frozen, key, cond):
     eps_fn = samplers.classifier_free_guidance(
-        eps_fn_builder(trainable, frozen), sample_cfg.guidance_scale, null_cond)
-    return samplers.sample(eps_fn, schedule, cond, key, shape=models.image_shape,
-                           num_steps=sample_cfg.num_steps, eta=sample_cfg.eta,
-                           clip_sample=sample_cfg.clip_sample)
+        eps_fn_builder(trainable, frozen), sample_cfg.guidance_scale, null_cond
+    )
+    return samplers.sample(
+        eps_fn,
+        schedule,
+        cond,
+        key,
+        shape=models.image_shape,
+        num_steps=sample_cfg.num_steps,
+        eta=sample_cfg.eta,
+        clip_sample=sample_cfg.clip_sample,
+    )
 
   cond_shape = jax.ShapeDtypeStruct((sample_cfg.batch_size,), jnp.int32)
-  traj_sharding = jax.tree_util.tree_map(lambda _: batch_sharding, jax.eval_shape(
-      sample_batch, state.params, frozen, sample_key, cond_shape))
-  traj_sharding = traj_sharding.replace(timesteps=replicated, prev_timesteps=replicated,
-                                        stds=replicated)
+  traj_sharding = jax.tree_util.tree_map(
+      lambda _: batch_sharding,
+      jax.eval_shape(sample_batch, state.params, frozen, sample_key, cond_shape),
+  )
+  traj_sharding = traj_sharding.replace(
+      timesteps=replicated, prev_timesteps=replicated, stds=replicated
+  )
   compiler_options = dict(config.compiler_options) or None
-  sample_fn = jax.jit(sample_batch, out_shardings=traj_sharding,
-                      compiler_options=compiler_options)
+  sample_fn = jax.jit(sample_batch, out_shardings=traj_sharding, compiler_options=compiler_options)
   decode_fn = jax.jit(common.images_from, out_shardings=batch_sharding)
   epoch_fn = jax.jit(
       ddpo.make_epoch_fn(
-          eps_fn_builder, schedule, optimizer, objective=config.ddpo.objective,
-          clip_range=config.ddpo.clip_range, eta=sample_cfg.eta,
-          guidance_scale=sample_cfg.guidance_scale, null_cond=null_cond,
+          eps_fn_builder,
+          schedule,
+          optimizer,
+          objective=config.ddpo.objective,
+          clip_range=config.ddpo.clip_range,
+          eta=sample_cfg.eta,
+          guidance_scale=sample_cfg.guidance_scale,
+          null_cond=null_cond,
           timestep_fraction=config.ddpo.timestep_fraction,
           num_minibatches=config.ddpo.num_minibatches,
-          num_microbatches=config.ddpo.num_microbatches, clip_sample=sample_cfg.clip_sample,
-          mesh=mesh, data_axes=parallel.DATA_AXES, minibatch_loop=config.ddpo.minibatch_loop),
-      donate_argnums=0, out_shardings=(state_shardings, replicated),
-      compiler_options=compiler_options)
+          num_microbatches=config.ddpo.num_microbatches,
+          clip_sample=sample_cfg.clip_sample,
+          mesh=mesh,
+          data_axes=parallel.DATA_AXES,
+          minibatch_loop=config.ddpo.minibatch_loop,
+      ),
+      donate_argnums=0,
+      out_shardings=(state_shardings, replicated),
+      compiler_options=compiler_options,
+  )
   rewards_fn = common.RewardEvaluator(reward, mesh)
 
   def draw_prompts(seed_key, num) -> jax.Array:
@@ -164,37 +206,51 @@ def run(config, workdir: str, *, devices=None) -> dict:
 
   # ---------------------------------------------------------------- restore or start
   ckpt = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
-      keep=config.checkpoint.keep, metadata=common.checkpoint_metadata(config, models))
+      os.path.join(workdir, "checkpoints"),
+      save_every=config.checkpoint.every,
+      keep=config.checkpoint.keep,
+      metadata=common.checkpoint_metadata(config, models),
+  )
   ckpt.install_preemption_handler()
-  host = {"round": 0, "tracker": None, "base_reward": None, "base_diversity": None,
-          "history": []}
+  host = {"round": 0, "tracker": None, "base_reward": None, "base_diversity": None, "history": []}
   if ckpt.latest_step() is not None:
     state, host = ckpt.restore(state)
     logging.info("Resumed from round %d in %s", host["round"], workdir)
-  tracker = (ddpo.PerPromptStatTracker.from_state_dict(host["tracker"]) if host["tracker"]
-             else ddpo.PerPromptStatTracker(config.ddpo.buffer_size, config.ddpo.min_count))
+  tracker = (
+      ddpo.PerPromptStatTracker.from_state_dict(host["tracker"])
+      if host["tracker"]
+      else ddpo.PerPromptStatTracker(config.ddpo.buffer_size, config.ddpo.min_count)
+  )
   if host["base_reward"] is None:
     host["base_reward"], host["base_diversity"], base_images = evaluate(state.params)
-    writer.write_images(0, "eval_base", base_images[:config.log.num_images])
-    writer.write_scalars(0, {"eval/reward_mean": host["base_reward"],
-                             "eval/diversity": host["base_diversity"]})
+    writer.write_images(0, "eval_base", base_images[: config.log.num_images])
+    writer.write_scalars(
+        0, {"eval/reward_mean": host["base_reward"], "eval/diversity": host["base_diversity"]}
+    )
 
   # ---------------------------------------------------------------- the loop
-  for round_ in metrics.progress(range(host["round"], config.num_rounds),
-                                 total=config.num_rounds - host["round"], desc="DDPO rounds"):
+  for round_ in metrics.progress(
+      range(host["round"], config.num_rounds),
+      total=config.num_rounds - host["round"],
+      desc="DDPO rounds",
+  ):
     t0 = time.perf_counter()
     round_key = jax.random.fold_in(sample_key, round_)
     trajs, pending = [], []
     for b in range(sample_cfg.batches_per_round):  # host rewards overlap the next batch
       batch_key = jax.random.fold_in(round_key, b)
-      traj = sample_fn(state.params, frozen, batch_key,
-                       draw_prompts(jax.random.fold_in(batch_key, 1), sample_cfg.batch_size))
+      traj = sample_fn(
+          state.params,
+          frozen,
+          batch_key,
+          draw_prompts(jax.random.fold_in(batch_key, 1), sample_cfg.batch_size),
+      )
       trajs.append(traj)
       pending.append(rewards_fn.submit(decode_fn(traj.final), traj.cond))
     traj = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *trajs)
-    traj = traj.replace(timesteps=trajs[0].timesteps, prev_timesteps=trajs[0].prev_timesteps,
-                        stds=trajs[0].stds)
+    traj = traj.replace(
+        timesteps=trajs[0].timesteps, prev_timesteps=trajs[0].prev_timesteps, stds=trajs[0].stds
+    )
     rewards = np.concatenate([p.result() for p in pending])
     prompts = common.to_host(traj.cond)
     if config.ddpo.per_prompt_stat_tracking:
@@ -208,19 +264,24 @@ def run(config, workdir: str, *, devices=None) -> dict:
     for _ in range(config.ddpo.inner_epochs):
       state, epoch_metrics = epoch_fn(state, frozen, traj, advantages)
     epoch_metrics = jax.device_get(epoch_metrics)
-    scalars = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-               **{k: float(np.mean(v)) for k, v in epoch_metrics.items()},
-               "seconds_sampling": t_sample, "seconds_round": time.perf_counter() - t0}
+    scalars = {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        **{k: float(np.mean(v)) for k, v in epoch_metrics.items()},
+        "seconds_sampling": t_sample,
+        "seconds_round": time.perf_counter() - t0,
+    }
     scalars["ratio_min"] = float(np.min(epoch_metrics["ratio_min"]))
     scalars["ratio_max"] = float(np.max(epoch_metrics["ratio_max"]))
     # The first minibatch is on-policy: |ρ − 1| there measures sampler/trainer mismatch.
-    scalars["on_policy_ratio_error"] = float(max(abs(epoch_metrics["ratio_max"][0] - 1.0),
-                                                 abs(epoch_metrics["ratio_min"][0] - 1.0)))
+    scalars["on_policy_ratio_error"] = float(
+        max(abs(epoch_metrics["ratio_max"][0] - 1.0), abs(epoch_metrics["ratio_min"][0] - 1.0))
+    )
     writer.write_scalars(round_ + 1, scalars)
     host["history"].append([round_ + 1, scalars["reward_mean"]])
     if (round_ + 1) % config.log.image_every == 0:
       images = common.to_host(decode_fn(traj.final))
-      writer.write_images(round_ + 1, "train", images[:config.log.num_images])
+      writer.write_images(round_ + 1, "train", images[: config.log.num_images])
 
     host.update(round=round_ + 1, tracker=tracker.state_dict())
     ckpt.maybe_save(round_ + 1, state, host, force=round_ + 1 == config.num_rounds)
@@ -232,22 +293,28 @@ def run(config, workdir: str, *, devices=None) -> dict:
 
   # ---------------------------------------------------------------- final evaluation
   final_reward, final_diversity, final_images = evaluate(state.params)
-  writer.write_scalars(config.num_rounds, {"eval/reward_mean": final_reward,
-                                           "eval/diversity": final_diversity})
-  writer.write_images(config.num_rounds, "eval_final",
-                      final_images[:config.log.num_images])
+  writer.write_scalars(
+      config.num_rounds, {"eval/reward_mean": final_reward, "eval/diversity": final_diversity}
+  )
+  writer.write_images(config.num_rounds, "eval_final", final_images[: config.log.num_images])
   ckpt.wait_until_finished()
   ckpt.close()
   trainable = common.to_host_tree(state.params)
   if parallel.is_main_process():
     common.write_summary(workdir, reward.name, host, final_reward, config)
-    common.export_finetuned(workdir, graphdef, models.unet.config, trainable,
-                            common.to_host_tree(frozen), finetune)
+    common.export_finetuned(
+        workdir, graphdef, models.unet.config, trainable, common.to_host_tree(frozen), finetune
+    )
   writer.close()
-  return {"base_reward": host["base_reward"], "final_reward": final_reward,
-          # None when resumed from a checkpoint written before diversity was recorded
-          "base_diversity": host.get("base_diversity"), "final_diversity": final_diversity,
-          "params": trainable, "history": host["history"]}
+  return {
+      "base_reward": host["base_reward"],
+      "final_reward": final_reward,
+      # None when resumed from a checkpoint written before diversity was recorded
+      "base_diversity": host.get("base_diversity"),
+      "final_diversity": final_diversity,
+      "params": trainable,
+      "history": host["history"],
+  }
 
 
 if __name__ == "__main__":

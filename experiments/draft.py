@@ -29,7 +29,6 @@ from alignjax.diffusion import samplers
 from experiments import common
 from experiments.configs.draft.digits import VARIANTS
 
-
 DIFFERENTIABLE_REWARDS = ("classifier", "brightness")
 VARIANT_NAMES = {"full": "DRaFT", "k": "DRaFT-K", "1": "DRaFT-1", "lv": "DRaFT-LV"}
 
@@ -39,12 +38,29 @@ VARIANT_NAMES = {"full": "DRaFT", "k": "DRaFT-K", "1": "DRaFT-1", "lv": "DRaFT-L
 
 def validate(config, num_devices: int) -> None:
   """Every check that can fail before compilation; each message names the key."""
-  configs.check_integer(config, "num_updates", "sampling.num_steps", "sampling.batch_size",
-                        "checkpoint.every", "checkpoint.keep", "log.image_every",
-                        "log.num_images", "eval.num_samples")
-  configs.check_positive(config, "num_updates", "sampling.num_steps", "sampling.batch_size",
-                         "optimizer.learning_rate", "checkpoint.every", "checkpoint.keep",
-                         "log.image_every", "log.num_images", "eval.num_samples")
+  configs.check_integer(
+      config,
+      "num_updates",
+      "sampling.num_steps",
+      "sampling.batch_size",
+      "checkpoint.every",
+      "checkpoint.keep",
+      "log.image_every",
+      "log.num_images",
+      "eval.num_samples",
+  )
+  configs.check_positive(
+      config,
+      "num_updates",
+      "sampling.num_steps",
+      "sampling.batch_size",
+      "optimizer.learning_rate",
+      "checkpoint.every",
+      "checkpoint.keep",
+      "log.image_every",
+      "log.num_images",
+      "eval.num_samples",
+  )
   configs.check_fraction(config, "sampling.eta")
   configs.check_nonnegative(config, "sampling.guidance_scale", "draft.kl_weight")
   configs.check_choice(config, "draft.variant", VARIANTS)
@@ -55,27 +71,33 @@ def validate(config, num_devices: int) -> None:
   common.validate_model_and_reward(config)
   configs.check_choice(config, "reward.name", DIFFERENTIABLE_REWARDS)  # DRaFT needs ∇r
   if not config.draft.reward_scale or not np.isfinite(config.draft.reward_scale):
-    raise configs.ConfigError(f"config.draft.reward_scale={config.draft.reward_scale!r}: "
-                              "must be finite and nonzero")
+    raise configs.ConfigError(
+        f"config.draft.reward_scale={config.draft.reward_scale!r}: " "must be finite and nonzero"
+    )
   if config.draft.variant == "k":
     configs.check_integer(config, "draft.truncation_k")
     configs.check_range(config, "draft.truncation_k", 1, config.sampling.num_steps)
   if config.draft.variant == "lv":
     configs.check_integer(config, "draft.lv_samples")
     configs.check_positive(config, "draft.lv_samples")
-  configs.check_mesh_and_batch(config.mesh, num_devices,
-                               {"sampling.batch_size": config.sampling.batch_size},
-                               num_processes=config.distributed.num_processes)
+  configs.check_mesh_and_batch(
+      config.mesh,
+      num_devices,
+      {"sampling.batch_size": config.sampling.batch_size},
+      num_processes=config.distributed.num_processes,
+  )
   common.check_eval_batches(config)
 
 
 def draft_options(config) -> dict:
   """(truncation_k, lv_samples) of draft.make_update_fn for `config.draft.variant`."""
   variant = config.draft.variant
-  return {"full": dict(truncation_k=None, lv_samples=0),
-          "k": dict(truncation_k=config.draft.truncation_k, lv_samples=0),
-          "1": dict(truncation_k=1, lv_samples=0),
-          "lv": dict(truncation_k=None, lv_samples=config.draft.lv_samples)}[variant]
+  return {
+      "full": dict(truncation_k=None, lv_samples=0),
+      "k": dict(truncation_k=config.draft.truncation_k, lv_samples=0),
+      "1": dict(truncation_k=1, lv_samples=0),
+      "lv": dict(truncation_k=None, lv_samples=config.draft.lv_samples),
+  }[variant]
 
 
 def balanced_prompts(batch: int, num_classes: int, seed: int) -> np.ndarray:
@@ -123,9 +145,14 @@ def run(config, workdir: str, *, devices=None) -> dict:
 
   def init_state(base_params):
     trainable, lora_base = finetune.split(base_params, init_key)
-    frozen = {"lora_base": lora_base,
-              "kl_base": ({} if finetune.mode == "lora" or not kl else  # a copy: the state
-                          jax.tree_util.tree_map(jnp.copy, base_params))}  # is donated
+    frozen = {
+        "lora_base": lora_base,
+        "kl_base": (
+            {}
+            if finetune.mode == "lora" or not kl  # a copy: the state
+            else jax.tree_util.tree_map(jnp.copy, base_params)
+        ),
+    }  # is donated
     return training.TrainState.create(trainable, optimizer, init_key), frozen
 
   rules = common.sharding_rules(config)
@@ -133,34 +160,56 @@ def run(config, workdir: str, *, devices=None) -> dict:
   state_shardings = parallel.param_shardings(state_shapes, mesh, rules)
   frozen_shardings = parallel.param_shardings(frozen_shapes, mesh, rules)
   state, frozen = jax.jit(init_state, out_shardings=(state_shardings, frozen_shardings))(
-      base_params)
+      base_params
+  )
   del base_params
 
   # ---------------------------------------------------------------- jitted functions
   options = draft_options(config)
   update = draft.make_update_fn(
-      eps_fn_builder, schedule, reward, optimizer, num_steps=sample_cfg.num_steps,
-      eta=sample_cfg.eta, guidance_scale=sample_cfg.guidance_scale, null_cond=null_cond,
-      shape=models.image_shape, remat_policy=config.draft.remat_policy,
-      reward_scale=config.draft.reward_scale, kl_weight=config.draft.kl_weight,
+      eps_fn_builder,
+      schedule,
+      reward,
+      optimizer,
+      num_steps=sample_cfg.num_steps,
+      eta=sample_cfg.eta,
+      guidance_scale=sample_cfg.guidance_scale,
+      null_cond=null_cond,
+      shape=models.image_shape,
+      remat_policy=config.draft.remat_policy,
+      reward_scale=config.draft.reward_scale,
+      kl_weight=config.draft.kl_weight,
       base_eps_fn_builder=base_eps_fn_builder if kl else None,
-      clip_sample=sample_cfg.clip_sample, **options)
+      clip_sample=sample_cfg.clip_sample,
+      **options,
+  )
   compiler_options = dict(config.compiler_options) or None
   # metrics (scalars and the batch's samples, small) come back replicated
-  update_fn = jax.jit(update, donate_argnums=0, compiler_options=compiler_options,
-                      out_shardings=(state_shardings, replicated))
+  update_fn = jax.jit(
+      update,
+      donate_argnums=0,
+      compiler_options=compiler_options,
+      out_shardings=(state_shardings, replicated),
+  )
   queries_per_update = sample_cfg.batch_size * max(1, options["lv_samples"])
 
   def sample_batch(trainable, frozen, key, cond):
     eps_fn = samplers.classifier_free_guidance(
-        eps_fn_builder(trainable, frozen), sample_cfg.guidance_scale, null_cond)
-    return samplers.sample(eps_fn, schedule, cond, key, shape=models.image_shape,
-                           num_steps=sample_cfg.num_steps, eta=sample_cfg.eta,
-                           clip_sample=sample_cfg.clip_sample,
-                           latent_sharding=batch_sharding).final
+        eps_fn_builder(trainable, frozen), sample_cfg.guidance_scale, null_cond
+    )
+    return samplers.sample(
+        eps_fn,
+        schedule,
+        cond,
+        key,
+        shape=models.image_shape,
+        num_steps=sample_cfg.num_steps,
+        eta=sample_cfg.eta,
+        clip_sample=sample_cfg.clip_sample,
+        latent_sharding=batch_sharding,
+    ).final
 
-  sample_fn = jax.jit(sample_batch, out_shardings=batch_sharding,
-                      compiler_options=compiler_options)
+  sample_fn = jax.jit(sample_batch, out_shardings=batch_sharding, compiler_options=compiler_options)
   decode_fn = jax.jit(common.images_from, out_shardings=batch_sharding)
   rewards_fn = common.RewardEvaluator(reward, mesh)
 
@@ -175,13 +224,19 @@ def run(config, workdir: str, *, devices=None) -> dict:
       images.append(common.to_host(batch))
       labels.append(common.to_host(cond))
     r, images = np.concatenate(rewards_), np.concatenate(images)
-    return {"reward_mean": float(r.mean()), "reward_std": float(r.std()),
-            "diversity": metrics.within_class_diversity(images, np.concatenate(labels))}, images
+    return {
+        "reward_mean": float(r.mean()),
+        "reward_std": float(r.std()),
+        "diversity": metrics.within_class_diversity(images, np.concatenate(labels)),
+    }, images
 
   # ---------------------------------------------------------------- restore or start
   ckpt = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
-      keep=config.checkpoint.keep, metadata=common.checkpoint_metadata(config, models))
+      os.path.join(workdir, "checkpoints"),
+      save_every=config.checkpoint.every,
+      keep=config.checkpoint.keep,
+      metadata=common.checkpoint_metadata(config, models),
+  )
   ckpt.install_preemption_handler()
   host = {"step": 0, "base": None, "history": []}
   if ckpt.latest_step() is not None:
@@ -189,12 +244,15 @@ def run(config, workdir: str, *, devices=None) -> dict:
     logging.info("Resumed from step %d in %s", host["step"], workdir)
   if host["base"] is None:
     host["base"], base_images = evaluate(state.params)
-    writer.write_images(0, "eval_base", base_images[:config.log.num_images], scale=4)
+    writer.write_images(0, "eval_base", base_images[: config.log.num_images], scale=4)
     writer.write_scalars(0, {f"eval/{k}": v for k, v in host["base"].items()})
 
   # ---------------------------------------------------------------- the loop
-  for step in metrics.progress(range(host["step"], config.num_updates),
-                               total=config.num_updates - host["step"], desc="DRaFT updates"):
+  for step in metrics.progress(
+      range(host["step"], config.num_updates),
+      total=config.num_updates - host["step"],
+      desc="DRaFT updates",
+  ):
     t0 = time.perf_counter()
     step_key = jax.random.fold_in(train_key, step)
     seed = int(jax.random.randint(jax.random.fold_in(step_key, 1), (), 0, 2**31 - 1))
@@ -209,7 +267,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
     writer.write_scalars(step + 1, scalars)
     host["history"].append([step + 1, scalars["reward_mean"], scalars["diversity"]])
     if (step + 1) % config.log.image_every == 0:
-      writer.write_images(step + 1, "train", images[:config.log.num_images], scale=4)
+      writer.write_images(step + 1, "train", images[: config.log.num_images], scale=4)
 
     host["step"] = step + 1
     ckpt.maybe_save(step + 1, state, host, force=step + 1 == config.num_updates)
@@ -222,18 +280,30 @@ def run(config, workdir: str, *, devices=None) -> dict:
   # ---------------------------------------------------------------- final evaluation
   final, final_images = evaluate(state.params)
   writer.write_scalars(config.num_updates, {f"eval/{k}": v for k, v in final.items()})
-  writer.write_images(config.num_updates, "eval_final", final_images[:config.log.num_images],
-                      scale=4)
+  writer.write_images(
+      config.num_updates, "eval_final", final_images[: config.log.num_images], scale=4
+  )
   ckpt.wait_until_finished()
   ckpt.close()
   trainable = common.to_host_tree(state.params)
   if parallel.is_main_process():
     write_summary(workdir, reward.name, host, final, config)
-    common.export_finetuned(workdir, graphdef, models.unet.config, trainable,
-                            common.to_host_tree(frozen["lora_base"]), finetune)
+    common.export_finetuned(
+        workdir,
+        graphdef,
+        models.unet.config,
+        trainable,
+        common.to_host_tree(frozen["lora_base"]),
+        finetune,
+    )
   writer.close()
-  return {"base": host["base"], "final": final, "params": trainable,
-          "history": host["history"], "preempted": False}
+  return {
+      "base": host["base"],
+      "final": final,
+      "params": trainable,
+      "history": host["history"],
+      "preempted": False,
+  }
 
 
 def write_summary(workdir: str, reward_name: str, host: dict, final: dict, config) -> str:
@@ -246,32 +316,53 @@ def write_summary(workdir: str, reward_name: str, host: dict, final: dict, confi
     name += f" (n={options['lv_samples']})"
   name += f", {config.finetune.mode}, {config.num_updates} updates"
   queries = config.num_updates * config.sampling.batch_size * max(1, options["lv_samples"])
-  row = lambda label, e: (f"| {label} | {e['reward_mean']:.4f} ± {e['reward_std']:.4f} | "
-                          f"{e['diversity']:.3f} |")
-  table = "\n".join([
-      f"| model (eval: {config.eval.num_samples} held-out seeds, DDIM "
-      f"{config.sampling.num_steps} steps, eta={config.sampling.eta}) | "
-      f"{reward_name} reward, mean ± std | within-class diversity |",
-      "|---|---|---|",
-      row("base", host["base"]),
-      row(name, final),
-      "",
-      f"Training reward queries: {queries}. Diversity: mean pairwise L2 distance between "
-      "samples of the same digit, images in [0, 1] (alignjax.metrics eq. 2)."])
+  row = lambda label, e: (
+      f"| {label} | {e['reward_mean']:.4f} ± {e['reward_std']:.4f} | " f"{e['diversity']:.3f} |"
+  )
+  table = "\n".join(
+      [
+          f"| model (eval: {config.eval.num_samples} held-out seeds, DDIM "
+          f"{config.sampling.num_steps} steps, eta={config.sampling.eta}) | "
+          f"{reward_name} reward, mean ± std | within-class diversity |",
+          "|---|---|---|",
+          row("base", host["base"]),
+          row(name, final),
+          "",
+          f"Training reward queries: {queries}. Diversity: mean pairwise L2 distance between "
+          "samples of the same digit, images in [0, 1] (alignjax.metrics eq. 2).",
+      ]
+  )
   print(table, flush=True)
   with open(os.path.join(workdir, "summary.md"), "w") as f:
     f.write(table + "\n")
   with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump({"base": host["base"], "final": final, "reward": reward_name,
-               "variant": config.draft.variant, "updates": config.num_updates,
-               "reward_queries": queries}, f, indent=2)
+    json.dump(
+        {
+            "base": host["base"],
+            "final": final,
+            "reward": reward_name,
+            "variant": config.draft.variant,
+            "updates": config.num_updates,
+            "reward_queries": queries,
+        },
+        f,
+        indent=2,
+    )
   history = np.asarray(host["history"], np.float64).reshape(-1, 3)
-  metrics.plot_curves(os.path.join(workdir, "reward_curve.png"),
-                      {"train reward (batch mean)": (history[:, 0], history[:, 1])},
-                      xlabel="update", ylabel=reward_name, title=name)
-  metrics.plot_curves(os.path.join(workdir, "diversity_curve.png"),
-                      {"within-class diversity (batch)": (history[:, 0], history[:, 2])},
-                      xlabel="update", ylabel="mean pairwise L2", title=name)
+  metrics.plot_curves(
+      os.path.join(workdir, "reward_curve.png"),
+      {"train reward (batch mean)": (history[:, 0], history[:, 1])},
+      xlabel="update",
+      ylabel=reward_name,
+      title=name,
+  )
+  metrics.plot_curves(
+      os.path.join(workdir, "diversity_curve.png"),
+      {"within-class diversity (batch)": (history[:, 0], history[:, 2])},
+      xlabel="update",
+      ylabel="mean pairwise L2",
+      title=name,
+  )
   return table
 
 

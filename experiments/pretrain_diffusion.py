@@ -81,7 +81,8 @@ def default_cache_dir(objective: str = "eps") -> str:
   if objective not in OBJECTIVES:
     raise ValueError(f"objective={objective!r}: valid choices are {OBJECTIVES}")
   eps_dir = os.environ.get("ALIGNJAX_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "alignjax", "digits")
+      os.path.expanduser("~"), ".cache", "alignjax", "digits"
+  )
   return eps_dir if objective == "eps" else os.path.join(eps_dir, FLOW_SUBDIR)
 
 
@@ -92,6 +93,7 @@ def objective_of(config) -> str:
 
 def default_config():
   from experiments.configs.pretrain_diffusion import digits as digits_config
+
   return digits_config.get_config()
 
 
@@ -100,12 +102,21 @@ def default_config():
 
 def validate(config) -> None:
   """Checks that can fail before any compilation; messages name the key."""
-  configs.check_positive(config, "train.steps", "train.batch_size", "train.learning_rate",
-                         "train.log_every", "classifier_train.steps",
-                         "classifier_train.batch_size", "sample.per_class", "sample.num_steps",
-                         "sample.batch_size")
-  configs.check_nonnegative(config, "train.warmup_steps", "train.weight_decay",
-                            "train.max_grad_norm")
+  configs.check_positive(
+      config,
+      "train.steps",
+      "train.batch_size",
+      "train.learning_rate",
+      "train.log_every",
+      "classifier_train.steps",
+      "classifier_train.batch_size",
+      "sample.per_class",
+      "sample.num_steps",
+      "sample.batch_size",
+  )
+  configs.check_nonnegative(
+      config, "train.warmup_steps", "train.weight_decay", "train.max_grad_norm"
+  )
   configs.check_fraction(config, "train.p_uncond")
   configs.check_fraction(config, "train.ema_decay")
   if objective_of(config) == "eps":
@@ -125,13 +136,20 @@ def validate(config) -> None:
 
 def unet_config(config) -> unet_lib.UNetConfig:
   return unet_lib.UNetConfig.from_dict(
-      {**config.unet.to_dict(), "image_size": 8, "in_channels": 1, "out_channels": 1,
-       "num_classes": digits.NUM_CLASSES})
+      {
+          **config.unet.to_dict(),
+          "image_size": 8,
+          "in_channels": 1,
+          "out_channels": 1,
+          "num_classes": digits.NUM_CLASSES,
+      }
+  )
 
 
 def classifier_config(config) -> classifier_lib.ClassifierConfig:
   return classifier_lib.ClassifierConfig.from_dict(
-      {**config.classifier.to_dict(), "num_classes": digits.NUM_CLASSES})
+      {**config.classifier.to_dict(), "num_classes": digits.NUM_CLASSES}
+  )
 
 
 def init_model(build, key):
@@ -173,8 +191,11 @@ def guided_velocity(vel_fn, guidance_scale: float, null_class: int):
 
   def guided(x, t, cond):
     b = x.shape[0]
-    v = vel_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-               jnp.concatenate([cond, jnp.full_like(cond, null_class)]))
+    v = vel_fn(
+        jnp.concatenate([x, x]),
+        jnp.concatenate([t, t]),
+        jnp.concatenate([cond, jnp.full_like(cond, null_class)]),
+    )
     return v[b:] + guidance_scale * (v[:b] - v[b:])  # eq. 6
 
   return guided
@@ -205,10 +226,17 @@ def train_unet(config, x_train, y_train, schedule, key, writer=None):
   model = init_model(lambda rngs: unet_lib.UNet(cfg, rngs=rngs), init_key)
   graphdef, params = nnx.split(model)
   logging.info("UNet: %d parameters", unet_lib.param_count(model))
-  lr = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, min(tc.warmup_steps, tc.steps),
-                                          tc.steps, tc.learning_rate * tc.end_lr_fraction)
-  tx = optax.chain(optax.clip_by_global_norm(tc.max_grad_norm) if tc.max_grad_norm > 0
-                   else optax.identity(), optax.adamw(lr, weight_decay=tc.weight_decay))
+  lr = optax.warmup_cosine_decay_schedule(
+      0.0,
+      tc.learning_rate,
+      min(tc.warmup_steps, tc.steps),
+      tc.steps,
+      tc.learning_rate * tc.end_lr_fraction,
+  )
+  tx = optax.chain(
+      optax.clip_by_global_norm(tc.max_grad_norm) if tc.max_grad_norm > 0 else optax.identity(),
+      optax.adamw(lr, weight_decay=tc.weight_decay),
+  )
   opt_state = tx.init(params)
   ema = jax.tree.map(jnp.copy, params)  # distinct buffers: all three are donated
   x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
@@ -220,10 +248,23 @@ def train_unet(config, x_train, y_train, schedule, key, writer=None):
     def loss_fn(p):
       model_fn = lambda x, t, c: nnx.merge(graphdef, p)(x, t, c)
       if objective_of(config) == "flow":
-        return flow_loss(unet_velocity(model_fn, config.flow.time_scale), x_train[idx],
-                         y_train[idx], k_loss, p_uncond=tc.p_uncond, null_class=cfg.null_class)
-      return diffusion_loss(model_fn, schedule, x_train[idx], y_train[idx], k_loss,
-                            p_uncond=tc.p_uncond, null_class=cfg.null_class)
+        return flow_loss(
+            unet_velocity(model_fn, config.flow.time_scale),
+            x_train[idx],
+            y_train[idx],
+            k_loss,
+            p_uncond=tc.p_uncond,
+            null_class=cfg.null_class,
+        )
+      return diffusion_loss(
+          model_fn,
+          schedule,
+          x_train[idx],
+          y_train[idx],
+          k_loss,
+          p_uncond=tc.p_uncond,
+          null_class=cfg.null_class,
+      )
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -233,46 +274,77 @@ def train_unet(config, x_train, y_train, schedule, key, writer=None):
   step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2))
   losses = []
   for step in metrics.progress(range(tc.steps), desc="unet"):
-    params, opt_state, ema, loss = step_fn(params, opt_state, ema, step,
-                                           jax.random.fold_in(key, step))
+    params, opt_state, ema, loss = step_fn(
+        params, opt_state, ema, step, jax.random.fold_in(key, step)
+    )
     losses.append(loss)
     if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
       mean_loss = float(jnp.mean(jnp.stack(losses)))
       losses = []
       if writer is not None:
-        writer.write_scalars(step + 1, {"unet/loss": mean_loss,
-                                        "unet/learning_rate": float(lr(step))})
+        writer.write_scalars(
+            step + 1, {"unet/loss": mean_loss, "unet/learning_rate": float(lr(step))}
+        )
   return graphdef, ema, mean_loss
 
 
 # ============================================================================ sampling
 
 
-def sample_digits(graphdef, params, schedule, cond, key, *, num_steps: int, eta: float,
-                  guidance_scale: float, clip_sample, batch_size: int) -> np.ndarray:
+def sample_digits(
+    graphdef,
+    params,
+    schedule,
+    cond,
+    key,
+    *,
+    num_steps: int,
+    eta: float,
+    guidance_scale: float,
+    clip_sample,
+    batch_size: int,
+) -> np.ndarray:
   """Class-conditional DDIM samples x_0 in [-1, 1] for every id in `cond` (numpy [N,8,8,1])."""
 
   @jax.jit
   def draw(params, cond, key):
     eps_fn = lambda x, t, c: nnx.merge(graphdef, params)(x, t, c)
     guided = samplers.classifier_free_guidance(eps_fn, guidance_scale)
-    return samplers.sample(guided, schedule, cond, key, shape=(8, 8, 1), num_steps=num_steps,
-                           eta=eta, clip_sample=clip_sample).final
+    return samplers.sample(
+        guided,
+        schedule,
+        cond,
+        key,
+        shape=(8, 8, 1),
+        num_steps=num_steps,
+        eta=eta,
+        clip_sample=clip_sample,
+    ).final
 
   cond = np.asarray(cond, np.int32)
   out = []
   for i, start in enumerate(range(0, len(cond), batch_size)):
-    chunk = cond[start:start + batch_size]
+    chunk = cond[start : start + batch_size]
     pad = batch_size - len(chunk)  # keep one compiled shape
     padded = np.concatenate([chunk, np.zeros(pad, np.int32)]) if pad else chunk
     x = draw(params, jnp.asarray(padded), jax.random.fold_in(key, i))
-    out.append(np.asarray(x)[:len(chunk)])
+    out.append(np.asarray(x)[: len(chunk)])
   return np.concatenate(out)
 
 
-def sample_digits_flow(graphdef, params, cond, key, *, num_steps: int, sampler: str,
-                       guidance_scale: float, time_scale: float, null_class: int,
-                       batch_size: int) -> np.ndarray:
+def sample_digits_flow(
+    graphdef,
+    params,
+    cond,
+    key,
+    *,
+    num_steps: int,
+    sampler: str,
+    guidance_scale: float,
+    time_scale: float,
+    null_class: int,
+    batch_size: int,
+) -> np.ndarray:
   """Class-conditional samples X_1 of the flow model (eqs. 4, 6; flow eq. 7) as numpy [N,8,8,1].
 
   sampler "ode": Euler steps of dX = v dt; "sde": the memoryless Euler-Maruyama SDE
@@ -290,17 +362,18 @@ def sample_digits_flow(graphdef, params, cond, key, *, num_steps: int, sampler: 
     x0 = jax.random.normal(k_x0, (cond.shape[0], 8, 8, 1), jnp.float32)
     if sampler == "ode":
       return flow.sample_ode(vel_fn, x0, num_steps=num_steps).final
-    return flow.sample_sde(vel_fn, x0, k_sde, num_steps=num_steps,
-                           sigma_fn=flow.memoryless_sigma(1.0 / num_steps)).final
+    return flow.sample_sde(
+        vel_fn, x0, k_sde, num_steps=num_steps, sigma_fn=flow.memoryless_sigma(1.0 / num_steps)
+    ).final
 
   cond = np.asarray(cond, np.int32)
   out = []
   for i, start in enumerate(range(0, len(cond), batch_size)):
-    chunk = cond[start:start + batch_size]
+    chunk = cond[start : start + batch_size]
     pad = batch_size - len(chunk)  # keep one compiled shape
     padded = np.concatenate([chunk, np.zeros(pad, np.int32)]) if pad else chunk
     x = draw(params, jnp.asarray(padded), jax.random.fold_in(key, i))
-    out.append(np.asarray(x)[:len(chunk)])
+    out.append(np.asarray(x)[: len(chunk)])
   return np.concatenate(out)
 
 
@@ -344,16 +417,29 @@ def pretrain(config, workdir: str) -> dict:
   init_key, train_key = jax.random.split(clf_key)
   clf = init_model(lambda rngs: classifier_lib.DigitsClassifier(ccfg, rngs=rngs), init_key)
   clf, clf_losses = classifier_lib.train_classifier(
-      clf, digits.to_images(x_train), y_train, steps=ct.steps, batch_size=ct.batch_size,
-      learning_rate=ct.learning_rate, weight_decay=ct.weight_decay, max_shift=ct.max_shift,
-      noise_std=ct.noise_std, key=train_key)
+      clf,
+      digits.to_images(x_train),
+      y_train,
+      steps=ct.steps,
+      batch_size=ct.batch_size,
+      learning_rate=ct.learning_rate,
+      weight_decay=ct.weight_decay,
+      max_shift=ct.max_shift,
+      noise_std=ct.noise_std,
+      key=train_key,
+  )
   test_acc = classifier_lib.accuracy(clf, digits.to_images(x_test), y_test)
   train_acc = classifier_lib.accuracy(clf, digits.to_images(x_train), y_train)
   classifier_time = time.time() - t0
   model_io.save_model(os.path.join(workdir, CLASSIFIER_DIR), clf, ccfg)
-  writer.write_scalars(config.train.steps, {"classifier/test_accuracy": test_acc,
-                                            "classifier/train_accuracy": train_acc,
-                                            "classifier/final_loss": clf_losses[-1]})
+  writer.write_scalars(
+      config.train.steps,
+      {
+          "classifier/test_accuracy": test_acc,
+          "classifier/train_accuracy": train_acc,
+          "classifier/final_loss": clf_losses[-1],
+      },
+  )
 
   # ---------------------------------------------------------------- samples
   # One evaluation per guidance scale; the first is the headline number (config.targets).
@@ -363,25 +449,49 @@ def pretrain(config, workdir: str) -> dict:
   evaluations = []
   for i, scale in enumerate(sc.guidance_scales):
     if is_flow:
-      x_gen = sample_digits_flow(graphdef, ema, cond, jax.random.fold_in(sample_key, i),
-                                 num_steps=sc.num_steps, sampler=sc.sampler,
-                                 guidance_scale=scale, time_scale=config.flow.time_scale,
-                                 null_class=unet_model.config.null_class,
-                                 batch_size=sc.batch_size)
+      x_gen = sample_digits_flow(
+          graphdef,
+          ema,
+          cond,
+          jax.random.fold_in(sample_key, i),
+          num_steps=sc.num_steps,
+          sampler=sc.sampler,
+          guidance_scale=scale,
+          time_scale=config.flow.time_scale,
+          null_class=unet_model.config.null_class,
+          batch_size=sc.batch_size,
+      )
       sampler = {"sampler": sc.sampler}
     else:
-      x_gen = sample_digits(graphdef, ema, schedule, cond, jax.random.fold_in(sample_key, i),
-                            num_steps=sc.num_steps, eta=sc.eta, guidance_scale=scale,
-                            clip_sample=sc.clip_sample, batch_size=sc.batch_size)
+      x_gen = sample_digits(
+          graphdef,
+          ema,
+          schedule,
+          cond,
+          jax.random.fold_in(sample_key, i),
+          num_steps=sc.num_steps,
+          eta=sc.eta,
+          guidance_scale=scale,
+          clip_sample=sc.clip_sample,
+          batch_size=sc.batch_size,
+      )
       sampler = {"eta": sc.eta}
     images = digits.to_images(x_gen)
     rate, per_class = recognition(clf, images, cond)  # eq. 3
-    evaluations.append({"guidance_scale": float(scale), "num_steps": sc.num_steps,
-                        **sampler, "recognition_rate": rate, "per_class": per_class})
+    evaluations.append(
+        {
+            "guidance_scale": float(scale),
+            "num_steps": sc.num_steps,
+            **sampler,
+            "recognition_rate": rate,
+            "per_class": per_class,
+        }
+    )
     writer.write_scalars(config.train.steps, {f"samples/recognition_rate_w{scale:g}": rate})
     grid = np.concatenate([images[cond == c][:10] for c in range(digits.NUM_CLASSES)])
-    writer.write_images(config.train.steps, f"samples_w{scale:g}".replace(".", "_"), grid,
-                        ncols=10, scale=4)
+    writer.write_images(
+        config.train.steps, f"samples_w{scale:g}".replace(".", "_"), grid, ncols=10, scale=4
+    )
   sample_time = time.time() - t0
   writer.close()
 
@@ -396,9 +506,14 @@ def pretrain(config, workdir: str) -> dict:
       "num_samples": int(len(cond)),
       "targets_met": {
           "classifier_accuracy": test_acc >= config.targets.classifier_accuracy,
-          "recognition_rate": headline >= config.targets.recognition_rate},
-      "time_s": {"unet_train": unet_time, "classifier_train": classifier_time,
-                 "sampling": sample_time, "total": time.time() - t_start},
+          "recognition_rate": headline >= config.targets.recognition_rate,
+      },
+      "time_s": {
+          "unet_train": unet_time,
+          "classifier_train": classifier_time,
+          "sampling": sample_time,
+          "total": time.time() - t_start,
+      },
       "device": str(jax.devices()[0].platform),
       "schedule": None if is_flow else config.schedule.to_dict(),
       "config": json.loads(config.to_json()),
@@ -427,8 +542,11 @@ def _cache_status(cache_dir: str, config) -> str | None:
     return f"{report_path} was made with a different config"
   try:
     model_io.load_model(os.path.join(cache_dir, UNET_DIR), unet_lib.UNet, unet_lib.UNetConfig)
-    model_io.load_model(os.path.join(cache_dir, CLASSIFIER_DIR),
-                        classifier_lib.DigitsClassifier, classifier_lib.ClassifierConfig)
+    model_io.load_model(
+        os.path.join(cache_dir, CLASSIFIER_DIR),
+        classifier_lib.DigitsClassifier,
+        classifier_lib.ClassifierConfig,
+    )
   except (model_io.ModelIOError, OSError) as e:
     return f"models do not load: {e}"
   return None
@@ -458,11 +576,14 @@ def ensure_pretrained(cache_dir: str | None = None, config=None) -> dict:
       pretrain(config, cache_dir)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("alignjax_ensure_pretrained")
-  return {"unet_dir": os.path.join(cache_dir, UNET_DIR),
-          "classifier_dir": os.path.join(cache_dir, CLASSIFIER_DIR),
-          "schedule": None if objective_of(config) == "flow" else config.schedule.to_dict(),
-          "report": os.path.join(cache_dir, REPORT_NAME)}
+  return {
+      "unet_dir": os.path.join(cache_dir, UNET_DIR),
+      "classifier_dir": os.path.join(cache_dir, CLASSIFIER_DIR),
+      "schedule": None if objective_of(config) == "flow" else config.schedule.to_dict(),
+      "report": os.path.join(cache_dir, REPORT_NAME),
+  }
 
 
 # ============================================================================ command line
@@ -475,12 +596,21 @@ def define_flags(flag_values=flags.FLAGS, argv=None):
   call `ensure_pretrained` can define their own --config/--workdir. `argv` (default
   sys.argv) is where ml_collections looks for the `--config.a.b=v` overrides.
   """
-  config = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                           flag_values=flag_values, lock_config=True,
-                                           sys_argv=argv)
+  config = config_flags.DEFINE_config_file(
+      "config",
+      None,
+      "Experiment config file.",
+      flag_values=flag_values,
+      lock_config=True,
+      sys_argv=argv,
+  )
   workdir = flags.DEFINE_string(
-      "workdir", None, "Output directory (models, report, logs). Default: the digits cache "
-      "($ALIGNJAX_CACHE or ~/.cache/alignjax/digits).", flag_values=flag_values)
+      "workdir",
+      None,
+      "Output directory (models, report, logs). Default: the digits cache "
+      "($ALIGNJAX_CACHE or ~/.cache/alignjax/digits).",
+      flag_values=flag_values,
+  )
   return config, workdir
 
 
@@ -488,12 +618,15 @@ def main(argv, config_flag, workdir_flag) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if config_flag.value is None:
-    raise app.UsageError("--config is required, e.g. "
-                         "--config=experiments/configs/pretrain_diffusion/digits.py")
+    raise app.UsageError(
+        "--config is required, e.g. " "--config=experiments/configs/pretrain_diffusion/digits.py"
+    )
   workdir = workdir_flag.value or default_cache_dir(objective_of(config_flag.value))
   report = pretrain(config_flag.value, workdir)
-  summary = {k: report[k] for k in ("classifier_test_accuracy", "recognition_rate",
-                                    "targets_met", "time_s")}
+  summary = {
+      k: report[k]
+      for k in ("classifier_test_accuracy", "recognition_rate", "targets_met", "time_s")
+  }
   print(json.dumps(summary, indent=2), flush=True)
   print(f"models and report in {workdir}", flush=True)
 

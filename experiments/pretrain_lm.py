@@ -44,25 +44,50 @@ MODEL_DIR = "model"
 
 def validate(config) -> None:
   """Checks that fail before any compilation; messages name the key."""
-  configs.check_positive(config, "train.steps", "train.batch_size", "train.learning_rate",
-                         "train.log_every", "eval.num_examples", "eval.batch_size",
-                         "data.max_operand", *(f"model.{k}" for k in (
-                             "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                             "head_dim", "mlp_dim", "max_position_embeddings")))
-  configs.check_nonnegative(config, "train.warmup_steps", "train.weight_decay",
-                            "train.max_grad_norm")
+  configs.check_positive(
+      config,
+      "train.steps",
+      "train.batch_size",
+      "train.learning_rate",
+      "train.log_every",
+      "eval.num_examples",
+      "eval.batch_size",
+      "data.max_operand",
+      *(
+          f"model.{k}"
+          for k in (
+              "hidden_size",
+              "num_layers",
+              "num_heads",
+              "num_kv_heads",
+              "head_dim",
+              "mlp_dim",
+              "max_position_embeddings",
+          )
+      ),
+  )
+  configs.check_nonnegative(
+      config, "train.warmup_steps", "train.weight_decay", "train.max_grad_norm"
+  )
   configs.check_fraction(config, "data.test_fraction")
   needed = lang.max_sentence_length(config.data.max_operand)
   if config.model.max_position_embeddings < needed:
     raise configs.ConfigError(
         f"config.model.max_position_embeddings={config.model.max_position_embeddings}: must "
-        f"be >= {needed}, the longest sentence for max_operand={config.data.max_operand}")
+        f"be >= {needed}, the longest sentence for max_operand={config.data.max_operand}"
+    )
 
 
 def lm_config(config) -> LMConfig:
-  return LMConfig(family="llama", vocab_size=lang.VOCAB_SIZE, bos_token_id=lang.BOS_ID,
-                  eos_token_ids=(lang.EOS_ID,), pad_token_id=lang.PAD_ID, norm_eps=1e-5,
-                  **config.model.to_dict())
+  return LMConfig(
+      family="llama",
+      vocab_size=lang.VOCAB_SIZE,
+      bos_token_id=lang.BOS_ID,
+      eos_token_ids=(lang.EOS_ID,),
+      pad_token_id=lang.PAD_ID,
+      norm_eps=1e-5,
+      **config.model.to_dict(),
+  )
 
 
 def lm_loss(graphdef, params, tokens, valid):
@@ -78,17 +103,25 @@ def train(config, tokens, valid, writer=None):
   model = TransformerLM(lm_config(config), rngs=nnx.Rngs(config.seed))
   graphdef, params = nnx.split(model)
   logging.info("LM: %d parameters", sum(x.size for x in jax.tree.leaves(params)))
-  lr = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, min(tc.warmup_steps, tc.steps),
-                                          tc.steps, tc.learning_rate * tc.end_lr_fraction)
-  tx = optax.chain(optax.clip_by_global_norm(tc.max_grad_norm) if tc.max_grad_norm > 0
-                   else optax.identity(), optax.adamw(lr, weight_decay=tc.weight_decay))
+  lr = optax.warmup_cosine_decay_schedule(
+      0.0,
+      tc.learning_rate,
+      min(tc.warmup_steps, tc.steps),
+      tc.steps,
+      tc.learning_rate * tc.end_lr_fraction,
+  )
+  tx = optax.chain(
+      optax.clip_by_global_norm(tc.max_grad_norm) if tc.max_grad_norm > 0 else optax.identity(),
+      optax.adamw(lr, weight_decay=tc.weight_decay),
+  )
   opt_state = tx.init(params)
   tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
 
   def step_fn(params, opt_state, key):
     idx = jax.random.randint(key, (tc.batch_size,), 0, tokens.shape[0])
-    loss, grads = jax.value_and_grad(
-        lambda p: lm_loss(graphdef, p, tokens[idx], valid[idx]))(params)
+    loss, grads = jax.value_and_grad(lambda p: lm_loss(graphdef, p, tokens[idx], valid[idx]))(
+        params
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -102,28 +135,40 @@ def train(config, tokens, valid, writer=None):
       mean_loss = float(jnp.mean(jnp.stack(losses)))
       losses = []
       if writer is not None:
-        writer.write_scalars(step + 1, {"lm/loss": mean_loss,
-                                        "lm/learning_rate": float(lr(step))})
+        writer.write_scalars(step + 1, {"lm/loss": mean_loss, "lm/learning_rate": float(lr(step))})
   return graphdef, params, mean_loss
 
 
 def completion_accuracy(graphdef, params, pairs, *, batch_size: int, max_operand: int):
   """Eq. 2 with greedy decoding; returns (accuracy, [(prompt, answer, completion)])."""
   max_new = len(str(2 * max_operand)) + 1
-  cfg = sampling.SamplingConfig(max_new_tokens=max_new, temperature=0.0,
-                                eos_ids=(lang.EOS_ID,), pad_id=lang.PAD_ID)
+  cfg = sampling.SamplingConfig(
+      max_new_tokens=max_new, temperature=0.0, eos_ids=(lang.EOS_ID,), pad_id=lang.PAD_ID
+  )
   max_prompt = lang.max_sentence_length(max_operand) - len(str(2 * max_operand)) - 1
   rows = []
   for start in range(0, len(pairs), batch_size):
-    chunk = list(pairs[start:start + batch_size])
+    chunk = list(pairs[start : start + batch_size])
     chunk += [chunk[-1]] * (batch_size - len(chunk))  # one compiled batch size
-    tokens, valid = convert.pad_left([lang.encode(p) for p, _ in chunk], max_length=max_prompt,
-                                     pad_id=lang.PAD_ID, length=max_prompt)
-    out = sampling.sample(graphdef, params, tokens, valid, jax.random.key(0), cfg,
-                          max_prompt_len=max_prompt, min_bucket=max_prompt)
+    tokens, valid = convert.pad_left(
+        [lang.encode(p) for p, _ in chunk],
+        max_length=max_prompt,
+        pad_id=lang.PAD_ID,
+        length=max_prompt,
+    )
+    out = sampling.sample(
+        graphdef,
+        params,
+        tokens,
+        valid,
+        jax.random.key(0),
+        cfg,
+        max_prompt_len=max_prompt,
+        min_bucket=max_prompt,
+    )
     for (p, a), ids in zip(chunk, np.asarray(out.tokens)):
       rows.append((p, a, lang.decode(ids)))
-  rows = rows[:len(pairs)]
+  rows = rows[: len(pairs)]
   return float(np.mean([c == a for _, a, c in rows])), rows
 
 
@@ -136,8 +181,9 @@ def pretrain(config, workdir: str) -> dict:
   split = dict(max_operand=dc.max_operand, test_fraction=dc.test_fraction, seed=dc.split_seed)
   train_pairs, test_pairs = lang.equations("train", **split), lang.equations("test", **split)
   width = lang.max_sentence_length(dc.max_operand)
-  tokens, valid = convert.pad_left(lang.sentences(train_pairs), max_length=width,
-                                   pad_id=lang.PAD_ID, length=width)
+  tokens, valid = convert.pad_left(
+      lang.sentences(train_pairs), max_length=width, pad_id=lang.PAD_ID, length=width
+  )
   writer = metrics.MetricWriter(workdir)
 
   t0 = time.time()
@@ -153,8 +199,9 @@ def pretrain(config, workdir: str) -> dict:
   test_acc, test_rows = completion_accuracy(graphdef, params, pick(test_pairs), **kw)
   train_acc, _ = completion_accuracy(graphdef, params, pick(train_pairs), **kw)
   eval_time = time.time() - t0
-  writer.write_scalars(config.train.steps, {"eval/test_accuracy": test_acc,
-                                            "eval/train_accuracy": train_acc})
+  writer.write_scalars(
+      config.train.steps, {"eval/test_accuracy": test_acc, "eval/train_accuracy": train_acc}
+  )
   writer.close()
 
   model_dir = os.path.join(workdir, MODEL_DIR)
@@ -163,13 +210,17 @@ def pretrain(config, workdir: str) -> dict:
   lang.save_tokenizer(model_dir)
 
   report = {
-      "test_accuracy": test_acc, "train_accuracy": train_acc, "final_loss": final_loss,
+      "test_accuracy": test_acc,
+      "train_accuracy": train_acc,
+      "final_loss": final_loss,
       "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-      "num_train_equations": len(train_pairs), "num_test_equations": len(test_pairs),
+      "num_train_equations": len(train_pairs),
+      "num_test_equations": len(test_pairs),
       "examples": [{"prompt": p, "answer": a, "completion": c} for p, a, c in test_rows[:10]],
       "targets_met": {"test_accuracy": test_acc >= config.targets.test_accuracy},
       "time_s": {"train": train_time, "eval": eval_time, "total": time.time() - t_start},
-      "device": str(jax.devices()[0].platform), "model_dir": model_dir,
+      "device": str(jax.devices()[0].platform),
+      "model_dir": model_dir,
       "config": json.loads(config.to_json()),
   }
   with open(os.path.join(workdir, REPORT_NAME), "w") as f:
@@ -179,10 +230,12 @@ def pretrain(config, workdir: str) -> dict:
 
 def define_flags(flag_values=flags.FLAGS):
   """--config (ml_collections config file, locked) and --workdir, on `flag_values`."""
-  config = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                           flag_values=flag_values, lock_config=True)
-  workdir = flags.DEFINE_string("workdir", None, "Output directory (model, report, logs).",
-                                flag_values=flag_values)
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file.", flag_values=flag_values, lock_config=True
+  )
+  workdir = flags.DEFINE_string(
+      "workdir", None, "Output directory (model, report, logs).", flag_values=flag_values
+  )
   return config, workdir
 
 
@@ -190,11 +243,21 @@ def main(argv, config_flag, workdir_flag) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if config_flag.value is None or workdir_flag.value is None:
-    raise app.UsageError("--config and --workdir are required, e.g. "
-                         "--config=experiments/configs/pretrain_lm/tiny.py --workdir=runs/lm")
+    raise app.UsageError(
+        "--config and --workdir are required, e.g. "
+        "--config=experiments/configs/pretrain_lm/tiny.py --workdir=runs/lm"
+    )
   report = pretrain(config_flag.value, workdir_flag.value)
-  print(json.dumps({k: report[k] for k in ("test_accuracy", "train_accuracy", "final_loss",
-                                           "targets_met", "time_s")}, indent=2), flush=True)
+  print(
+      json.dumps(
+          {
+              k: report[k]
+              for k in ("test_accuracy", "train_accuracy", "final_loss", "targets_met", "time_s")
+          },
+          indent=2,
+      ),
+      flush=True,
+  )
   print(f"model, tokenizer and report in {workdir_flag.value}", flush=True)
 
 

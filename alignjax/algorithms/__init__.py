@@ -1,9 +1,9 @@
 """One module per algorithm: pure losses and jittable updates.
 
-  ddpo              policy gradient over the denoising chain (DDPO-SF, DDPO-IS)
-  draft             reward backpropagation through the sampler (DRaFT, DRaFT-K, DRaFT-LV)
-  adjoint_matching  reward fine-tuning as memoryless stochastic optimal control (flow models)
-  adjoint_matching_ddpm  the same for DDPM/DDIM noise-prediction models (eta = 1)
+ddpo              policy gradient over the denoising chain (DDPO-SF, DDPO-IS)
+draft             reward backpropagation through the sampler (DRaFT, DRaFT-K, DRaFT-LV)
+adjoint_matching  reward fine-tuning as memoryless stochastic optimal control (flow models)
+adjoint_matching_ddpm  the same for DDPM/DDIM noise-prediction models (eta = 1)
 """
 
 from alignjax.algorithms import adjoint_matching, adjoint_matching_ddpm, ddpo, draft

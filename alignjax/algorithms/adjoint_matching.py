@@ -46,6 +46,7 @@ with C the per-(sample, time) loss clip (∞ disables it; clipped terms give no 
 Any σ > 0 may be used (e.g. a constant) to study the bias of non-memoryless fine-tuning:
 then p* carries the initial value-function bias of the paper and is NOT the tilted law.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,14 @@ from alignjax.training import TrainState
 RewardFn = Callable[[jax.Array], jax.Array]  # r(x [B, ...]) -> [B], differentiable
 
 
-def sample_memoryless(vel_fn: flow.VelFn, x0: jax.Array, key: jax.Array, *, num_steps: int,
-                      sigma_fn: flow.SigmaFn | None = None) -> flow.FlowTrajectory:
+def sample_memoryless(
+    vel_fn: flow.VelFn,
+    x0: jax.Array,
+    key: jax.Array,
+    *,
+    num_steps: int,
+    sigma_fn: flow.SigmaFn | None = None,
+) -> flow.FlowTrajectory:
   """Stop-gradient trajectory of the fine-tuned SDE (flow eq. 7).
 
   sigma_fn defaults to the memoryless σ_h of flow eq. 6 with shift h = 1/num_steps.
@@ -80,8 +87,9 @@ def terminal_adjoint(reward_fn: RewardFn, x1: jax.Array, lam) -> jax.Array:
   return -lam * jax.grad(lambda x: jnp.sum(reward_fn(x)))(x1)
 
 
-def lean_adjoint(base_vel_fn: flow.VelFn, traj: flow.FlowTrajectory, terminal: jax.Array,
-                 sigma_fn: flow.SigmaFn) -> jax.Array:
+def lean_adjoint(
+    base_vel_fn: flow.VelFn, traj: flow.FlowTrajectory, terminal: jax.Array, sigma_fn: flow.SigmaFn
+) -> jax.Array:
   """ã_0..ã_K [B, K+1, ...] of eq. 5 (backward `lax.scan` of VJPs of the BASE drift)."""
   times = traj.times
   batch = traj.states.shape[0]
@@ -101,8 +109,9 @@ def lean_adjoint(base_vel_fn: flow.VelFn, traj: flow.FlowTrajectory, terminal: j
   return jax.lax.stop_gradient(adj)
 
 
-def control(v: jax.Array, v_base: jax.Array, x: jax.Array, t: jax.Array,
-            sigma: jax.Array) -> jax.Array:
+def control(
+    v: jax.Array, v_base: jax.Array, x: jax.Array, t: jax.Array, sigma: jax.Array
+) -> jax.Array:
   """u = (b_θ − b_base)/σ = κ(t)(v − v_base)/σ of eq. 2; t, sigma [B] with t < 1, σ > 0."""
   t, sigma = expand_like(t, x), expand_like(sigma, x)
   kappa = 1.0 + jnp.square(sigma) * t / (2.0 * (1.0 - t))  # eq. 2
@@ -117,8 +126,9 @@ def subsample_timesteps(key: jax.Array, batch: int, num_steps: int, num_timestep
   return jnp.argsort(scores, axis=-1)[:, :num_timesteps].astype(jnp.int32)
 
 
-def loss_timesteps(key: jax.Array | None, batch: int, num_steps: int,
-                   num_timesteps: int | None) -> jax.Array:
+def loss_timesteps(
+    key: jax.Array | None, batch: int, num_steps: int, num_timesteps: int | None
+) -> jax.Array:
   """[B, M] grid indices of the loss (eq. 6): all K steps when num_timesteps is None or K,
   else `subsample_timesteps` (which needs the key)."""
   m = num_steps if num_timesteps is None else num_timesteps
@@ -131,10 +141,17 @@ def loss_timesteps(key: jax.Array | None, batch: int, num_steps: int,
   return subsample_timesteps(key, batch, num_steps, m)
 
 
-def adjoint_matching_loss(vel_fn: flow.VelFn, base_vel_fn: flow.VelFn,
-                          traj: flow.FlowTrajectory, adjoint: jax.Array,
-                          sigma_fn: flow.SigmaFn, key: jax.Array | None = None, *,
-                          num_timesteps: int | None = None, loss_clip: float = math.inf):
+def adjoint_matching_loss(
+    vel_fn: flow.VelFn,
+    base_vel_fn: flow.VelFn,
+    traj: flow.FlowTrajectory,
+    adjoint: jax.Array,
+    sigma_fn: flow.SigmaFn,
+    key: jax.Array | None = None,
+    *,
+    num_timesteps: int | None = None,
+    loss_clip: float = math.inf,
+):
   """Eq. 6: returns (loss, aux) with aux {"clip_fraction", "residual"} diagnostics.
 
   key is needed only when subsampling (num_timesteps < K; None uses all K points).
@@ -158,11 +175,20 @@ def adjoint_matching_loss(vel_fn: flow.VelFn, base_vel_fn: flow.VelFn,
   return loss, {"clip_fraction": jnp.mean(sq > loss_clip), "residual": jnp.mean(sq)}
 
 
-def make_update_fn(vel_fn_builder: Callable, base_vel_fn_builder: Callable,
-                   reward_fn_builder: Callable, optimizer: optax.GradientTransformation, *,
-                   lam: float, num_steps: int, batch_size: int, shape: tuple[int, ...],
-                   sigma_fn: flow.SigmaFn | None = None, num_timesteps: int | None = None,
-                   loss_clip: float = math.inf):
+def make_update_fn(
+    vel_fn_builder: Callable,
+    base_vel_fn_builder: Callable,
+    reward_fn_builder: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    lam: float,
+    num_steps: int,
+    batch_size: int,
+    shape: tuple[int, ...],
+    sigma_fn: flow.SigmaFn | None = None,
+    num_timesteps: int | None = None,
+    loss_clip: float = math.inf,
+):
   """Builds `update(state, frozen, key) -> (state, metrics)`, one Adjoint Matching step.
 
   `vel_fn_builder(trainable, frozen)` gives v_θ, `base_vel_fn_builder(frozen)` the frozen
@@ -177,18 +203,31 @@ def make_update_fn(vel_fn_builder: Callable, base_vel_fn_builder: Callable,
   update = make_conditional_update_fn(
       lambda params, frozen, cond: vel_fn_builder(params, frozen),
       lambda frozen, cond: base_vel_fn_builder(frozen),
-      lambda frozen, cond: reward_fn_builder(frozen), optimizer, lam=lam, num_steps=num_steps,
-      shape=shape, sigma_fn=sigma_fn, num_timesteps=num_timesteps, loss_clip=loss_clip)
-  return lambda state, frozen, key: update(state, frozen, key,
-                                           jnp.zeros((batch_size,), jnp.int32))
+      lambda frozen, cond: reward_fn_builder(frozen),
+      optimizer,
+      lam=lam,
+      num_steps=num_steps,
+      shape=shape,
+      sigma_fn=sigma_fn,
+      num_timesteps=num_timesteps,
+      loss_clip=loss_clip,
+  )
+  return lambda state, frozen, key: update(state, frozen, key, jnp.zeros((batch_size,), jnp.int32))
 
 
-def make_conditional_update_fn(vel_fn_builder: Callable, base_vel_fn_builder: Callable,
-                               reward_fn_builder: Callable,
-                               optimizer: optax.GradientTransformation, *, lam: float,
-                               num_steps: int, shape: tuple[int, ...],
-                               sigma_fn: flow.SigmaFn | None = None,
-                               num_timesteps: int | None = None, loss_clip: float = math.inf):
+def make_conditional_update_fn(
+    vel_fn_builder: Callable,
+    base_vel_fn_builder: Callable,
+    reward_fn_builder: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    lam: float,
+    num_steps: int,
+    shape: tuple[int, ...],
+    sigma_fn: flow.SigmaFn | None = None,
+    num_timesteps: int | None = None,
+    loss_clip: float = math.inf,
+):
   """`make_update_fn` for conditional models: `update(state, frozen, key, cond)`.
 
   The builders also receive the conditioning of the rows they are applied to (e.g. class
@@ -201,27 +240,45 @@ def make_conditional_update_fn(vel_fn_builder: Callable, base_vel_fn_builder: Ca
     sigma_fn = flow.memoryless_sigma(1.0 / num_steps)
   grid_sigma = np.asarray(sigma_fn(flow.time_grid(num_steps)[:-1]))
   if not np.all(np.isfinite(grid_sigma)) or not np.all(grid_sigma > 0):
-    raise ValueError("sigma_fn must be finite and > 0 on the grid: the control (eq. 2) "
-                     "divides by σ; σ = 0 (the ODE) has no Adjoint Matching loss")
+    raise ValueError(
+        "sigma_fn must be finite and > 0 on the grid: the control (eq. 2) "
+        "divides by σ; σ = 0 (the ODE) has no Adjoint Matching loss"
+    )
 
   def update(state: TrainState, frozen, key: jax.Array, cond: jax.Array):
     k_x0, k_sde, k_sub = jax.random.split(key, 3)
     base_vel, reward_fn = base_vel_fn_builder(frozen, cond), reward_fn_builder(frozen, cond)
     x0 = jax.random.normal(k_x0, (cond.shape[0],) + tuple(shape), jnp.float32)
-    traj = sample_memoryless(vel_fn_builder(state.params, frozen, cond), x0, k_sde,
-                             num_steps=num_steps, sigma_fn=sigma_fn)
+    traj = sample_memoryless(
+        vel_fn_builder(state.params, frozen, cond),
+        x0,
+        k_sde,
+        num_steps=num_steps,
+        sigma_fn=sigma_fn,
+    )
     adj = lean_adjoint(base_vel, traj, terminal_adjoint(reward_fn, traj.final, lam), sigma_fn)
 
     rows = jnp.repeat(cond, num_steps if num_timesteps is None else num_timesteps, axis=0)
 
     def loss_fn(params):
-      return adjoint_matching_loss(vel_fn_builder(params, frozen, rows),
-                                   base_vel_fn_builder(frozen, rows), traj, adj, sigma_fn,
-                                   k_sub, num_timesteps=num_timesteps, loss_clip=loss_clip)
+      return adjoint_matching_loss(
+          vel_fn_builder(params, frozen, rows),
+          base_vel_fn_builder(frozen, rows),
+          traj,
+          adj,
+          sigma_fn,
+          k_sub,
+          num_timesteps=num_timesteps,
+          loss_clip=loss_clip,
+      )
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics = {"loss": loss, "reward": jnp.mean(reward_fn(traj.final)),
-               "grad_norm": optax.tree.norm(grads), **aux}
+    metrics = {
+        "loss": loss,
+        "reward": jnp.mean(reward_fn(traj.final)),
+        "grad_norm": optax.tree.norm(grads),
+        **aux,
+    }
     return state.apply_gradients(grads, optimizer), metrics
 
   return update

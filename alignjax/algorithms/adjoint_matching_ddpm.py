@@ -59,6 +59,7 @@ with C the per-(sample, step) clip (∞ disables it; clipped terms give no gradi
 σ_k ≈ σ(t)√h, (6) is the flow module's eq. 6 on the DDPM chain: ‖u_k + σ_k ã‖² = h ‖u + σ ã‖²
 for the continuous control u.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,12 @@ import optax
 
 from alignjax.algorithms.adjoint_matching import loss_timesteps, subsample_timesteps  # noqa: F401
 from alignjax.diffusion import samplers
-from alignjax.diffusion.schedules import (NoiseSchedule, expand_like, inference_prev_timesteps,
-                                          inference_timesteps)
+from alignjax.diffusion.schedules import (
+    NoiseSchedule,
+    expand_like,
+    inference_prev_timesteps,
+    inference_timesteps,
+)
 from alignjax.training import TrainState
 
 EpsFn = samplers.EpsFn
@@ -82,26 +87,53 @@ CondRewardFn = Callable[[jax.Array, jax.Array], jax.Array]  # r(x [B, ...], cond
 def _check_eta(eta) -> float:
   eta = float(eta)
   if not 0.0 < eta <= 1.0:
-    raise ValueError(f"eta={eta}: must lie in (0, 1]; 1 is the memoryless DDPM chain, and "
-                     "eta = 0 (deterministic DDIM) has no control cost (eq. 2 divides by σ_k)")
+    raise ValueError(
+        f"eta={eta}: must lie in (0, 1]; 1 is the memoryless DDPM chain, and "
+        "eta = 0 (deterministic DDIM) has no control cost (eq. 2 divides by σ_k)"
+    )
   return eta
 
 
-def step_mean(eps_fn: EpsFn, schedule: NoiseSchedule, x: jax.Array, t: jax.Array,
-              prev_t: jax.Array, cond: jax.Array, *, eta: float = 1.0,
-              clip_sample=None) -> jax.Array:
+def step_mean(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    x: jax.Array,
+    t: jax.Array,
+    prev_t: jax.Array,
+    cond: jax.Array,
+    *,
+    eta: float = 1.0,
+    clip_sample=None,
+) -> jax.Array:
   """μ(x, k) of eq. 1: the DDIM mean (samplers eqs. 1, 3) for [B] timesteps t → prev_t."""
-  out = samplers.ddim_step(schedule, eps_fn(x, t, cond), x, t, prev_t, eta, prev_sample=x,
-                           clip_sample=clip_sample)
+  out = samplers.ddim_step(
+      schedule, eps_fn(x, t, cond), x, t, prev_t, eta, prev_sample=x, clip_sample=clip_sample
+  )
   return out.mean
 
 
-def sample_chain(eps_fn: EpsFn, schedule: NoiseSchedule, cond: jax.Array, key: jax.Array, *,
-                 shape: tuple[int, ...], num_steps: int, eta: float = 1.0,
-                 clip_sample=None) -> samplers.Trajectory:
+def sample_chain(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    cond: jax.Array,
+    key: jax.Array,
+    *,
+    shape: tuple[int, ...],
+    num_steps: int,
+    eta: float = 1.0,
+    clip_sample=None,
+) -> samplers.Trajectory:
   """Stop-gradient trajectory of the fine-tuned chain (eq. 1; eta = 1 is memoryless)."""
-  traj = samplers.sample(eps_fn, schedule, cond, key, shape=shape, num_steps=num_steps,
-                         eta=_check_eta(eta), clip_sample=clip_sample)
+  traj = samplers.sample(
+      eps_fn,
+      schedule,
+      cond,
+      key,
+      shape=shape,
+      num_steps=num_steps,
+      eta=_check_eta(eta),
+      clip_sample=clip_sample,
+  )
   return jax.lax.stop_gradient(traj)
 
 
@@ -110,8 +142,15 @@ def terminal_adjoint(reward_fn: CondRewardFn, x: jax.Array, cond: jax.Array, lam
   return -lam * jax.grad(lambda y: jnp.sum(reward_fn(y, cond)))(x)
 
 
-def lean_adjoint(base_eps_fn: EpsFn, schedule: NoiseSchedule, traj: samplers.Trajectory,
-                 terminal: jax.Array, *, eta: float = 1.0, clip_sample=None) -> jax.Array:
+def lean_adjoint(
+    base_eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    traj: samplers.Trajectory,
+    terminal: jax.Array,
+    *,
+    eta: float = 1.0,
+    clip_sample=None,
+) -> jax.Array:
   """ã_0..ã_K [B, K+1, ...] of eq. 5: a backward `lax.scan` of VJPs of the BASE mean map."""
   if terminal.shape != traj.final.shape:
     raise ValueError(f"terminal.shape={terminal.shape}: must equal X_K's {traj.final.shape}")
@@ -121,8 +160,9 @@ def lean_adjoint(base_eps_fn: EpsFn, schedule: NoiseSchedule, traj: samplers.Tra
   def step(a_next, k):
     t = jnp.full((batch,), traj.timesteps[k], jnp.int32)
     prev_t = jnp.full((batch,), traj.prev_timesteps[k], jnp.int32)
-    mean_fn = lambda y: step_mean(base_eps_fn, schedule, y, t, prev_t, traj.cond, eta=eta,
-                                  clip_sample=clip_sample)
+    mean_fn = lambda y: step_mean(
+        base_eps_fn, schedule, y, t, prev_t, traj.cond, eta=eta, clip_sample=clip_sample
+    )
     _, vjp = jax.vjp(mean_fn, traj.latents[:, k])
     a = vjp(a_next)[0]  # eq. 5
     return a, a
@@ -137,10 +177,19 @@ def control(mean: jax.Array, base_mean: jax.Array, std: jax.Array) -> jax.Array:
   return (mean - base_mean) * expand_like(1.0 / std, mean)
 
 
-def adjoint_matching_loss(eps_fn: EpsFn, base_eps_fn: EpsFn, schedule: NoiseSchedule,
-                          traj: samplers.Trajectory, adjoint: jax.Array,
-                          key: jax.Array | None = None, *, num_timesteps: int | None = None,
-                          loss_clip: float = math.inf, eta: float = 1.0, clip_sample=None):
+def adjoint_matching_loss(
+    eps_fn: EpsFn,
+    base_eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    traj: samplers.Trajectory,
+    adjoint: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    num_timesteps: int | None = None,
+    loss_clip: float = math.inf,
+    eta: float = 1.0,
+    clip_sample=None,
+):
   """Eq. 8: returns (loss, aux) with aux {"clip_fraction", "residual"} over stochastic steps.
 
   key is needed only when subsampling (num_timesteps < K; None uses all K steps).
@@ -160,24 +209,35 @@ def adjoint_matching_loss(eps_fn: EpsFn, base_eps_fn: EpsFn, schedule: NoiseSche
   stochastic = std > 0
   safe_std = jnp.where(stochastic, std, 1.0)
   mean = step_mean(eps_fn, schedule, x, t, prev_t, cond, eta=eta, clip_sample=clip_sample)
-  base_mean = step_mean(base_eps_fn, schedule, x, t, prev_t, cond, eta=eta,
-                        clip_sample=clip_sample)
+  base_mean = step_mean(base_eps_fn, schedule, x, t, prev_t, cond, eta=eta, clip_sample=clip_sample)
   u = control(mean, base_mean, safe_std)  # eq. 2
   res = u + expand_like(safe_std, a) * a  # eq. 6
   sq = jnp.sum(jnp.square(res).reshape(res.shape[0], -1), axis=-1)
   per = jnp.where(stochastic, jnp.minimum(sq, loss_clip), 0.0)  # eq. 8
   loss = jnp.sum(per) * (num_steps / m) / batch
   count = jnp.maximum(jnp.sum(stochastic), 1)
-  aux = {"clip_fraction": jnp.sum(stochastic & (sq > loss_clip)) / count,
-         "residual": jnp.sum(jnp.where(stochastic, sq, 0.0)) / count}
+  aux = {
+      "clip_fraction": jnp.sum(stochastic & (sq > loss_clip)) / count,
+      "residual": jnp.sum(jnp.where(stochastic, sq, 0.0)) / count,
+  }
   return loss, aux
 
 
-def make_update_fn(eps_fn_builder: Callable, base_eps_fn_builder: Callable,
-                   reward_fn_builder: Callable, schedule: NoiseSchedule,
-                   optimizer: optax.GradientTransformation, *, lam: float, num_steps: int,
-                   shape: tuple[int, ...], eta: float = 1.0, clip_sample=None,
-                   num_timesteps: int | None = None, loss_clip: float = math.inf):
+def make_update_fn(
+    eps_fn_builder: Callable,
+    base_eps_fn_builder: Callable,
+    reward_fn_builder: Callable,
+    schedule: NoiseSchedule,
+    optimizer: optax.GradientTransformation,
+    *,
+    lam: float,
+    num_steps: int,
+    shape: tuple[int, ...],
+    eta: float = 1.0,
+    clip_sample=None,
+    num_timesteps: int | None = None,
+    loss_clip: float = math.inf,
+):
   """Builds `update(state, frozen, key, cond) -> (state, metrics)`, one Adjoint Matching step.
 
   `eps_fn_builder(trainable, frozen)` gives ε_θ and `base_eps_fn_builder(frozen)` the frozen
@@ -191,28 +251,57 @@ def make_update_fn(eps_fn_builder: Callable, base_eps_fn_builder: Callable,
   if not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps={num_steps!r}: must be a Python int >= 1")
   n, offset = schedule.num_train_timesteps, schedule.steps_offset
-  stds = np.asarray(samplers.ddim_std(schedule, inference_timesteps(n, num_steps, offset),
-                                      inference_prev_timesteps(n, num_steps, offset), eta))
+  stds = np.asarray(
+      samplers.ddim_std(
+          schedule,
+          inference_timesteps(n, num_steps, offset),
+          inference_prev_timesteps(n, num_steps, offset),
+          eta,
+      )
+  )
   if not np.any(stds > 0):
-    raise ValueError(f"num_steps={num_steps}, eta={eta}: no step of the chain is stochastic, "
-                     "so the control (eq. 2) is undefined everywhere")
+    raise ValueError(
+        f"num_steps={num_steps}, eta={eta}: no step of the chain is stochastic, "
+        "so the control (eq. 2) is undefined everywhere"
+    )
 
   def update(state: TrainState, frozen, key: jax.Array, cond: jax.Array):
     k_chain, k_sub = jax.random.split(key)
     base_eps, reward_fn = base_eps_fn_builder(frozen), reward_fn_builder(frozen)
-    traj = sample_chain(eps_fn_builder(state.params, frozen), schedule, cond, k_chain,
-                        shape=shape, num_steps=num_steps, eta=eta, clip_sample=clip_sample)
+    traj = sample_chain(
+        eps_fn_builder(state.params, frozen),
+        schedule,
+        cond,
+        k_chain,
+        shape=shape,
+        num_steps=num_steps,
+        eta=eta,
+        clip_sample=clip_sample,
+    )
     terminal = terminal_adjoint(reward_fn, traj.final, traj.cond, lam)
     adj = lean_adjoint(base_eps, schedule, traj, terminal, eta=eta, clip_sample=clip_sample)
 
     def loss_fn(params):
-      return adjoint_matching_loss(eps_fn_builder(params, frozen), base_eps, schedule, traj,
-                                   adj, k_sub, num_timesteps=num_timesteps,
-                                   loss_clip=loss_clip, eta=eta, clip_sample=clip_sample)
+      return adjoint_matching_loss(
+          eps_fn_builder(params, frozen),
+          base_eps,
+          schedule,
+          traj,
+          adj,
+          k_sub,
+          num_timesteps=num_timesteps,
+          loss_clip=loss_clip,
+          eta=eta,
+          clip_sample=clip_sample,
+      )
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics = {"loss": loss, "reward": jnp.mean(reward_fn(traj.final, traj.cond)),
-               "grad_norm": optax.tree.norm(grads), **aux}
+    metrics = {
+        "loss": loss,
+        "reward": jnp.mean(reward_fn(traj.final, traj.cond)),
+        "grad_norm": optax.tree.norm(grads),
+        **aux,
+    }
     return state.apply_gradients(grads, optimizer), metrics
 
   return update

@@ -82,8 +82,11 @@ class PerPromptStatTracker:
     return advantages.astype(np.float32)
 
   def state_dict(self) -> dict:
-    return {"buffer_size": self.buffer_size, "min_count": self.min_count,
-            "buffers": {k: list(v) for k, v in self._buffers.items()}}
+    return {
+        "buffer_size": self.buffer_size,
+        "min_count": self.min_count,
+        "buffers": {k: list(v) for k, v in self._buffers.items()},
+    }
 
   @classmethod
   def from_state_dict(cls, state: Mapping) -> "PerPromptStatTracker":
@@ -107,8 +110,9 @@ def score_function_loss(log_prob: jax.Array, advantages: jax.Array) -> jax.Array
   return -jnp.mean(advantages * log_prob)
 
 
-def clipped_surrogate_loss(log_prob: jax.Array, old_log_prob: jax.Array,
-                           advantages: jax.Array, clip_range: float) -> jax.Array:
+def clipped_surrogate_loss(
+    log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array, clip_range: float
+) -> jax.Array:
   """Eq. (5): mean(max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε)))."""
   ratio = jnp.exp(log_prob - old_log_prob)
   unclipped = -advantages * ratio
@@ -120,9 +124,13 @@ def policy_diagnostics(log_prob, old_log_prob, clip_range) -> dict[str, jax.Arra
   """Eq. (6) plus the importance ratio's mean and extremes."""
   log_ratio = log_prob - old_log_prob
   ratio = jnp.exp(log_ratio)
-  return {"approx_kl": 0.5 * jnp.mean(log_ratio**2),
-          "clipfrac": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),
-          "ratio_mean": jnp.mean(ratio), "ratio_min": jnp.min(ratio), "ratio_max": jnp.max(ratio)}
+  return {
+      "approx_kl": 0.5 * jnp.mean(log_ratio**2),
+      "clipfrac": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),
+      "ratio_mean": jnp.mean(ratio),
+      "ratio_min": jnp.min(ratio),
+      "ratio_max": jnp.max(ratio),
+  }
 
 
 # --------------------------------------------------------------------------- training pairs
@@ -135,8 +143,14 @@ def num_train_steps(num_steps: int, timestep_fraction: float) -> int:
   return max(1, int(num_steps * timestep_fraction))
 
 
-def training_pairs(traj: samplers.Trajectory, advantages: jax.Array, key: jax.Array, *,
-                   timestep_fraction: float, num_minibatches: int) -> dict[str, jax.Array]:
+def training_pairs(
+    traj: samplers.Trajectory,
+    advantages: jax.Array,
+    key: jax.Array,
+    *,
+    timestep_fraction: float,
+    num_minibatches: int,
+) -> dict[str, jax.Array]:
   """Shuffled (sample, step) pairs, shaped [num_minibatches, pairs_per_minibatch, ...].
 
   A minibatch holds B / num_minibatches whole samples with `num_train_steps` randomly chosen
@@ -160,19 +174,30 @@ def training_pairs(traj: samplers.Trajectory, advantages: jax.Array, key: jax.Ar
       "cond": traj.cond[rows],
       "advantages": advantages[rows],
   }
-  return jax.tree_util.tree_map(
-      lambda x: x.reshape((num_minibatches, -1) + x.shape[2:]), pairs)
+  return jax.tree_util.tree_map(lambda x: x.reshape((num_minibatches, -1) + x.shape[2:]), pairs)
 
 
 # --------------------------------------------------------------------------- update
 
-def make_epoch_fn(eps_fn_builder: Callable, schedule: NoiseSchedule,
-                  optimizer: optax.GradientTransformation, *, objective: str,
-                  clip_range: float, eta: float, guidance_scale: float, null_cond: int,
-                  timestep_fraction: float, num_minibatches: int, num_microbatches: int = 1,
-                  clip_sample: float | None = None, mesh: Mesh | None = None,
-                  data_axes: tuple[str, ...] = ("data", "fsdp"),
-                  minibatch_loop: str = "unrolled"):
+
+def make_epoch_fn(
+    eps_fn_builder: Callable,
+    schedule: NoiseSchedule,
+    optimizer: optax.GradientTransformation,
+    *,
+    objective: str,
+    clip_range: float,
+    eta: float,
+    guidance_scale: float,
+    null_cond: int,
+    timestep_fraction: float,
+    num_minibatches: int,
+    num_microbatches: int = 1,
+    clip_sample: float | None = None,
+    mesh: Mesh | None = None,
+    data_axes: tuple[str, ...] = ("data", "fsdp"),
+    minibatch_loop: str = "unrolled",
+):
   """Builds `epoch(state, frozen, traj, advantages) -> (state, metrics)`, one inner epoch.
 
   `eps_fn_builder(trainable, frozen)` returns the model's unguided EpsFn; guidance is applied
@@ -198,13 +223,23 @@ def make_epoch_fn(eps_fn_builder: Callable, schedule: NoiseSchedule,
 
   def loss_fn(trainable, frozen, chunk):
     eps_fn = samplers.classifier_free_guidance(
-        eps_fn_builder(trainable, frozen), guidance_scale, null_cond)
+        eps_fn_builder(trainable, frozen), guidance_scale, null_cond
+    )
     log_prob = samplers.step_log_prob(
-        eps_fn, schedule, chunk["x_t"], chunk["x_prev"], chunk["t"], chunk["prev_t"],
-        chunk["cond"], eta, clip_sample=clip_sample)
+        eps_fn,
+        schedule,
+        chunk["x_t"],
+        chunk["x_prev"],
+        chunk["t"],
+        chunk["prev_t"],
+        chunk["cond"],
+        eta,
+        clip_sample=clip_sample,
+    )
     if objective == "clipped":
-      loss = clipped_surrogate_loss(log_prob, chunk["old_log_prob"], chunk["advantages"],
-                                    clip_range)
+      loss = clipped_surrogate_loss(
+          log_prob, chunk["old_log_prob"], chunk["advantages"], clip_range
+      )
     else:
       loss = score_function_loss(log_prob, chunk["advantages"])
     return loss, {"loss": loss, **policy_diagnostics(log_prob, chunk["old_log_prob"], clip_range)}
@@ -214,7 +249,8 @@ def make_epoch_fn(eps_fn_builder: Callable, schedule: NoiseSchedule,
   def minibatch_step(carry, minibatch):
     state, frozen = carry
     chunks = jax.tree_util.tree_map(
-        lambda x: x.reshape((num_microbatches, -1) + x.shape[1:]), minibatch)
+        lambda x: x.reshape((num_microbatches, -1) + x.shape[1:]), minibatch
+    )
     chunks = constrain(chunks, P(None, data_axes))
 
     def accumulate(grads, chunk):
@@ -236,8 +272,9 @@ def make_epoch_fn(eps_fn_builder: Callable, schedule: NoiseSchedule,
 
   def epoch(state: TrainState, frozen, traj: samplers.Trajectory, advantages: jax.Array):
     key = jax.random.fold_in(state.key, state.step)
-    pairs = training_pairs(traj, advantages, key, timestep_fraction=timestep_fraction,
-                           num_minibatches=num_minibatches)
+    pairs = training_pairs(
+        traj, advantages, key, timestep_fraction=timestep_fraction, num_minibatches=num_minibatches
+    )
     pairs = constrain(pairs, P(None, data_axes))
     if minibatch_loop == "scan":
       (state, _), metrics = jax.lax.scan(minibatch_step, (state, frozen), pairs)

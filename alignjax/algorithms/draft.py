@@ -68,8 +68,12 @@ import jax.numpy as jnp
 import optax
 
 from alignjax.diffusion import samplers
-from alignjax.diffusion.schedules import (NoiseSchedule, add_noise, inference_prev_timesteps,
-                                          inference_timesteps)
+from alignjax.diffusion.schedules import (
+    NoiseSchedule,
+    add_noise,
+    inference_prev_timesteps,
+    inference_timesteps,
+)
 from alignjax.rewards.base import Reward
 from alignjax.training import TrainState
 
@@ -86,6 +90,7 @@ EpsFnBuilder = Callable[[Any, Any], samplers.EpsFn]
 
 # --------------------------------------------------------------------------- options
 
+
 def remat(fn: Callable, policy: str) -> Callable:
   """`fn` wrapped in jax.checkpoint with the named policy (identity for "none")."""
   if not isinstance(policy, str) or policy not in REMAT_POLICIES:
@@ -101,8 +106,19 @@ def _int(name: str, value, minimum: int) -> int:
   return int(value)
 
 
-def _check_options(*, reward_fn, num_steps, truncation_k, lv_samples, eta, shape,
-                   remat_policy, reward_scale, kl_weight, base_eps_fn_builder) -> int:
+def _check_options(
+    *,
+    reward_fn,
+    num_steps,
+    truncation_k,
+    lv_samples,
+    eta,
+    shape,
+    remat_policy,
+    reward_scale,
+    kl_weight,
+    base_eps_fn_builder,
+) -> int:
   """Validates the DRaFT options; returns K, the number of differentiable chain steps."""
   num_steps = _int("num_steps", num_steps, 1)
   lv_samples = _int("lv_samples", lv_samples, 0)
@@ -111,23 +127,32 @@ def _check_options(*, reward_fn, num_steps, truncation_k, lv_samples, eta, shape
   else:
     k = _int("truncation_k", truncation_k, 1)
     if k > num_steps:
-      raise ValueError(f"truncation_k={k}: must be None (full DRaFT) or between 1 and "
-                       f"num_steps={num_steps}")
+      raise ValueError(
+          f"truncation_k={k}: must be None (full DRaFT) or between 1 and " f"num_steps={num_steps}"
+      )
   if lv_samples > 0:
     if truncation_k not in (None, 1):
-      raise ValueError(f"lv_samples={lv_samples} (DRaFT-LV) implies truncation_k=1; got "
-                       f"truncation_k={truncation_k} (use None or 1)")
+      raise ValueError(
+          f"lv_samples={lv_samples} (DRaFT-LV) implies truncation_k=1; got "
+          f"truncation_k={truncation_k} (use None or 1)"
+      )
     k = 0  # the whole chain runs without gradient, eq. 4
   if isinstance(reward_fn, Reward) and not reward_fn.differentiable:
-    raise ValueError(f"reward {reward_fn.name!r} is a host reward; DRaFT needs a "
-                     "differentiable reward (Reward.differentiable=True)")
+    raise ValueError(
+        f"reward {reward_fn.name!r} is a host reward; DRaFT needs a "
+        "differentiable reward (Reward.differentiable=True)"
+    )
   if not callable(reward_fn):
-    raise TypeError(f"reward_fn must be callable (images, prompts) -> [B]; got "
-                    f"{type(reward_fn).__name__}")
+    raise TypeError(
+        f"reward_fn must be callable (images, prompts) -> [B]; got " f"{type(reward_fn).__name__}"
+    )
   if not 0.0 <= float(eta) <= 1.0:
     raise ValueError(f"eta={eta}: must lie in [0, 1] (0: deterministic DDIM, as in DRaFT)")
-  if not (isinstance(shape, (tuple, list)) and shape and
-          all(isinstance(d, numbers.Integral) and d > 0 for d in shape)):
+  if not (
+      isinstance(shape, (tuple, list))
+      and shape
+      and all(isinstance(d, numbers.Integral) and d > 0 for d in shape)
+  ):
     raise ValueError(f"shape={shape!r}: must be the shape of one sample, e.g. (8, 8, 1)")
   remat(lambda x: x, remat_policy)  # raises on an unknown policy name
   if not math.isfinite(float(reward_scale)) or float(reward_scale) == 0.0:
@@ -135,15 +160,30 @@ def _check_options(*, reward_fn, num_steps, truncation_k, lv_samples, eta, shape
   if not float(kl_weight) >= 0.0 or not math.isfinite(float(kl_weight)):
     raise ValueError(f"kl_weight={kl_weight}: must be finite and >= 0")
   if float(kl_weight) > 0.0 and base_eps_fn_builder is None:
-    raise ValueError(f"kl_weight={kl_weight} > 0 needs base_eps_fn_builder(frozen) -> EpsFn "
-                     "of the frozen base model (eq. 5)")
+    raise ValueError(
+        f"kl_weight={kl_weight} > 0 needs base_eps_fn_builder(frozen) -> EpsFn "
+        "of the frozen base model (eq. 5)"
+    )
   return k
 
 
 # --------------------------------------------------------------------------- the chain
 
-def _step_fn(eps_fn_builder, base_eps_fn_builder, trainable, frozen, schedule, cond, *,
-             eta, guidance_scale, null_cond, clip_sample, penalty: bool):
+
+def _step_fn(
+    eps_fn_builder,
+    base_eps_fn_builder,
+    trainable,
+    frozen,
+    schedule,
+    cond,
+    *,
+    eta,
+    guidance_scale,
+    null_cond,
+    clip_sample,
+    penalty: bool,
+):
   """Φ_i of eq. 1 as a scan body: (x, (t, prev_t, key)) -> (x_prev, penalty term of eq. 5)."""
   batch = cond.shape[0]
 
@@ -152,28 +192,43 @@ def _step_fn(eps_fn_builder, base_eps_fn_builder, trainable, frozen, schedule, c
     t_b = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (batch,))
     prev_b = jnp.broadcast_to(jnp.asarray(prev_t, jnp.int32), (batch,))
     eps_fn = samplers.classifier_free_guidance(
-        eps_fn_builder(trainable, frozen), guidance_scale, null_cond)
+        eps_fn_builder(trainable, frozen), guidance_scale, null_cond
+    )
     eps = eps_fn(x, t_b, cond)
-    out = samplers.ddim_step(schedule, eps, x, t_b, prev_b, eta, key=key,
-                             clip_sample=clip_sample)  # eq. 1
+    out = samplers.ddim_step(
+        schedule, eps, x, t_b, prev_b, eta, key=key, clip_sample=clip_sample
+    )  # eq. 1
     term = jnp.zeros((), jnp.float32)
     if penalty:
       base_fn = samplers.classifier_free_guidance(
-          base_eps_fn_builder(frozen), guidance_scale, null_cond)
+          base_eps_fn_builder(frozen), guidance_scale, null_cond
+      )
       term = jnp.mean(jnp.square(eps - base_fn(x, t_b, cond)))  # eq. 5, one step
     return out.prev_sample, term
 
   return step
 
 
-def sample_differentiable(eps_fn_builder: EpsFnBuilder, trainable, frozen,
-                          schedule: NoiseSchedule, cond: jax.Array, key: jax.Array, *,
-                          num_steps: int, truncation_k: int | None = None, eta: float = 0.0,
-                          guidance_scale: float = 1.0, null_cond: int = 10,
-                          shape: tuple[int, ...], remat_policy: str = "full",
-                          base_eps_fn_builder: Callable | None = None, kl: bool = False,
-                          clip_sample=None, initial_latents: jax.Array | None = None,
-                          ) -> tuple[jax.Array, jax.Array]:
+def sample_differentiable(
+    eps_fn_builder: EpsFnBuilder,
+    trainable,
+    frozen,
+    schedule: NoiseSchedule,
+    cond: jax.Array,
+    key: jax.Array,
+    *,
+    num_steps: int,
+    truncation_k: int | None = None,
+    eta: float = 0.0,
+    guidance_scale: float = 1.0,
+    null_cond: int = 10,
+    shape: tuple[int, ...],
+    remat_policy: str = "full",
+    base_eps_fn_builder: Callable | None = None,
+    kl: bool = False,
+    clip_sample=None,
+    initial_latents: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """The DDIM chain of eq. 1 with gradients through its last K steps (eq. 3).
 
   Returns (x_T [B, *shape], R) with R the penalty of eq. 5 over the last K steps (0 unless
@@ -197,29 +252,53 @@ def sample_differentiable(eps_fn_builder: EpsFnBuilder, trainable, frozen,
     raise ValueError(f"initial_latents shape {initial_latents.shape} must be {full_shape}")
   else:
     x = initial_latents
-  common = dict(eta=eta, guidance_scale=guidance_scale, null_cond=null_cond,
-                clip_sample=clip_sample)
+  common = dict(
+      eta=eta, guidance_scale=guidance_scale, null_cond=null_cond, clip_sample=clip_sample
+  )
   split = num_steps - k
   if split > 0:  # eq. 3: the first T - K steps carry no gradient
-    no_grad_step = _step_fn(eps_fn_builder, None, jax.lax.stop_gradient(trainable), frozen,
-                            schedule, cond, penalty=False, **common)
+    no_grad_step = _step_fn(
+        eps_fn_builder,
+        None,
+        jax.lax.stop_gradient(trainable),
+        frozen,
+        schedule,
+        cond,
+        penalty=False,
+        **common,
+    )
     x, _ = jax.lax.scan(no_grad_step, x, (ts[:split], prev_ts[:split], keys[:split]))
     x = jax.lax.stop_gradient(x)
   penalty = jnp.zeros((), jnp.float32)
   if k > 0:
-    step = _step_fn(eps_fn_builder, base_eps_fn_builder, trainable, frozen, schedule, cond,
-                    penalty=kl, **common)
-    x, terms = jax.lax.scan(remat(step, remat_policy), x,
-                            (ts[split:], prev_ts[split:], keys[split:]))
+    step = _step_fn(
+        eps_fn_builder, base_eps_fn_builder, trainable, frozen, schedule, cond, penalty=kl, **common
+    )
+    x, terms = jax.lax.scan(
+        remat(step, remat_policy), x, (ts[split:], prev_ts[split:], keys[split:])
+    )
     penalty = jnp.mean(terms)  # eq. 5
   return x, penalty
 
 
-def lv_denoise(eps_fn_builder: EpsFnBuilder, trainable, frozen, schedule: NoiseSchedule,
-               final: jax.Array, cond: jax.Array, key: jax.Array, *, num_steps: int,
-               lv_samples: int, eta: float = 0.0, guidance_scale: float = 1.0,
-               null_cond: int = 10, base_eps_fn_builder: Callable | None = None,
-               kl: bool = False, clip_sample=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def lv_denoise(
+    eps_fn_builder: EpsFnBuilder,
+    trainable,
+    frozen,
+    schedule: NoiseSchedule,
+    final: jax.Array,
+    cond: jax.Array,
+    key: jax.Array,
+    *,
+    num_steps: int,
+    lv_samples: int,
+    eta: float = 0.0,
+    guidance_scale: float = 1.0,
+    null_cond: int = 10,
+    base_eps_fn_builder: Callable | None = None,
+    kl: bool = False,
+    clip_sample=None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The re-noise / one-step-denoise part of DRaFT-LV (eq. 4).
 
   `final` [B, ...] is the chain's sample (gradients to it are stopped). Returns
@@ -235,28 +314,54 @@ def lv_denoise(eps_fn_builder: EpsFnBuilder, trainable, frozen, schedule: NoiseS
   x_noisy = add_noise(schedule, copies, noise, t)  # eq. 4, re-noise to the last step's t
   x_noisy = x_noisy.reshape((-1,) + final.shape[1:])
   cond_n = jnp.tile(cond, lv_samples)
-  step = _step_fn(eps_fn_builder, base_eps_fn_builder, trainable, frozen, schedule, cond_n,
-                  eta=eta, guidance_scale=guidance_scale, null_cond=null_cond,
-                  clip_sample=clip_sample, penalty=kl)
+  step = _step_fn(
+      eps_fn_builder,
+      base_eps_fn_builder,
+      trainable,
+      frozen,
+      schedule,
+      cond_n,
+      eta=eta,
+      guidance_scale=guidance_scale,
+      null_cond=null_cond,
+      clip_sample=clip_sample,
+      penalty=kl,
+  )
   x_hat, penalty = step(x_noisy, (t, prev_t, step_key))
   return x_hat, cond_n, penalty
 
 
 # --------------------------------------------------------------------------- loss and update
 
+
 def images_from(x: jax.Array) -> jax.Array:
   """Reward images in [0, 1] from diffusion samples in [-1, 1]."""
   return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
 
 
-def draft_loss(trainable, frozen, cond: jax.Array, key: jax.Array, *,
-               eps_fn_builder: EpsFnBuilder, schedule: NoiseSchedule, reward_fn: Callable,
-               num_steps: int, truncation_k: int | None = None, lv_samples: int = 0,
-               eta: float = 0.0, guidance_scale: float = 1.0, null_cond: int = 10,
-               shape: tuple[int, ...], remat_policy: str = "full", reward_scale: float = 1.0,
-               kl_weight: float = 0.0, base_eps_fn_builder: Callable | None = None,
-               clip_sample=None, initial_latents: jax.Array | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def draft_loss(
+    trainable,
+    frozen,
+    cond: jax.Array,
+    key: jax.Array,
+    *,
+    eps_fn_builder: EpsFnBuilder,
+    schedule: NoiseSchedule,
+    reward_fn: Callable,
+    num_steps: int,
+    truncation_k: int | None = None,
+    lv_samples: int = 0,
+    eta: float = 0.0,
+    guidance_scale: float = 1.0,
+    null_cond: int = 10,
+    shape: tuple[int, ...],
+    remat_policy: str = "full",
+    reward_scale: float = 1.0,
+    kl_weight: float = 0.0,
+    base_eps_fn_builder: Callable | None = None,
+    clip_sample=None,
+    initial_latents: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L(θ) of eq. 2 for DRaFT, DRaFT-K (eq. 3) or DRaFT-LV (eq. 4); returns (loss, metrics).
 
   metrics holds scalars and "samples" [B, *shape]: the chain's final samples x_T (for
@@ -268,53 +373,116 @@ def draft_loss(trainable, frozen, cond: jax.Array, key: jax.Array, *,
   frozen)` that of the frozen base model (needed when kl_weight > 0). `reward_fn(images,
   cond) -> [B]` is a differentiable Reward or a jittable function of images in [0, 1].
   """
-  _check_options(reward_fn=reward_fn, num_steps=num_steps, truncation_k=truncation_k,
-                 lv_samples=lv_samples, eta=eta, shape=shape, remat_policy=remat_policy,
-                 reward_scale=reward_scale, kl_weight=kl_weight,
-                 base_eps_fn_builder=base_eps_fn_builder)
+  _check_options(
+      reward_fn=reward_fn,
+      num_steps=num_steps,
+      truncation_k=truncation_k,
+      lv_samples=lv_samples,
+      eta=eta,
+      shape=shape,
+      remat_policy=remat_policy,
+      reward_scale=reward_scale,
+      kl_weight=kl_weight,
+      base_eps_fn_builder=base_eps_fn_builder,
+  )
   kl = float(kl_weight) > 0.0
   chain_key, lv_key = jax.random.split(key)
-  common = dict(eta=eta, guidance_scale=guidance_scale, null_cond=null_cond,
-                base_eps_fn_builder=base_eps_fn_builder, kl=kl, clip_sample=clip_sample)
+  common = dict(
+      eta=eta,
+      guidance_scale=guidance_scale,
+      null_cond=null_cond,
+      base_eps_fn_builder=base_eps_fn_builder,
+      kl=kl,
+      clip_sample=clip_sample,
+  )
   if lv_samples > 0:
     final, _ = sample_differentiable(  # eq. 4, first line: the chain without gradient
-        eps_fn_builder, jax.lax.stop_gradient(trainable), frozen, schedule, cond, chain_key,
-        num_steps=num_steps, shape=shape, remat_policy="none", initial_latents=initial_latents,
-        **{**common, "kl": False})
+        eps_fn_builder,
+        jax.lax.stop_gradient(trainable),
+        frozen,
+        schedule,
+        cond,
+        chain_key,
+        num_steps=num_steps,
+        shape=shape,
+        remat_policy="none",
+        initial_latents=initial_latents,
+        **{**common, "kl": False},
+    )
     x, reward_cond, penalty = lv_denoise(
-        eps_fn_builder, trainable, frozen, schedule, final, jnp.asarray(cond), lv_key,
-        num_steps=num_steps, lv_samples=lv_samples, **common)
+        eps_fn_builder,
+        trainable,
+        frozen,
+        schedule,
+        final,
+        jnp.asarray(cond),
+        lv_key,
+        num_steps=num_steps,
+        lv_samples=lv_samples,
+        **common,
+    )
   else:
     x, penalty = sample_differentiable(
-        eps_fn_builder, trainable, frozen, schedule, cond, chain_key, num_steps=num_steps,
-        truncation_k=truncation_k, shape=shape, remat_policy=remat_policy,
-        initial_latents=initial_latents, **common)
+        eps_fn_builder,
+        trainable,
+        frozen,
+        schedule,
+        cond,
+        chain_key,
+        num_steps=num_steps,
+        truncation_k=truncation_k,
+        shape=shape,
+        remat_policy=remat_policy,
+        initial_latents=initial_latents,
+        **common,
+    )
     reward_cond = jnp.asarray(cond)
     final = x
   rewards = jnp.asarray(reward_fn(images_from(x), reward_cond))
   if rewards.shape != (x.shape[0],) or not jnp.issubdtype(rewards.dtype, jnp.floating):
-    raise ValueError(f"reward_fn must return floats [B] = ({x.shape[0]},); got "
-                     f"{rewards.dtype} {rewards.shape}")
+    raise ValueError(
+        f"reward_fn must return floats [B] = ({x.shape[0]},); got "
+        f"{rewards.dtype} {rewards.shape}"
+    )
   reward_mean = jnp.mean(rewards)
   loss = -reward_scale * reward_mean + kl_weight * penalty  # eq. 2
-  return loss, {"loss": loss, "reward_mean": reward_mean, "reward_std": jnp.std(rewards),
-                "kl_penalty": penalty, "samples": jax.lax.stop_gradient(final)}
+  return loss, {
+      "loss": loss,
+      "reward_mean": reward_mean,
+      "reward_std": jnp.std(rewards),
+      "kl_penalty": penalty,
+      "samples": jax.lax.stop_gradient(final),
+  }
 
 
-def reward_gradient(trainable, frozen, cond: jax.Array, key: jax.Array, **options
-                    ) -> tuple[Any, dict[str, jax.Array]]:
+def reward_gradient(
+    trainable, frozen, cond: jax.Array, key: jax.Array, **options
+) -> tuple[Any, dict[str, jax.Array]]:
   """(∇_trainable L, metrics) of `draft_loss` with the same keyword options."""
   return jax.grad(functools.partial(draft_loss, **options), has_aux=True)(
-      trainable, frozen, cond, key)
+      trainable, frozen, cond, key
+  )
 
 
-def make_update_fn(eps_fn_builder: EpsFnBuilder, schedule: NoiseSchedule, reward_fn: Callable,
-                   optimizer: optax.GradientTransformation, *, num_steps: int,
-                   truncation_k: int | None = None, lv_samples: int = 0, eta: float = 0.0,
-                   guidance_scale: float = 1.0, null_cond: int = 10,
-                   shape: tuple[int, ...], remat_policy: str = "full",
-                   reward_scale: float = 1.0, kl_weight: float = 0.0,
-                   base_eps_fn_builder: Callable | None = None, clip_sample=None):
+def make_update_fn(
+    eps_fn_builder: EpsFnBuilder,
+    schedule: NoiseSchedule,
+    reward_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    num_steps: int,
+    truncation_k: int | None = None,
+    lv_samples: int = 0,
+    eta: float = 0.0,
+    guidance_scale: float = 1.0,
+    null_cond: int = 10,
+    shape: tuple[int, ...],
+    remat_policy: str = "full",
+    reward_scale: float = 1.0,
+    kl_weight: float = 0.0,
+    base_eps_fn_builder: Callable | None = None,
+    clip_sample=None,
+):
   """Builds `update(state, frozen, cond, key) -> (state, metrics)`: one DRaFT step.
 
   Samples B = len(cond) chains from `key`, takes the gradient of eq. 2 (DRaFT / DRaFT-K /
@@ -324,15 +492,40 @@ def make_update_fn(eps_fn_builder: EpsFnBuilder, schedule: NoiseSchedule, reward
   differentiated. Pure and jittable; jit with the state donated. Options are checked here,
   before compilation. metrics: those of `draft_loss` (scalars and "samples") + "grad_norm".
   """
-  options = dict(eps_fn_builder=eps_fn_builder, schedule=schedule, reward_fn=reward_fn,
-                 num_steps=num_steps, truncation_k=truncation_k, lv_samples=lv_samples,
-                 eta=eta, guidance_scale=guidance_scale, null_cond=null_cond,
-                 shape=tuple(shape), remat_policy=remat_policy, reward_scale=reward_scale,
-                 kl_weight=kl_weight, base_eps_fn_builder=base_eps_fn_builder,
-                 clip_sample=clip_sample)
-  _check_options(**{k: options[k] for k in (
-      "reward_fn", "num_steps", "truncation_k", "lv_samples", "eta", "shape", "remat_policy",
-      "reward_scale", "kl_weight", "base_eps_fn_builder")})
+  options = dict(
+      eps_fn_builder=eps_fn_builder,
+      schedule=schedule,
+      reward_fn=reward_fn,
+      num_steps=num_steps,
+      truncation_k=truncation_k,
+      lv_samples=lv_samples,
+      eta=eta,
+      guidance_scale=guidance_scale,
+      null_cond=null_cond,
+      shape=tuple(shape),
+      remat_policy=remat_policy,
+      reward_scale=reward_scale,
+      kl_weight=kl_weight,
+      base_eps_fn_builder=base_eps_fn_builder,
+      clip_sample=clip_sample,
+  )
+  _check_options(
+      **{
+          k: options[k]
+          for k in (
+              "reward_fn",
+              "num_steps",
+              "truncation_k",
+              "lv_samples",
+              "eta",
+              "shape",
+              "remat_policy",
+              "reward_scale",
+              "kl_weight",
+              "base_eps_fn_builder",
+          )
+      }
+  )
 
   def update(state: TrainState, frozen, cond: jax.Array, key: jax.Array):
     grads, metrics = reward_gradient(state.params, frozen, cond, key, **options)

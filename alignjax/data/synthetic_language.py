@@ -37,12 +37,24 @@ VOCAB_SIZE = len(VOCAB)
 OPS = ("+", "-")
 SPLITS = ("train", "test")
 
-__all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "VOCAB", "VOCAB_SIZE", "decode", "encode",
-           "equations", "max_sentence_length", "save_tokenizer", "sentences"]
+__all__ = [
+    "BOS_ID",
+    "EOS_ID",
+    "PAD_ID",
+    "VOCAB",
+    "VOCAB_SIZE",
+    "decode",
+    "encode",
+    "equations",
+    "max_sentence_length",
+    "save_tokenizer",
+    "sentences",
+]
 
 
-def equations(split: str, *, max_operand: int = 99, test_fraction: float = 0.1,
-              seed: int = 0) -> list[tuple[str, str]]:
+def equations(
+    split: str, *, max_operand: int = 99, test_fraction: float = 0.1, seed: int = 0
+) -> list[tuple[str, str]]:
   """All (prompt, answer) pairs of a split (eqs. 1-2), e.g. ("12+7=", "19")."""
   if split not in SPLITS:
     raise ValueError(f"equations: split={split!r}; valid choices are {SPLITS}")
@@ -54,7 +66,7 @@ def equations(split: str, *, max_operand: int = 99, test_fraction: float = 0.1,
   codes = np.arange(n * n * 2)
   held = np.zeros(codes.size, bool)
   perm = np.random.default_rng(seed).permutation(codes.size)
-  held[perm[:int(round(test_fraction * codes.size))]] = True  # eq. 2
+  held[perm[: int(round(test_fraction * codes.size))]] = True  # eq. 2
   out = []
   for code in codes[held if split == "test" else ~held]:
     pair, minus = divmod(int(code), 2)
@@ -105,14 +117,22 @@ def save_tokenizer(directory: str) -> list[str]:
   tok = Tokenizer(models.WordLevel(vocab=dict(VOCAB), unk_token=PAD))
   tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
   tok.post_processor = processors.TemplateProcessing(
-      single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, BOS_ID)])
+      single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, BOS_ID)]
+  )
   tok.decoder = decoders.Fuse()
   tok.add_special_tokens(list(SPECIALS))
   os.makedirs(directory, exist_ok=True)
   tok.save(os.path.join(directory, "tokenizer.json"))
-  config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-            "pad_token": PAD, "unk_token": PAD, "padding_side": "left",
-            "model_max_length": 1024, "clean_up_tokenization_spaces": False}
+  config = {
+      "tokenizer_class": "PreTrainedTokenizerFast",
+      "bos_token": BOS,
+      "eos_token": EOS,
+      "pad_token": PAD,
+      "unk_token": PAD,
+      "padding_side": "left",
+      "model_max_length": 1024,
+      "clean_up_tokenization_spaces": False,
+  }
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump(config, f, indent=2)
   return ["tokenizer.json", "tokenizer_config.json"]

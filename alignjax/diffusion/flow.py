@@ -44,6 +44,7 @@ the drift being evaluated at t_0..t_{K−1} < 1 only. σ ≡ 0 gives the Euler O
 X_{k+1} = X_k + h_k v(X_k, t_k). A velocity function is `vel_fn(x [B, ...], t [B]) -> v`
 (like x); conditioning, if any, is closed over. σ functions map t (any shape) to σ(t).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,6 +63,7 @@ SigmaFn = Callable[[jax.Array], jax.Array]
 @flax.struct.dataclass
 class FlowTrajectory:
   """States X_0..X_K [B, K+1, ...] (noise first, sample last) on times t_0..t_K [K+1]."""
+
   states: jax.Array
   times: jax.Array
 
@@ -75,6 +77,7 @@ class FlowTrajectory:
 
 
 # ----------------------------------------------------------------------------- path and loss
+
 
 def interpolate(x0: jax.Array, x1: jax.Array, t: jax.Array) -> jax.Array:
   """X_t of eq. 1 for per-example times t [B]."""
@@ -95,11 +98,11 @@ def flow_matching_loss(vel_fn: VelFn, x0: jax.Array, x1: jax.Array, t: jax.Array
 def sample_noise_and_time(x1: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(x0 ~ N(0, I) like x1, t ~ U[0, 1) [B]) for a Monte-Carlo estimate of eq. 2."""
   k0, kt = jax.random.split(key)
-  return (jax.random.normal(k0, x1.shape, x1.dtype),
-          jax.random.uniform(kt, x1.shape[:1], x1.dtype))
+  return (jax.random.normal(k0, x1.shape, x1.dtype), jax.random.uniform(kt, x1.shape[:1], x1.dtype))
 
 
 # ----------------------------------------------------------------------------- score, drift, σ
+
 
 def score_from_velocity(v: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
   """s(x, t) of eq. 3 from v = v(x, t); t [B] with t < 1."""
@@ -133,8 +136,10 @@ def constant_sigma(value: float) -> SigmaFn:
 def memoryless_sigma(shift: float) -> SigmaFn:
   """σ_h(t) = sqrt(2 (1 − t + h) / (t + h)) of eq. 6 (eq. 5 when shift h = 0, for t > 0)."""
   if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift >= 0):
-    raise ValueError(f"shift={shift!r}: must be a finite Python float >= 0 (0 is eq. 5, "
-                     "singular at t = 0; the samplers need shift > 0)")
+    raise ValueError(
+        f"shift={shift!r}: must be a finite Python float >= 0 (0 is eq. 5, "
+        "singular at t = 0; the samplers need shift > 0)"
+    )
   return lambda t: jnp.sqrt(2.0 * (1.0 - t + shift) / (t + shift))
 
 
@@ -147,8 +152,10 @@ def time_grid(num_steps: int) -> jax.Array:
 
 # ----------------------------------------------------------------------------- samplers
 
-def sample_sde(vel_fn: VelFn, x0: jax.Array, key: jax.Array | None, *, num_steps: int,
-               sigma_fn: SigmaFn) -> FlowTrajectory:
+
+def sample_sde(
+    vel_fn: VelFn, x0: jax.Array, key: jax.Array | None, *, num_steps: int, sigma_fn: SigmaFn
+) -> FlowTrajectory:
   """Euler–Maruyama (eq. 7) for the SDE of eq. 4, from X_0 = x0 [B, ...] over `time_grid`.
 
   One `lax.scan`; step k draws ε_k with `fold_in(key, k)`. key may be None only if σ ≡ 0 is

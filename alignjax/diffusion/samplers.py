@@ -48,6 +48,7 @@ under jax.grad). Convolution and matmul kernels may not (XLA's CPU convolutions 
 outputs differently per batch size; GPU libraries pick algorithms per shape); the ratio is
 then 1 up to float32 rounding of eps, amplified by 1/sigma_t (|ratio - 1| ~ 1e-6 - 1e-5).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from alignjax.diffusion.schedules import (NoiseSchedule, expand_like, alpha_cumprod_at,
-                                          inference_prev_timesteps, inference_timesteps)
+from alignjax.diffusion.schedules import (
+    NoiseSchedule,
+    expand_like,
+    alpha_cumprod_at,
+    inference_prev_timesteps,
+    inference_timesteps,
+)
 
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -67,6 +73,7 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 @flax.struct.dataclass
 class DDIMStepOutput:
   """One reverse step (eqs. 1-6); `std` and the log-probs are [B], the rest like x_t."""
+
   prev_sample: jax.Array
   mean: jax.Array
   std: jax.Array
@@ -83,6 +90,7 @@ class Trajectory:
   (step i goes from latents[:, i] at timesteps[i] to latents[:, i+1] at prev_timesteps[i]),
   cond [B].
   """
+
   latents: jax.Array
   timesteps: jax.Array
   prev_timesteps: jax.Array
@@ -103,6 +111,7 @@ class Trajectory:
 @flax.struct.dataclass
 class Transitions:
   """The (x_t, x_prev) pairs of a Trajectory, with their timesteps, cond and log-probs."""
+
   x_t: jax.Array
   x_prev: jax.Array
   t: jax.Array
@@ -112,6 +121,7 @@ class Transitions:
 
 
 # ----------------------------------------------------------------------------- validation
+
 
 def _concrete_float(name: str, value) -> float | None:
   """float(value), or None when value is traced (then it cannot be checked here)."""
@@ -130,8 +140,10 @@ def _check_eta(eta, *, allow_zero: bool = True):
   if not 0.0 <= v <= 1.0:
     raise ValueError(f"eta={v}: must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like)")
   if not allow_zero and v == 0.0:
-    raise ValueError("eta=0: deterministic DDIM steps have no log-probability (eq. 5 needs "
-                     "sigma_t > 0); sample with eta > 0 to score steps")
+    raise ValueError(
+        "eta=0: deterministic DDIM steps have no log-probability (eq. 5 needs "
+        "sigma_t > 0); sample with eta > 0 to score steps"
+    )
   return v
 
 
@@ -143,12 +155,15 @@ def _check_clip(clip_sample) -> float | None:
     return 1.0
   v = _concrete_float("clip_sample", clip_sample)
   if v is None or not v > 0.0 or math.isinf(v):
-    raise ValueError(f"clip_sample={clip_sample!r}: must be None (no clipping), True (= 1.0) "
-                     "or a finite Python float > 0")
+    raise ValueError(
+        f"clip_sample={clip_sample!r}: must be None (no clipping), True (= 1.0) "
+        "or a finite Python float > 0"
+    )
   return v
 
 
 # ----------------------------------------------------------------------------- one step
+
 
 def ddim_std(schedule: NoiseSchedule, t, prev_t, eta) -> jax.Array:
   """sigma_t of eq. 2, elementwise over integer timesteps t -> prev_t (any matching shape)."""
@@ -173,8 +188,7 @@ def fixed_order_sum(v: jax.Array) -> jax.Array:
   return v[:, 0]
 
 
-def gaussian_log_prob(x: jax.Array, mean: jax.Array, std: jax.Array
-                      ) -> tuple[jax.Array, jax.Array]:
+def gaussian_log_prob(x: jax.Array, mean: jax.Array, std: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(mean, sum) over non-batch dims of log N(x; mean, std^2) (eqs. 5-6); std is [B].
 
   Rows with std == 0 get 0 (see the module docstring), with finite gradients. The sum has a
@@ -184,16 +198,24 @@ def gaussian_log_prob(x: jax.Array, mean: jax.Array, std: jax.Array
   positive = std > 0
   safe_std = jnp.where(positive, std, 1.0)
   inv_two_var = 0.5 / jnp.square(safe_std)  # per example (see the module docstring)
-  elementwise = (-jnp.square(x - mean) * inv_two_var
-                 - jnp.log(safe_std) - _HALF_LOG_2PI)  # eq. 5
+  elementwise = -jnp.square(x - mean) * inv_two_var - jnp.log(safe_std) - _HALF_LOG_2PI  # eq. 5
   elementwise = jnp.where(positive, elementwise, 0.0)
   total = fixed_order_sum(elementwise)
   return total / (elementwise.size // elementwise.shape[0]), total  # eq. 6
 
 
-def ddim_step(schedule: NoiseSchedule, eps: jax.Array, x_t: jax.Array, t, prev_t, eta, *,
-              key: jax.Array | None = None, prev_sample: jax.Array | None = None,
-              clip_sample=None) -> DDIMStepOutput:
+def ddim_step(
+    schedule: NoiseSchedule,
+    eps: jax.Array,
+    x_t: jax.Array,
+    t,
+    prev_t,
+    eta,
+    *,
+    key: jax.Array | None = None,
+    prev_sample: jax.Array | None = None,
+    clip_sample=None,
+) -> DDIMStepOutput:
   """One DDIM step t -> prev_t from the noise prediction eps (eqs. 1-6).
 
   Samples x_prev with `key` (eq. 4, z = jax.random.normal(key, x_t.shape, x_t.dtype)), or
@@ -202,8 +224,10 @@ def ddim_step(schedule: NoiseSchedule, eps: jax.Array, x_t: jax.Array, t, prev_t
   it is concrete; under jit it may also be traced.
   """
   if (key is None) == (prev_sample is None):
-    raise ValueError("ddim_step: pass exactly one of key= (to sample x_prev) or "
-                     "prev_sample= (to score a given x_prev)")
+    raise ValueError(
+        "ddim_step: pass exactly one of key= (to sample x_prev) or "
+        "prev_sample= (to score a given x_prev)"
+    )
   if eps.shape != x_t.shape:
     raise ValueError(f"eps shape {eps.shape} must equal x_t shape {x_t.shape}")
   if prev_sample is not None and prev_sample.shape != x_t.shape:
@@ -212,9 +236,12 @@ def ddim_step(schedule: NoiseSchedule, eps: jax.Array, x_t: jax.Array, t, prev_t
   clip = _check_clip(clip_sample)
   batch = (x_t.shape[0],)
   # Runtime [B] timesteps (see `sample`): no constant folding of the coefficients or log(std).
-  t, prev_t = jax.lax.optimization_barrier((
-      jnp.broadcast_to(jnp.asarray(t, jnp.int32), batch),
-      jnp.broadcast_to(jnp.asarray(prev_t, jnp.int32), batch)))
+  t, prev_t = jax.lax.optimization_barrier(
+      (
+          jnp.broadcast_to(jnp.asarray(t, jnp.int32), batch),
+          jnp.broadcast_to(jnp.asarray(prev_t, jnp.int32), batch),
+      )
+  )
 
   abar_t = expand_like(alpha_cumprod_at(schedule, t), x_t)
   abar_s = expand_like(alpha_cumprod_at(schedule, prev_t), x_t)
@@ -230,11 +257,18 @@ def ddim_step(schedule: NoiseSchedule, eps: jax.Array, x_t: jax.Array, t, prev_t
     noise = jax.random.normal(key, x_t.shape, x_t.dtype)
     prev_sample = mean + sigma * noise  # eq. 4
   log_prob, log_prob_sum = gaussian_log_prob(prev_sample, mean, std)  # eqs. 5-6
-  return DDIMStepOutput(prev_sample=prev_sample, mean=mean, std=std, log_prob=log_prob,
-                        log_prob_sum=log_prob_sum, x0_pred=x0_pred)
+  return DDIMStepOutput(
+      prev_sample=prev_sample,
+      mean=mean,
+      std=std,
+      log_prob=log_prob,
+      log_prob_sum=log_prob_sum,
+      x0_pred=x0_pred,
+  )
 
 
 # ----------------------------------------------------------------------------- guidance
+
 
 def classifier_free_guidance(eps_fn: EpsFn, guidance_scale, null_cond: int = 10) -> EpsFn:
   """The guided EpsFn of eq. 7 (one model call on 2B examples).
@@ -264,9 +298,20 @@ def classifier_free_guidance(eps_fn: EpsFn, guidance_scale, null_cond: int = 10)
 
 # ----------------------------------------------------------------------------- sampling
 
-def sample(eps_fn: EpsFn, schedule: NoiseSchedule, cond: jax.Array, key: jax.Array, *,
-           shape: tuple[int, ...], num_steps: int, eta, clip_sample=None,
-           initial_latents: jax.Array | None = None, latent_sharding=None) -> Trajectory:
+
+def sample(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    cond: jax.Array,
+    key: jax.Array,
+    *,
+    shape: tuple[int, ...],
+    num_steps: int,
+    eta,
+    clip_sample=None,
+    initial_latents: jax.Array | None = None,
+    latent_sharding=None,
+) -> Trajectory:
   """Runs num_steps DDIM steps (eqs. 1-6) from x_T ~ N(0, I) in one lax.scan.
 
   Args:
@@ -298,34 +343,43 @@ def sample(eps_fn: EpsFn, schedule: NoiseSchedule, cond: jax.Array, key: jax.Arr
   # products with a broadcast scalar timestep, which rounds differently.
   per_example = lambda ts: jnp.broadcast_to(ts[:, None], (num_steps, batch))
   t_rows, prev_rows, cond = jax.lax.optimization_barrier(
-      (per_example(timesteps), per_example(prev_timesteps), cond))
-  constrain = (lambda x: x) if latent_sharding is None else (
-      lambda x: jax.lax.with_sharding_constraint(x, latent_sharding))
+      (per_example(timesteps), per_example(prev_timesteps), cond)
+  )
+  constrain = (
+      (lambda x: x)
+      if latent_sharding is None
+      else (lambda x: jax.lax.with_sharding_constraint(x, latent_sharding))
+  )
 
   noise_key, steps_key = jax.random.split(key)
   if initial_latents is None:
     x_init = jax.random.normal(noise_key, full_shape, jnp.float32)
   elif initial_latents.shape != full_shape:
-    raise ValueError(f"initial_latents shape {initial_latents.shape} must be [B, *shape] = "
-                     f"{full_shape}")
+    raise ValueError(
+        f"initial_latents shape {initial_latents.shape} must be [B, *shape] = " f"{full_shape}"
+    )
   else:
     x_init = initial_latents
   x_init = constrain(x_init)
 
   def step(x, inputs):
     t, prev_t, step_key = inputs  # [B], [B], key
-    out = ddim_step(schedule, eps_fn(x, t, cond), x, t, prev_t, eta, key=step_key,
-                    clip_sample=clip)
+    out = ddim_step(schedule, eps_fn(x, t, cond), x, t, prev_t, eta, key=step_key, clip_sample=clip)
     x_prev = constrain(out.prev_sample)
     return x_prev, (x_prev, out.log_prob, out.log_prob_sum)
 
   step_keys = jax.random.split(steps_key, num_steps)
-  _, (xs, log_probs, log_prob_sums) = jax.lax.scan(
-      step, x_init, (t_rows, prev_rows, step_keys))
+  _, (xs, log_probs, log_prob_sums) = jax.lax.scan(step, x_init, (t_rows, prev_rows, step_keys))
   latents = jnp.concatenate([x_init[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
-  return Trajectory(latents=latents, timesteps=timesteps, prev_timesteps=prev_timesteps,
-                    log_probs=log_probs.T, log_prob_sums=log_prob_sums.T,
-                    stds=ddim_std(schedule, t_rows[:, 0], prev_rows[:, 0], eta), cond=cond)
+  return Trajectory(
+      latents=latents,
+      timesteps=timesteps,
+      prev_timesteps=prev_timesteps,
+      log_probs=log_probs.T,
+      log_prob_sums=log_prob_sums.T,
+      stds=ddim_std(schedule, t_rows[:, 0], prev_rows[:, 0], eta),
+      cond=cond,
+  )
 
 
 def transitions(traj: Trajectory, *, flatten: bool = True) -> Transitions:
@@ -336,16 +390,29 @@ def transitions(traj: Trajectory, *, flatten: bool = True) -> Transitions:
   batch, num_steps = traj.log_probs.shape
   per_step = lambda v: jnp.broadcast_to(v[None, :], (batch, num_steps))
   out = Transitions(
-      x_t=traj.latents[:, :-1], x_prev=traj.latents[:, 1:], t=per_step(traj.timesteps),
+      x_t=traj.latents[:, :-1],
+      x_prev=traj.latents[:, 1:],
+      t=per_step(traj.timesteps),
       prev_t=per_step(traj.prev_timesteps),
-      cond=jnp.broadcast_to(traj.cond[:, None], (batch, num_steps)), log_prob=traj.log_probs)
+      cond=jnp.broadcast_to(traj.cond[:, None], (batch, num_steps)),
+      log_prob=traj.log_probs,
+  )
   if flatten:
     out = jax.tree_util.tree_map(lambda v: v.reshape((batch * num_steps,) + v.shape[2:]), out)
   return out
 
 
-def step_log_prob(eps_fn: EpsFn, schedule: NoiseSchedule, x_t: jax.Array, x_prev: jax.Array,
-                  t, prev_t, cond: jax.Array, eta, clip_sample=None) -> jax.Array:
+def step_log_prob(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    x_t: jax.Array,
+    x_prev: jax.Array,
+    t,
+    prev_t,
+    cond: jax.Array,
+    eta,
+    clip_sample=None,
+) -> jax.Array:
   """Re-evaluates log pi(x_prev | x_t, cond) of stored steps (eqs. 1-3, 5-6), [B].
 
   t and prev_t are [B] (or scalars); the value equals the sampler's log_probs for the same
@@ -354,9 +421,14 @@ def step_log_prob(eps_fn: EpsFn, schedule: NoiseSchedule, x_t: jax.Array, x_prev
   eta = _check_eta(eta, allow_zero=False)
   batch = (x_t.shape[0],)
   # Runtime values, as in `sample`: nothing of eps_fn's time/class path is constant-folded.
-  t, prev_t, cond = jax.lax.optimization_barrier((
-      jnp.broadcast_to(jnp.asarray(t, jnp.int32), batch),
-      jnp.broadcast_to(jnp.asarray(prev_t, jnp.int32), batch), jnp.asarray(cond)))
+  t, prev_t, cond = jax.lax.optimization_barrier(
+      (
+          jnp.broadcast_to(jnp.asarray(t, jnp.int32), batch),
+          jnp.broadcast_to(jnp.asarray(prev_t, jnp.int32), batch),
+          jnp.asarray(cond),
+      )
+  )
   eps = eps_fn(x_t, t, cond)
-  return ddim_step(schedule, eps, x_t, t, prev_t, eta, prev_sample=x_prev,
-                   clip_sample=clip_sample).log_prob
+  return ddim_step(
+      schedule, eps, x_t, t, prev_t, eta, prev_sample=x_prev, clip_sample=clip_sample
+  ).log_prob

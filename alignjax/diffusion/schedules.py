@@ -35,6 +35,7 @@ x_t unchanged, as diffusers does; use o = 1 with it, as Stable Diffusion does.
 Betas and alpha products are computed in float64 on the host and stored as float32; they
 agree with diffusers' DDPMScheduler/DDIMScheduler to ~5e-7.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,6 +58,7 @@ class NoiseSchedule:
   `final_alpha_cumprod` (float32 scalar) is abar at negative timesteps (eq. 7);
   `steps_offset` (a static int, not a leaf) shifts the inference timesteps (eq. 6).
   """
+
   betas: jnp.ndarray
   alphas: jnp.ndarray
   alphas_cumprod: jnp.ndarray
@@ -89,9 +91,15 @@ def _betas(kind: str, n: int, beta_start: float, beta_end: float) -> np.ndarray:
   return np.array([min(1.0 - f((i + 1) / n) / f(i / n), COSINE_MAX_BETA) for i in range(n)])
 
 
-def make_schedule(kind: str, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-                  beta_end: float = 0.02, *, set_alpha_to_one: bool = True,
-                  steps_offset: int = 0) -> NoiseSchedule:
+def make_schedule(
+    kind: str,
+    num_train_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    *,
+    set_alpha_to_one: bool = True,
+    steps_offset: int = 0,
+) -> NoiseSchedule:
   """Builds a NoiseSchedule.
 
   Args:
@@ -103,16 +111,19 @@ def make_schedule(kind: str, num_train_timesteps: int = 1000, beta_start: float 
     steps_offset: o >= 0 of eq. 6, used by the samplers' inference timesteps.
   """
   if not isinstance(kind, str) or _ALIASES.get(kind, kind) not in KINDS:
-    raise ValueError(f"unknown schedule kind {kind!r}: valid kinds are {', '.join(KINDS)} "
-                     "(or diffusers' 'squaredcos_cap_v2' for 'cosine')")
+    raise ValueError(
+        f"unknown schedule kind {kind!r}: valid kinds are {', '.join(KINDS)} "
+        "(or diffusers' 'squaredcos_cap_v2' for 'cosine')"
+    )
   kind = _ALIASES.get(kind, kind)
   n = _check_int("num_train_timesteps", num_train_timesteps, 1)
   steps_offset = _check_int("steps_offset", steps_offset, 0)
   if steps_offset >= n:
     raise ValueError(f"steps_offset={steps_offset}: must be < num_train_timesteps={n}")
   if kind != "cosine" and not 0.0 < beta_start <= beta_end < 1.0:
-    raise ValueError(f"beta_start={beta_start}, beta_end={beta_end}: need "
-                     "0 < beta_start <= beta_end < 1")
+    raise ValueError(
+        f"beta_start={beta_start}, beta_end={beta_end}: need " "0 < beta_start <= beta_end < 1"
+    )
   betas = _betas(kind, n, float(beta_start), float(beta_end))
   alphas = 1.0 - betas
   alphas_cumprod = np.cumprod(alphas)  # eq. 4
@@ -121,7 +132,9 @@ def make_schedule(kind: str, num_train_timesteps: int = 1000, beta_start: float 
       betas=jnp.asarray(betas, jnp.float32),
       alphas=jnp.asarray(alphas, jnp.float32),
       alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32),
-      final_alpha_cumprod=jnp.asarray(final, jnp.float32), steps_offset=steps_offset)
+      final_alpha_cumprod=jnp.asarray(final, jnp.float32),
+      steps_offset=steps_offset,
+  )
 
 
 def alpha_cumprod_at(schedule: NoiseSchedule, t) -> jnp.ndarray:
@@ -153,20 +166,24 @@ def _check_steps(num_train_timesteps, num_steps, steps_offset) -> tuple[int, int
   if s > n:
     raise ValueError(f"num_steps={s}: must be between 1 and num_train_timesteps={n}")
   if (s - 1) * (n // s) + o > n - 1:
-    raise ValueError(f"steps_offset={o}: the first of num_steps={s} timesteps would be "
-                     f"{(s - 1) * (n // s) + o} > num_train_timesteps - 1 = {n - 1}")
+    raise ValueError(
+        f"steps_offset={o}: the first of num_steps={s} timesteps would be "
+        f"{(s - 1) * (n // s) + o} > num_train_timesteps - 1 = {n - 1}"
+    )
   return n, s, o
 
 
-def inference_timesteps(num_train_timesteps: int, num_steps: int,
-                        steps_offset: int = 0) -> np.ndarray:
+def inference_timesteps(
+    num_train_timesteps: int, num_steps: int, steps_offset: int = 0
+) -> np.ndarray:
   """Descending "leading" timesteps (eq. 6), np.int32 [num_steps]: 1000, 50 -> 980, ..., 0."""
   n, s, o = _check_steps(num_train_timesteps, num_steps, steps_offset)
   return (np.arange(s - 1, -1, -1) * (n // s) + o).astype(np.int32)
 
 
-def inference_prev_timesteps(num_train_timesteps: int, num_steps: int,
-                             steps_offset: int = 0) -> np.ndarray:
+def inference_prev_timesteps(
+    num_train_timesteps: int, num_steps: int, steps_offset: int = 0
+) -> np.ndarray:
   """The timestep each inference step goes to (eq. 6), np.int32 [num_steps]; last is < 0."""
   n, s, o = _check_steps(num_train_timesteps, num_steps, steps_offset)
   return inference_timesteps(n, s, o) - np.int32(n // s)

@@ -64,15 +64,17 @@ _registered: list[str] = []  # XLA keeps one handler per target name for the pro
 
 def cache_dir() -> str:
   return os.environ.get("ALIGNJAX_KERNEL_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "alignjax", "kernels")
+      os.path.expanduser("~"), ".cache", "alignjax", "kernels"
+  )
 
 
 def _build(compiler: str) -> str:
   """Path of the compiled kernel library, compiling it (atomically) when not cached."""
   with open(SOURCE, "rb") as f:
     source = f.read()
-  key = hashlib.sha256(source + " ".join((compiler,) + FLAGS).encode()
-                       + jax.__version__.encode()).hexdigest()[:16]
+  key = hashlib.sha256(
+      source + " ".join((compiler,) + FLAGS).encode() + jax.__version__.encode()
+  ).hexdigest()[:16]
   path = os.path.join(cache_dir(), f"skinny_matmul-{key}.so")
   if os.path.exists(path):
     return path
@@ -108,8 +110,9 @@ def available() -> tuple[bool, str]:
     if not lib.AlignjaxSkinnyMatmulCpuSupported():
       return False, "this CPU lacks AVX2/FMA"
     if not _registered:
-      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.AlignjaxSkinnyMatmulF32),
-                                  platform="cpu")
+      jax.ffi.register_ffi_target(
+          TARGET, jax.ffi.pycapsule(lib.AlignjaxSkinnyMatmulF32), platform="cpu"
+      )
       _registered.append(path)
   except (OSError, RuntimeError) as e:
     return False, str(e)
@@ -153,13 +156,15 @@ def matmul(x, w, fallback=jnp.dot):
   """Eq. 1: x [..., K] . w [K, N] -> [..., N]: the kernel when `qualifies`, else
   `fallback(x, w)` (a caller's own form of the same product, e.g. a tensordot)."""
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
-    raise ValueError(f"skinny_matmul.matmul: need x [..., K] and w [K, N], got {x.shape} and "
-                     f"{w.shape}")
+    raise ValueError(
+        f"skinny_matmul.matmul: need x [..., K] and w [K, N], got {x.shape} and " f"{w.shape}"
+    )
   if not qualifies(x, w):
     return fallback(x, w)
   k, n = w.shape
   lead = x.shape[:-1]
-  kernel = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.size // k, n), jnp.float32),
-                            vmap_method="sequential")
+  kernel = jax.ffi.ffi_call(
+      TARGET, jax.ShapeDtypeStruct((x.size // k, n), jnp.float32), vmap_method="sequential"
+  )
   y = jax.lax.platform_dependent(x.reshape(-1, k), w, cpu=kernel, default=jnp.dot)
   return y.reshape(*lead, n)

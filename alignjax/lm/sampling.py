@@ -51,9 +51,21 @@ from flax import nnx, struct
 from alignjax.kernels import skinny_matmul
 from alignjax.models.lm import KVCache, extend_cache, init_cache
 
-__all__ = ["CPU_DECODE_COMPILER_OPTIONS", "DecodeState", "SampleOutput", "SamplingConfig",
-           "bucket_length", "decode", "decode_jit", "filter_logits", "finish", "generate",
-           "prefill", "sample", "sampling_log_probs"]
+__all__ = [
+    "CPU_DECODE_COMPILER_OPTIONS",
+    "DecodeState",
+    "SampleOutput",
+    "SamplingConfig",
+    "bucket_length",
+    "decode",
+    "decode_jit",
+    "filter_logits",
+    "finish",
+    "generate",
+    "prefill",
+    "sample",
+    "sampling_log_probs",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +90,13 @@ class SamplingConfig:
   def __post_init__(self):
     object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-      raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens!r}: must be a "
-                       "positive int")
+      raise ValueError(
+          f"SamplingConfig.max_new_tokens={self.max_new_tokens!r}: must be a " "positive int"
+      )
     if not self.temperature >= 0:
-      raise ValueError(f"SamplingConfig.temperature={self.temperature!r}: must be >= 0 "
-                       "(0 = greedy)")
+      raise ValueError(
+          f"SamplingConfig.temperature={self.temperature!r}: must be >= 0 " "(0 = greedy)"
+      )
     if not isinstance(self.top_k, int) or self.top_k < 0:
       raise ValueError(f"SamplingConfig.top_k={self.top_k!r}: must be an int >= 0 (0 = off)")
     if not 0 < self.top_p <= 1:
@@ -108,8 +122,10 @@ def filter_logits(logits, temperature: float, top_k: int = 0, top_p: float = 1.0
   logits [..., V] float32; temperature > 0.
   """
   if temperature <= 0:
-    raise ValueError(f"filter_logits: temperature={temperature} must be > 0 (T = 0 is greedy "
-                     "and has no logits to filter)")
+    raise ValueError(
+        f"filter_logits: temperature={temperature} must be > 0 (T = 0 is greedy "
+        "and has no logits to filter)"
+    )
   z = logits.astype(jnp.float32) / temperature  # eq. 1
   neg = jnp.array(-jnp.inf, z.dtype)
   if 0 < top_k < z.shape[-1]:
@@ -130,8 +146,9 @@ def sampling_log_probs(logits, config: SamplingConfig):
   if config.temperature == 0:
     greedy = jnp.argmax(logits, axis=-1)
     return jnp.where(jax.nn.one_hot(greedy, logits.shape[-1], dtype=bool), 0.0, -jnp.inf)
-  return jax.nn.log_softmax(filter_logits(logits, config.temperature, config.top_k,
-                                          config.top_p), axis=-1)
+  return jax.nn.log_softmax(
+      filter_logits(logits, config.temperature, config.top_k, config.top_p), axis=-1
+  )
 
 
 def _draw(logits, key, config: SamplingConfig):
@@ -177,7 +194,10 @@ def _record(state: DecodeState, logits, key, config: SamplingConfig) -> DecodeSt
       valid=state.valid.at[:, step].set(live),
       log_probs=state.log_probs.at[:, step].set(jnp.where(live, lp, 0.0)),
       model_log_probs=state.model_log_probs.at[:, step].set(jnp.where(live, mlp, 0.0)),
-      done=state.done | (live & jnp.isin(token, eos)), last=token, step=step + 1)
+      done=state.done | (live & jnp.isin(token, eos)),
+      last=token,
+      step=step + 1,
+  )
 
 
 def prefill(graphdef, params, tokens, valid, key, config: SamplingConfig) -> DecodeState:
@@ -190,18 +210,25 @@ def prefill(graphdef, params, tokens, valid, key, config: SamplingConfig) -> Dec
   valid = valid.astype(bool)
   positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.int32)
   if p + n > model.config.max_position_embeddings:
-    raise ValueError(f"generate: prompt length {p} + max_new_tokens {n} exceeds the model's "
-                     f"max_position_embeddings={model.config.max_position_embeddings}")
+    raise ValueError(
+        f"generate: prompt length {p} + max_new_tokens {n} exceeds the model's "
+        f"max_position_embeddings={model.config.max_position_embeddings}"
+    )
   # A cache of exactly P slots: the prompt attends to its own keys only; then N empty slots.
   hidden, cache = model.hidden_states(tokens, positions, valid, init_cache(model.config, b, p))
   cache = extend_cache(cache, p + n)
   logits = model.logits(hidden[:, -1])  # left padding: the last column is real in every row
   state = DecodeState(
-      tokens=jnp.full((b, n), config.pad_id, jnp.int32), valid=jnp.zeros((b, n), bool),
-      log_probs=jnp.zeros((b, n), jnp.float32), model_log_probs=jnp.zeros((b, n), jnp.float32),
-      done=jnp.zeros((b,), bool), last=jnp.zeros((b,), jnp.int32),
-      step=jnp.zeros((), jnp.int32), prompt_len=jnp.sum(valid, axis=-1).astype(jnp.int32),
-      cache=cache)
+      tokens=jnp.full((b, n), config.pad_id, jnp.int32),
+      valid=jnp.zeros((b, n), bool),
+      log_probs=jnp.zeros((b, n), jnp.float32),
+      model_log_probs=jnp.zeros((b, n), jnp.float32),
+      done=jnp.zeros((b,), bool),
+      last=jnp.zeros((b,), jnp.int32),
+      step=jnp.zeros((), jnp.int32),
+      prompt_len=jnp.sum(valid, axis=-1).astype(jnp.int32),
+      cache=cache,
+  )
   return _record(state, logits, key, config)
 
 
@@ -218,8 +245,9 @@ def decode(graphdef, params, state: DecodeState, key, config: SamplingConfig) ->
   def body(state):
     live = ~state.done
     position = state.prompt_len + state.step - 1  # of the last token (module docstring)
-    hidden, cache = model.hidden_states(state.last[:, None], position[:, None], live[:, None],
-                                        state.cache)
+    hidden, cache = model.hidden_states(
+        state.last[:, None], position[:, None], live[:, None], state.cache
+    )
     return _record(state.replace(cache=cache), model.logits(hidden[:, -1]), key, config)
 
   return jax.lax.while_loop(cond, body, state)
@@ -227,9 +255,13 @@ def decode(graphdef, params, state: DecodeState, key, config: SamplingConfig) ->
 
 def finish(state: DecodeState) -> SampleOutput:
   """The sampler's output from a final `DecodeState`."""
-  return SampleOutput(tokens=state.tokens, valid=state.valid, log_probs=state.log_probs,
-                      model_log_probs=state.model_log_probs,
-                      lengths=jnp.sum(state.valid, axis=-1).astype(jnp.int32))
+  return SampleOutput(
+      tokens=state.tokens,
+      valid=state.valid,
+      log_probs=state.log_probs,
+      model_log_probs=state.model_log_probs,
+      lengths=jnp.sum(state.valid, axis=-1).astype(jnp.int32),
+  )
 
 
 def generate(graphdef, params, tokens, valid, key, config: SamplingConfig) -> SampleOutput:
@@ -257,10 +289,18 @@ def _decode_with_kernel(graphdef, params, state, key, config):
 
 _prefill_jit = jax.jit(prefill, static_argnums=(0, 5))
 _decode_jit = {
-    "cpu_kernel": jax.jit(_decode_with_kernel, static_argnums=(0, 4), donate_argnums=(2,),
-                          compiler_options=CPU_DECODE_COMPILER_OPTIONS),
-    "cpu": jax.jit(decode, static_argnums=(0, 4), donate_argnums=(2,),
-                   compiler_options=CPU_DECODE_COMPILER_OPTIONS),
+    "cpu_kernel": jax.jit(
+        _decode_with_kernel,
+        static_argnums=(0, 4),
+        donate_argnums=(2,),
+        compiler_options=CPU_DECODE_COMPILER_OPTIONS,
+    ),
+    "cpu": jax.jit(
+        decode,
+        static_argnums=(0, 4),
+        donate_argnums=(2,),
+        compiler_options=CPU_DECODE_COMPILER_OPTIONS,
+    ),
     None: jax.jit(decode, static_argnums=(0, 4), donate_argnums=(2,)),
 }
 
@@ -287,17 +327,28 @@ def decode_jit(params, *, kernel: bool = True):
 def bucket_length(length: int, max_prompt_len: int, min_bucket: int = 16) -> int:
   """Smallest power of two >= max(length, min_bucket), capped at max_prompt_len."""
   if length > max_prompt_len:
-    raise ValueError(f"sample: prompt length {length} exceeds the maximum prompt length "
-                     f"{max_prompt_len} (max_position_embeddings minus max_new_tokens, or the "
-                     "max_prompt_len given)")
+    raise ValueError(
+        f"sample: prompt length {length} exceeds the maximum prompt length "
+        f"{max_prompt_len} (max_position_embeddings minus max_new_tokens, or the "
+        "max_prompt_len given)"
+    )
   bucket = max(min_bucket, 1)
   while bucket < length:
     bucket *= 2
   return min(bucket, max_prompt_len)
 
 
-def sample(model_or_graphdef, params, tokens, valid, key, config: SamplingConfig, *,
-           max_prompt_len: int | None = None, min_bucket: int = 16) -> SampleOutput:
+def sample(
+    model_or_graphdef,
+    params,
+    tokens,
+    valid,
+    key,
+    config: SamplingConfig,
+    *,
+    max_prompt_len: int | None = None,
+    min_bucket: int = 16,
+) -> SampleOutput:
   """Host entry: checks the prompts, re-pads them to a bucket length, runs `generate` jitted.
 
   model_or_graphdef: a `TransformerLM` (params None) or its graphdef (params its state).
@@ -313,19 +364,26 @@ def sample(model_or_graphdef, params, tokens, valid, key, config: SamplingConfig
   limit = max_pos - config.max_new_tokens
   if max_prompt_len is not None:
     if max_prompt_len > limit:
-      raise ValueError(f"sample: max_prompt_len={max_prompt_len} + max_new_tokens="
-                       f"{config.max_new_tokens} exceeds max_position_embeddings={max_pos}")
+      raise ValueError(
+          f"sample: max_prompt_len={max_prompt_len} + max_new_tokens="
+          f"{config.max_new_tokens} exceeds max_position_embeddings={max_pos}"
+      )
     limit = max_prompt_len
   if limit <= 0:
-    raise ValueError(f"sample: max_new_tokens={config.max_new_tokens} leaves no room for a "
-                     f"prompt under max_position_embeddings={max_pos}")
+    raise ValueError(
+        f"sample: max_new_tokens={config.max_new_tokens} leaves no room for a "
+        f"prompt under max_position_embeddings={max_pos}"
+    )
   tokens, valid = np.asarray(tokens, np.int32), np.asarray(valid, bool)
   if tokens.ndim != 2 or tokens.shape != valid.shape:
-    raise ValueError(f"sample: tokens {tokens.shape} and valid {valid.shape} must both be "
-                     "[batch, length]")
+    raise ValueError(
+        f"sample: tokens {tokens.shape} and valid {valid.shape} must both be " "[batch, length]"
+    )
   if not valid[:, -1].all() or (np.diff(valid.astype(np.int8), axis=1) < 0).any():
-    raise ValueError("sample: prompts must be left-padded with >= 1 real token per row "
-                     "(valid = [False ... False, True ... True]); see convert.pad_left")
+    raise ValueError(
+        "sample: prompts must be left-padded with >= 1 real token per row "
+        "(valid = [False ... False, True ... True]); see convert.pad_left"
+    )
   length = int(valid.sum(axis=1).max())
   bucket = bucket_length(length, limit, min_bucket)
   if tokens.shape[1] >= bucket:
@@ -336,4 +394,3 @@ def sample(model_or_graphdef, params, tokens, valid, key, config: SamplingConfig
     valid = np.pad(valid, ((0, 0), (extra, 0)), constant_values=False)
   state = _prefill_jit(graphdef, params, jnp.asarray(tokens), jnp.asarray(valid), key, config)
   return finish(decode_jit(params)(graphdef, params, state, key, config))
-

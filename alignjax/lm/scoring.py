@@ -73,15 +73,18 @@ def _chunked_lse(h, w, cap, vocab_chunk: int):
   return m + jnp.log(s)
 
 
-def score_model(model, tokens, valid, mask, *, seq_chunk: int | None = None,
-                vocab_chunk: int | None = None) -> ScoreOutput:
+def score_model(
+    model, tokens, valid, mask, *, seq_chunk: int | None = None, vocab_chunk: int | None = None
+) -> ScoreOutput:
   """Eqs. 1-2 for a `TransformerLM` (call inside jit). tokens/valid/mask [B, L].
 
   seq_chunk / vocab_chunk: chunk sizes of the chunked path (eq. 3); both None = plain path.
   """
   if tokens.ndim != 2 or tokens.shape != valid.shape or tokens.shape != mask.shape:
-    raise ValueError(f"score: tokens {tokens.shape}, valid {valid.shape} and mask "
-                     f"{mask.shape} must all be [batch, length]")
+    raise ValueError(
+        f"score: tokens {tokens.shape}, valid {valid.shape} and mask "
+        f"{mask.shape} must all be [batch, length]"
+    )
   for name, c in (("seq_chunk", seq_chunk), ("vocab_chunk", vocab_chunk)):
     if c is not None and (not isinstance(c, int) or c <= 0):
       raise ValueError(f"score: {name}={c!r} must be a positive int or None")
@@ -105,18 +108,31 @@ def score_model(model, tokens, valid, mask, *, seq_chunk: int | None = None,
 
     def one(args):
       hc, yc = args
-      target = _cap(jnp.einsum("bsh,hbs->bs", hc, jnp.take(w, yc, axis=1),
-                               preferred_element_type=jnp.float32), cap)
+      target = _cap(
+          jnp.einsum(
+              "bsh,hbs->bs", hc, jnp.take(w, yc, axis=1), preferred_element_type=jnp.float32
+          ),
+          cap,
+      )
       return target - _chunked_lse(hc, w, cap, vc)  # eq. 1 with eq. 3
 
-    lp = jax.lax.map(one, (hp, yp)).transpose(1, 0, 2).reshape(b, n * sc)[:, :l - 1]
+    lp = jax.lax.map(one, (hp, yp)).transpose(1, 0, 2).reshape(b, n * sc)[:, : l - 1]
   lp = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), lp], axis=1)
   lp = jnp.where(mask, lp, 0.0)
   return ScoreOutput(log_probs=lp, sums=jnp.sum(lp, axis=-1))  # eq. 2
 
 
-def score(graphdef, params, tokens, valid, mask, *, seq_chunk: int | None = None,
-          vocab_chunk: int | None = None) -> ScoreOutput:
+def score(
+    graphdef,
+    params,
+    tokens,
+    valid,
+    mask,
+    *,
+    seq_chunk: int | None = None,
+    vocab_chunk: int | None = None,
+) -> ScoreOutput:
   """Pure form of `score_model` over split state (jit with graphdef and chunks static)."""
-  return score_model(nnx.merge(graphdef, params), tokens, valid, mask, seq_chunk=seq_chunk,
-                     vocab_chunk=vocab_chunk)
+  return score_model(
+      nnx.merge(graphdef, params), tokens, valid, mask, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk
+  )

@@ -45,8 +45,10 @@ class ClassifierConfig:
       raise ValueError(f"ClassifierConfig: channels={self.channels} must have two widths")
     for c in self.channels:
       if c <= 0 or c % self.num_groups:
-        raise ValueError(f"ClassifierConfig: channels={self.channels} must be positive multiples"
-                         f" of num_groups={self.num_groups}")
+        raise ValueError(
+            f"ClassifierConfig: channels={self.channels} must be positive multiples"
+            f" of num_groups={self.num_groups}"
+        )
     if self.image_size % 4:
       raise ValueError(f"ClassifierConfig: image_size={self.image_size} must be divisible by 4")
     for name in ("hidden_dim", "num_classes", "in_channels"):
@@ -83,8 +85,10 @@ class DigitsClassifier(nnx.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     cfg = self.config
     if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.in_channels):
-      raise ValueError(f"DigitsClassifier: images have shape {images.shape}; expected "
-                       f"[B, {cfg.image_size}, {cfg.image_size}, {cfg.in_channels}] in [0, 1]")
+      raise ValueError(
+          f"DigitsClassifier: images have shape {images.shape}; expected "
+          f"[B, {cfg.image_size}, {cfg.image_size}, {cfg.in_channels}] in [0, 1]"
+      )
     h = 2.0 * images - 1.0
     h = jax.nn.silu(self.norm1(self.conv1(h)))
     h = jax.nn.silu(self.norm2(self.conv2(h)))
@@ -93,8 +97,9 @@ class DigitsClassifier(nnx.Module):
     return self.fc2(jax.nn.silu(self.fc1(h)))  # eq. 1
 
 
-def augment(images: jax.Array, key: jax.Array, *, max_shift: int = 1,
-            noise_std: float = 0.05) -> jax.Array:
+def augment(
+    images: jax.Array, key: jax.Array, *, max_shift: int = 1, noise_std: float = 0.05
+) -> jax.Array:
   """Random integer shift in [-max_shift, max_shift]^2 (zero padded) plus N(0, noise_std^2)."""
   b, h, w, _ = images.shape
   k_shift, k_noise = jax.random.split(key)
@@ -103,8 +108,9 @@ def augment(images: jax.Array, key: jax.Array, *, max_shift: int = 1,
     pad = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
 
     def crop(img, s):
-      return jax.lax.dynamic_slice(img, (max_shift - s[0], max_shift - s[1], 0),
-                                   (h, w, img.shape[-1]))
+      return jax.lax.dynamic_slice(
+          img, (max_shift - s[0], max_shift - s[1], 0), (h, w, img.shape[-1])
+      )
 
     images = jax.vmap(crop)(pad, shifts)
   if noise_std > 0:
@@ -118,11 +124,21 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
 
 
-def train_classifier(model: DigitsClassifier, images: np.ndarray, labels: np.ndarray, *,
-                     steps: int, batch_size: int = 128, learning_rate: float = 3e-3,
-                     weight_decay: float = 1e-4, max_shift: int = 1, noise_std: float = 0.05,
-                     seed: int = 0, key: jax.Array | None = None, callback=None
-                     ) -> tuple[DigitsClassifier, list[float]]:
+def train_classifier(
+    model: DigitsClassifier,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int = 128,
+    learning_rate: float = 3e-3,
+    weight_decay: float = 1e-4,
+    max_shift: int = 1,
+    noise_std: float = 0.05,
+    seed: int = 0,
+    key: jax.Array | None = None,
+    callback=None,
+) -> tuple[DigitsClassifier, list[float]]:
   """Trains `model` on (images in [0, 1], labels) with AdamW (eq. 2); returns (model, losses).
 
   One jitted, donated step; batches are drawn inside the step (uniform with replacement) from
@@ -176,12 +192,12 @@ def predict(model: DigitsClassifier, images, *, batch_size: int = 512) -> np.nda
   images = np.asarray(images, np.float32)
   out = []
   for i in range(0, len(images), batch_size):
-    chunk = images[i:i + batch_size]
+    chunk = images[i : i + batch_size]
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
     logits = _apply(model, jnp.asarray(chunk))
-    out.append(np.asarray(jnp.argmax(logits, axis=-1))[:batch_size - pad])
+    out.append(np.asarray(jnp.argmax(logits, axis=-1))[: batch_size - pad])
   return np.concatenate(out).astype(np.int32)
 
 

@@ -64,7 +64,8 @@ def config_from_dict(config_cls, d: Mapping[str, Any], *, source: str = ""):
   if unknown:
     raise ModelIOError(
         f"{config_cls.__name__}: unknown config field(s){where}: {unknown}; "
-        f"valid fields: {sorted(fields)}")
+        f"valid fields: {sorted(fields)}"
+    )
   hints = typing.get_type_hints(config_cls)
   kwargs = {}
   for name, value in d.items():
@@ -86,8 +87,10 @@ def _key_name(k) -> str:
 
 def flatten_state(state) -> dict[str, Any]:
   """nnx State -> {'.'-joined path: array}."""
-  return {".".join(_key_name(k) for k in path): v.get_value() if isinstance(v, nnx.Variable)
-          else v for path, v in nnx.to_flat_state(state)}
+  return {
+      ".".join(_key_name(k) for k in path): v.get_value() if isinstance(v, nnx.Variable) else v
+      for path, v in nnx.to_flat_state(state)
+  }
 
 
 def model_type_of(model_cls) -> str:
@@ -134,7 +137,8 @@ def read_config(directory: str | os.PathLike, config_cls, model_cls=None):
   if model_cls is not None and model_type != model_type_of(model_cls):
     raise ModelIOError(
         f"{path}: model_type {model_type!r} does not match {model_cls.__name__} "
-        f"(expected {model_type_of(model_cls)!r})")
+        f"(expected {model_type_of(model_cls)!r})"
+    )
   return config_from_dict(config_cls, raw, source=path)
 
 
@@ -165,7 +169,8 @@ def load_model(directory: str | os.PathLike, model_cls, config_cls, *, shardings
   sharding_leaves = None
   if shardings is not None:  # a State of Variables holding Shardings, or nested dicts
     flat, _ = jax.tree_util.tree_flatten_with_path(
-        shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+        shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)
+    )
     sharding_leaves = {path_str(p).replace("/", "."): s for p, s in flat}
     missing_sh = sorted(set(expected) - set(sharding_leaves))
     if missing_sh:
@@ -178,25 +183,31 @@ def load_model(directory: str | os.PathLike, model_cls, config_cls, *, shardings
     if missing:
       raise ModelIOError(f"{weights}: missing parameter(s) {missing} for {model_cls.__name__}")
     if unexpected:
-      raise ModelIOError(f"{weights}: unexpected key(s) {unexpected} (not parameters of "
-                         f"{model_cls.__name__})")
+      raise ModelIOError(
+          f"{weights}: unexpected key(s) {unexpected} (not parameters of " f"{model_cls.__name__})"
+      )
     values = {}
     for key, var in expected.items():
       want = var.get_value()
       array = f.get_tensor(key)
       if tuple(array.shape) != tuple(want.shape):
-        raise ModelIOError(f"{weights}: key {key!r} has shape {tuple(array.shape)}, the model "
-                           f"expects {tuple(want.shape)}")
+        raise ModelIOError(
+            f"{weights}: key {key!r} has shape {tuple(array.shape)}, the model "
+            f"expects {tuple(want.shape)}"
+        )
       if np.dtype(array.dtype) != np.dtype(want.dtype):
-        raise ModelIOError(f"{weights}: key {key!r} has dtype {array.dtype}, the model expects "
-                           f"{np.dtype(want.dtype)}")
+        raise ModelIOError(
+            f"{weights}: key {key!r} has dtype {array.dtype}, the model expects "
+            f"{np.dtype(want.dtype)}"
+        )
       if sharding_leaves is not None:
         values[key] = jax.device_put(array, sharding_leaves[key])
       else:
         values[key] = jax.numpy.asarray(array)
 
-  filled = [(path, var.replace(values[".".join(_key_name(k) for k in path)]))
-            for path, var in flat_abstract]
+  filled = [
+      (path, var.replace(values[".".join(_key_name(k) for k in path)]))
+      for path, var in flat_abstract
+  ]
   state = nnx.from_flat_state(filled)
   return nnx.merge(graphdef, state)
-

@@ -56,9 +56,19 @@ from alignjax.models.lm_config import LMConfig, lm_config_from_hf, lm_config_to_
 from alignjax.models.lm_layers import Block, Dense, Norm, normal_init, rope_sin_cos
 
 __all__ = [
-    "KVCache", "LMConfig", "LM_SHARDING_RULES", "TransformerLM", "extend_cache", "forward",
-    "init_cache", "lm_config_from_hf", "lm_config_to_hf", "lm_param_shardings", "lm_sharding_rules",
-    "positions_from_mask", "spec_for",
+    "KVCache",
+    "LMConfig",
+    "LM_SHARDING_RULES",
+    "TransformerLM",
+    "extend_cache",
+    "forward",
+    "init_cache",
+    "lm_config_from_hf",
+    "lm_config_to_hf",
+    "lm_param_shardings",
+    "lm_sharding_rules",
+    "positions_from_mask",
+    "spec_for",
 ]
 
 
@@ -80,15 +90,20 @@ class KVCache:
 def init_cache(config: LMConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
   """An empty cache with `max_len` slots (at most config.max_position_embeddings)."""
   if max_len > config.max_position_embeddings:
-    raise ValueError(f"init_cache: max_len={max_len} exceeds the model's "
-                     f"max_position_embeddings={config.max_position_embeddings}")
+    raise ValueError(
+        f"init_cache: max_len={max_len} exceeds the model's "
+        f"max_position_embeddings={config.max_position_embeddings}"
+    )
   dtype = jnp.dtype(dtype or config.dtype)
   shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in zeros),
-                 valid=jnp.zeros((batch_size, max_len), bool),
-                 positions=jnp.zeros((batch_size, max_len), jnp.int32),
-                 index=jnp.zeros((), jnp.int32))
+  return KVCache(
+      keys=zeros,
+      values=tuple(jnp.zeros(shape, dtype) for _ in zeros),
+      valid=jnp.zeros((batch_size, max_len), bool),
+      positions=jnp.zeros((batch_size, max_len), jnp.int32),
+      index=jnp.zeros((), jnp.int32),
+  )
 
 
 def extend_cache(cache: KVCache, max_len: int) -> KVCache:
@@ -97,16 +112,21 @@ def extend_cache(cache: KVCache, max_len: int) -> KVCache:
   only the prompt's keys) and extends it before decoding."""
   extra = max_len - cache.max_len
   if extra < 0:
-    raise ValueError(f"extend_cache: max_len={max_len} is smaller than the cache's "
-                     f"{cache.max_len} slots")
+    raise ValueError(
+        f"extend_cache: max_len={max_len} is smaller than the cache's " f"{cache.max_len} slots"
+    )
 
   def pad(x, axis):  # zeros with x written at slot 0
-    shape = x.shape[:axis] + (max_len,) + x.shape[axis + 1:]
+    shape = x.shape[:axis] + (max_len,) + x.shape[axis + 1 :]
     return jax.lax.dynamic_update_slice(jnp.zeros(shape, x.dtype), x, (0,) * x.ndim)
 
-  return KVCache(keys=tuple(pad(k, 2) for k in cache.keys),
-                 values=tuple(pad(v, 2) for v in cache.values),
-                 valid=pad(cache.valid, 1), positions=pad(cache.positions, 1), index=cache.index)
+  return KVCache(
+      keys=tuple(pad(k, 2) for k in cache.keys),
+      values=tuple(pad(v, 2) for v in cache.values),
+      valid=pad(cache.valid, 1),
+      positions=pad(cache.positions, 1),
+      index=cache.index,
+  )
 
 
 def positions_from_mask(valid) -> jax.Array:
@@ -115,6 +135,7 @@ def positions_from_mask(valid) -> jax.Array:
 
 
 class Embedding(nnx.Module):
+
   def __init__(self, num: int, size: int, *, dtype, rngs: nnx.Rngs):
     self.embedding = nnx.Param(normal_init(rngs.params(), (num, size), dtype))
 
@@ -129,13 +150,20 @@ class TransformerLM(nnx.Module):
     c = self.config = config
     dtype = jnp.dtype(c.dtype)
     self.embed = Embedding(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
-    self.pos_embed = (Embedding(c.max_position_embeddings, c.hidden_size, dtype=dtype, rngs=rngs)
-                      if c.position_embedding == "learned" else None)
+    self.pos_embed = (
+        Embedding(c.max_position_embeddings, c.hidden_size, dtype=dtype, rngs=rngs)
+        if c.position_embedding == "learned"
+        else None
+    )
     self.layers = nnx.List([Block(c, dtype=dtype, rngs=rngs) for _ in range(c.num_layers)])
-    self.final_norm = Norm(c.hidden_size, kind=c.norm, eps=c.norm_eps, offset=c.norm_offset,
-                           dtype=dtype)
-    self.lm_head = (None if c.tie_embeddings else
-                    Dense((c.hidden_size,), (c.vocab_size,), bias=False, dtype=dtype, rngs=rngs))
+    self.final_norm = Norm(
+        c.hidden_size, kind=c.norm, eps=c.norm_eps, offset=c.norm_offset, dtype=dtype
+    )
+    self.lm_head = (
+        None
+        if c.tie_embeddings
+        else Dense((c.hidden_size,), (c.vocab_size,), bias=False, dtype=dtype, rngs=rngs)
+    )
 
   def __call__(self, tokens, positions=None, valid=None, cache: KVCache | None = None):
     """Logits [B, L, V] float32 and the updated cache (None without one)."""
@@ -168,15 +196,18 @@ class TransformerLM(nnx.Module):
       key_pos = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
       q_slot, k_slot = index + jnp.arange(l), jnp.arange(cache.max_len)
     allowed = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])  # eq. 2
-    local = (allowed & (positions[:, :, None] - key_pos[:, None, :] < c.sliding_window)
-             if c.local_layers else None)
+    local = (
+        allowed & (positions[:, :, None] - key_pos[:, None, :] < c.sliding_window)
+        if c.local_layers
+        else None
+    )
 
     x = self.embed(tokens)  # eq. 3
     if c.embed_scale:
-      x = x * jnp.asarray(c.hidden_size ** 0.5, x.dtype)
+      x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
     if self.pos_embed is not None:
       x = x + self.pos_embed(positions)
-    rope = (rope_sin_cos(positions, c.inv_freq()) if c.position_embedding == "rope" else None)
+    rope = rope_sin_cos(positions, c.inv_freq()) if c.position_embedding == "rope" else None
 
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
@@ -186,18 +217,29 @@ class TransformerLM(nnx.Module):
       new_v.append(v)
     x = self.final_norm(x)
     if cache is not None:
-      cache = KVCache(keys=tuple(new_k), values=tuple(new_v), valid=key_valid,
-                      positions=key_pos, index=index + l)
+      cache = KVCache(
+          keys=tuple(new_k),
+          values=tuple(new_v),
+          valid=key_valid,
+          positions=key_pos,
+          index=index + l,
+      )
     return x, cache
 
   def logits(self, hidden):
     """Hidden states [..., H] -> logits [..., V] float32 (eq. 4)."""
     if self.lm_head is None:
-      z = jnp.einsum("...h,vh->...v", hidden, self.embed.embedding[...],
-                     preferred_element_type=jnp.float32)
+      z = jnp.einsum(
+          "...h,vh->...v", hidden, self.embed.embedding[...], preferred_element_type=jnp.float32
+      )
     else:
-      z = skinny_matmul.matmul(hidden, self.lm_head.kernel[...], fallback=lambda h, k: jnp.einsum(
-          "...h,hv->...v", h, k, preferred_element_type=jnp.float32))
+      z = skinny_matmul.matmul(
+          hidden,
+          self.lm_head.kernel[...],
+          fallback=lambda h, k: jnp.einsum(
+              "...h,hv->...v", h, k, preferred_element_type=jnp.float32
+          ),
+      )
     cap = self.config.final_logit_softcap
     return z if cap is None else cap * jnp.tanh(z / cap)
 
@@ -248,10 +290,13 @@ def spec_for(path: str, shape, mesh, rules=LM_SHARDING_RULES) -> PartitionSpec:
     if re.fullmatch(pattern, path):
       spec = tuple(spec) + (None,) * (len(shape) - len(spec))
       if len(spec) != len(shape):
-        raise ValueError(f"sharding rule {pattern!r} has {len(spec)} axes; parameter {path} "
-                         f"has shape {tuple(shape)}")
-      return PartitionSpec(*(a if dim % _axis_size(mesh, a) == 0 else None
-                             for a, dim in zip(spec, shape)))
+        raise ValueError(
+            f"sharding rule {pattern!r} has {len(spec)} axes; parameter {path} "
+            f"has shape {tuple(shape)}"
+        )
+      return PartitionSpec(
+          *(a if dim % _axis_size(mesh, a) == 0 else None for a, dim in zip(spec, shape))
+      )
   raise ValueError(f"no sharding rule matches parameter {path}; rules: {[r for r, _ in rules]}")
 
 
@@ -269,4 +314,5 @@ def lm_param_shardings(abstract_state, mesh, rules=LM_SHARDING_RULES):
   """NamedSharding for every parameter of an (abstract) `nnx.State`, same tree structure."""
   return jax.tree_util.tree_map_with_path(
       lambda path, x: NamedSharding(mesh, spec_for(param_path(path), x.shape, mesh, rules)),
-      abstract_state)
+      abstract_state,
+  )

@@ -46,20 +46,53 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 # Keys that never change the function the network computes.
-HARMLESS_KEYS = frozenset({
-    "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
-    "use_cache", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
-    "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class",
-    "task_specific_params", "cache_implementation", "_attn_implementation_autoset",
-    # Dropout rates describe training only; alignjax LMs are deterministic (eval mode).
-    "attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",
-    # GPT-2 double-heads summary head (not part of a causal LM).
-    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
-})
+HARMLESS_KEYS = frozenset(
+    {
+        "architectures",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "_name_or_path",
+        "use_cache",
+        "initializer_range",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "tokenizer_class",
+        "task_specific_params",
+        "cache_implementation",
+        "_attn_implementation_autoset",
+        # Dropout rates describe training only; alignjax LMs are deterministic (eval mode).
+        "attention_dropout",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "summary_first_dropout",
+        # GPT-2 double-heads summary head (not part of a causal LM).
+        "summary_type",
+        "summary_use_proj",
+        "summary_activation",
+        "summary_proj_to_labels",
+    }
+)
 
-_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-                   "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+_HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+}
 
 
 class ConfigTranslationError(ValueError):
@@ -111,10 +144,19 @@ class LMConfig:
   def __post_init__(self):
     def bad(field, msg):
       raise ValueError(f"LMConfig.{field}={getattr(self, field)!r}: {msg}")
+
     if self.family not in FAMILIES:
       bad("family", f"must be one of {FAMILIES}")
-    for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-              "head_dim", "mlp_dim", "max_position_embeddings"):
+    for f in (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "mlp_dim",
+        "max_position_embeddings",
+    ):
       if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
         bad(f, "must be a positive int")
     if self.num_heads % self.num_kv_heads:
@@ -160,8 +202,10 @@ class LMConfig:
     return f.astype(np.float32)
 
   def to_dict(self) -> dict[str, Any]:
-    return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-            for f in dataclasses.fields(self)}
+    return {
+        f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+        for f in dataclasses.fields(self)
+    }
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "LMConfig":
@@ -170,8 +214,12 @@ class LMConfig:
     if unknown:
       raise ValueError(f"LMConfig.from_dict: unknown field(s) {unknown}; valid: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
-    return cls(**{k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v
-                  for k, v in d.items()})
+    return cls(
+        **{
+            k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v
+            for k, v in d.items()
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,15 +242,15 @@ class _Keys:
     return self.get(key)
 
   def refuse(self, key, value, why):
-    raise ConfigTranslationError(
-        f"{self.family} config.json: unsupported {key}={value!r} ({why})")
+    raise ConfigTranslationError(f"{self.family} config.json: unsupported {key}={value!r} ({why})")
 
   def check_unknown(self):
     unknown = sorted(set(self.d) - self.understood - HARMLESS_KEYS - {"model_type"})
     if unknown:
       raise ConfigTranslationError(
           f"{self.family} config.json: unsupported key(s) {unknown}; alignjax understands "
-          f"{sorted(self.understood)} plus the harmless keys {sorted(HARMLESS_KEYS)}")
+          f"{sorted(self.understood)} plus the harmless keys {sorted(HARMLESS_KEYS)}"
+      )
 
 
 def _activation(k: _Keys, key: str, value, legacy_gelu_is_tanh: bool = False) -> str:
@@ -216,15 +264,25 @@ def _activation(k: _Keys, key: str, value, legacy_gelu_is_tanh: bool = False) ->
 def _token_ids(d: Mapping[str, Any]) -> dict[str, Any]:
   eos = d.get("eos_token_id")
   eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-  return dict(bos_token_id=d.get("bos_token_id"), eos_token_ids=eos,
-              pad_token_id=d.get("pad_token_id"))
+  return dict(
+      bos_token_id=d.get("bos_token_id"), eos_token_ids=eos, pad_token_id=d.get("pad_token_id")
+  )
 
 
 _ROPE_KEYS = frozenset({"rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor"})
-_ROPE_FIELDS = {"default": {"rope_type", "type", "rope_theta"},
-                "linear": {"rope_type", "type", "rope_theta", "factor"},
-                "llama3": {"rope_type", "type", "rope_theta", "factor", "low_freq_factor",
-                           "high_freq_factor", "original_max_position_embeddings"}}
+_ROPE_FIELDS = {
+    "default": {"rope_type", "type", "rope_theta"},
+    "linear": {"rope_type", "type", "rope_theta", "factor"},
+    "llama3": {
+        "rope_type",
+        "type",
+        "rope_theta",
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    },
+}
 
 
 def _rope(k: _Keys, max_positions: int) -> dict[str, Any]:
@@ -246,16 +304,31 @@ def _rope(k: _Keys, max_positions: int) -> dict[str, Any]:
   if rope_type in ("linear", "llama3"):
     out["rope_factor"] = float(p["factor"])
   if rope_type == "llama3":
-    out.update(rope_low_freq_factor=float(p["low_freq_factor"]),
-               rope_high_freq_factor=float(p["high_freq_factor"]),
-               rope_original_max_positions=int(
-                   p.get("original_max_position_embeddings", max_positions)))
+    out.update(
+        rope_low_freq_factor=float(p["low_freq_factor"]),
+        rope_high_freq_factor=float(p["high_freq_factor"]),
+        rope_original_max_positions=int(p.get("original_max_position_embeddings", max_positions)),
+    )
   return out
 
 
-_COMMON = frozenset({"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"}) | _ROPE_KEYS
+_COMMON = (
+    frozenset(
+        {
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+        }
+    )
+    | _ROPE_KEYS
+)
 
 
 def _common(k: _Keys) -> dict[str, Any]:
@@ -263,19 +336,25 @@ def _common(k: _Keys) -> dict[str, Any]:
   hidden = k.require("hidden_size")
   max_pos = k.require("max_position_embeddings")
   return dict(
-      family=k.family, vocab_size=k.require("vocab_size"), hidden_size=hidden,
-      num_layers=k.require("num_hidden_layers"), num_heads=heads,
+      family=k.family,
+      vocab_size=k.require("vocab_size"),
+      hidden_size=hidden,
+      num_layers=k.require("num_hidden_layers"),
+      num_heads=heads,
       num_kv_heads=k.get("num_key_value_heads") or heads,
-      head_dim=k.get("head_dim") or hidden // heads, mlp_dim=k.require("intermediate_size"),
-      norm_eps=float(k.get("rms_norm_eps", 1e-6)), max_position_embeddings=max_pos,
-      **_rope(k, max_pos), **_token_ids(k.d))
+      head_dim=k.get("head_dim") or hidden // heads,
+      mlp_dim=k.require("intermediate_size"),
+      norm_eps=float(k.get("rms_norm_eps", 1e-6)),
+      max_position_embeddings=max_pos,
+      **_rope(k, max_pos),
+      **_token_ids(k.d),
+  )
 
 
 def _local_layers(k: _Keys, n: int, default_types: list[str]) -> dict[str, Any]:
   types = k.get("layer_types") or default_types
   if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
-    k.refuse("layer_types", types,
-             f"need {n} entries from 'full_attention' / 'sliding_attention'")
+    k.refuse("layer_types", types, f"need {n} entries from 'full_attention' / 'sliding_attention'")
   local = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
   return dict(local_layers=local, sliding_window=k.get("sliding_window") if local else None)
 
@@ -292,9 +371,14 @@ def _llama(k: _Keys) -> dict[str, Any]:
   tp = k.get("pretraining_tp")  # only splits matmuls in the original; same function
   if tp is not None and (not isinstance(tp, int) or tp < 1):
     k.refuse("pretraining_tp", tp, "must be a positive int")
-  return dict(c, activation=_activation(k, "hidden_act", k.get("hidden_act", "silu")),
-              qkv_bias=bias, o_bias=bias, mlp_bias=bool(k.get("mlp_bias", False)),
-              tie_embeddings=bool(k.get("tie_word_embeddings", False)))
+  return dict(
+      c,
+      activation=_activation(k, "hidden_act", k.get("hidden_act", "silu")),
+      qkv_bias=bias,
+      o_bias=bias,
+      mlp_bias=bool(k.get("mlp_bias", False)),
+      tie_embeddings=bool(k.get("tie_word_embeddings", False)),
+  )
 
 
 def _qwen(k: _Keys, qk_norm: bool) -> dict[str, Any]:
@@ -302,13 +386,21 @@ def _qwen(k: _Keys, qk_norm: bool) -> dict[str, Any]:
   n = c["num_layers"]
   use_sw = bool(k.get("use_sliding_window", False))
   window_from = k.get("max_window_layers", 28)
-  default = ["sliding_attention" if use_sw and k.get("sliding_window") is not None
-             and i >= window_from else "full_attention" for i in range(n)]
+  default = [
+      "sliding_attention"
+      if use_sw and k.get("sliding_window") is not None and i >= window_from
+      else "full_attention"
+      for i in range(n)
+  ]
   local = _local_layers(k, n, default)
   if local["local_layers"] and not use_sw:
     k.refuse("layer_types", k.get("layer_types"), "sliding layers need use_sliding_window=true")
-  out = dict(c, activation=_activation(k, "hidden_act", k.get("hidden_act", "silu")),
-             tie_embeddings=bool(k.get("tie_word_embeddings", False)), **local)
+  out = dict(
+      c,
+      activation=_activation(k, "hidden_act", k.get("hidden_act", "silu")),
+      tie_embeddings=bool(k.get("tie_word_embeddings", False)),
+      **local,
+  )
   if qk_norm:  # Qwen3: optional bias on q, k, v, o
     bias = bool(k.get("attention_bias", False))
     return dict(out, qkv_bias=bias, o_bias=bias, qk_norm=True)
@@ -326,16 +418,27 @@ def _gemma(k: _Keys, v2: bool) -> dict[str, Any]:
   act = _activation(k, main, k.get(main) or default, legacy_gelu_is_tanh=not v2)
   if k.get(other) is not None and _activation(k, other, k.get(other), True) != act:
     k.refuse(other, k.get(other), f"disagrees with {main}={k.get(main)!r}, which is used")
-  out = dict(c, activation=act, qkv_bias=bias, o_bias=bias, norm_offset=1.0, embed_scale=True,
-             tie_embeddings=bool(k.get("tie_word_embeddings", True)))
+  out = dict(
+      c,
+      activation=act,
+      qkv_bias=bias,
+      o_bias=bias,
+      norm_offset=1.0,
+      embed_scale=True,
+      tie_embeddings=bool(k.get("tie_word_embeddings", True)),
+  )
   if not v2:
     return out
   n = c["num_layers"]
   default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
-  return dict(out, post_norms=True, query_pre_attn_scalar=k.get("query_pre_attn_scalar", 256),
-              attn_logit_softcap=k.get("attn_logit_softcapping"),
-              final_logit_softcap=k.get("final_logit_softcapping"),
-              **_local_layers(k, n, default))
+  return dict(
+      out,
+      post_norms=True,
+      query_pre_attn_scalar=k.get("query_pre_attn_scalar", 256),
+      attn_logit_softcap=k.get("attn_logit_softcapping"),
+      final_logit_softcap=k.get("final_logit_softcapping"),
+      **_local_layers(k, n, default),
+  )
 
 
 def _gpt2(k: _Keys) -> dict[str, Any]:
@@ -351,36 +454,95 @@ def _gpt2(k: _Keys) -> dict[str, Any]:
   # always computes attention scores and softmax in float32.
   k.get("reorder_and_upcast_attn")
   return dict(
-      family="gpt2", vocab_size=k.require("vocab_size"), hidden_size=hidden,
-      num_layers=k.require("n_layer"), num_heads=heads, num_kv_heads=heads,
-      head_dim=hidden // heads, mlp_dim=k.get("n_inner") or 4 * hidden,
+      family="gpt2",
+      vocab_size=k.require("vocab_size"),
+      hidden_size=hidden,
+      num_layers=k.require("n_layer"),
+      num_heads=heads,
+      num_kv_heads=heads,
+      head_dim=hidden // heads,
+      mlp_dim=k.get("n_inner") or 4 * hidden,
       activation=_activation(k, "activation_function", k.get("activation_function", "gelu_new")),
-      gated_mlp=False, norm="layer", norm_eps=float(k.get("layer_norm_epsilon", 1e-5)),
-      qkv_bias=True, o_bias=True, mlp_bias=True,
-      tie_embeddings=bool(k.get("tie_word_embeddings", True)), position_embedding="learned",
-      max_position_embeddings=n_pos, query_pre_attn_scalar=None if scale else 1.0,
-      **_token_ids(k.d))
+      gated_mlp=False,
+      norm="layer",
+      norm_eps=float(k.get("layer_norm_epsilon", 1e-5)),
+      qkv_bias=True,
+      o_bias=True,
+      mlp_bias=True,
+      tie_embeddings=bool(k.get("tie_word_embeddings", True)),
+      position_embedding="learned",
+      max_position_embeddings=n_pos,
+      query_pre_attn_scalar=None if scale else 1.0,
+      **_token_ids(k.d),
+  )
 
 
 _TRANSLATORS = {
     "llama": (_llama, _COMMON | {"hidden_act", "attention_bias", "mlp_bias", "pretraining_tp"}),
-    "qwen2": (lambda k: _qwen(k, False), _COMMON | {
-        "hidden_act", "use_sliding_window", "sliding_window", "max_window_layers",
-        "layer_types"}),
-    "qwen3": (lambda k: _qwen(k, True), _COMMON | {
-        "hidden_act", "use_sliding_window", "sliding_window", "max_window_layers",
-        "layer_types", "attention_bias"}),
-    "gemma": (lambda k: _gemma(k, False), _COMMON | {
-        "hidden_act", "hidden_activation", "attention_bias", "use_bidirectional_attention"}),
-    "gemma2": (lambda k: _gemma(k, True), _COMMON | {
-        "hidden_act", "hidden_activation", "attention_bias", "use_bidirectional_attention",
-        "query_pre_attn_scalar", "sliding_window", "layer_types", "attn_logit_softcapping",
-        "final_logit_softcapping"}),
-    "gpt2": (_gpt2, frozenset({
-        "vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head", "n_inner",
-        "activation_function", "layer_norm_epsilon", "scale_attn_weights",
-        "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention",
-        "tie_word_embeddings"})),
+    "qwen2": (
+        lambda k: _qwen(k, False),
+        _COMMON
+        | {
+            "hidden_act",
+            "use_sliding_window",
+            "sliding_window",
+            "max_window_layers",
+            "layer_types",
+        },
+    ),
+    "qwen3": (
+        lambda k: _qwen(k, True),
+        _COMMON
+        | {
+            "hidden_act",
+            "use_sliding_window",
+            "sliding_window",
+            "max_window_layers",
+            "layer_types",
+            "attention_bias",
+        },
+    ),
+    "gemma": (
+        lambda k: _gemma(k, False),
+        _COMMON
+        | {"hidden_act", "hidden_activation", "attention_bias", "use_bidirectional_attention"},
+    ),
+    "gemma2": (
+        lambda k: _gemma(k, True),
+        _COMMON
+        | {
+            "hidden_act",
+            "hidden_activation",
+            "attention_bias",
+            "use_bidirectional_attention",
+            "query_pre_attn_scalar",
+            "sliding_window",
+            "layer_types",
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+        },
+    ),
+    "gpt2": (
+        _gpt2,
+        frozenset(
+            {
+                "vocab_size",
+                "n_positions",
+                "n_ctx",
+                "n_embd",
+                "n_layer",
+                "n_head",
+                "n_inner",
+                "activation_function",
+                "layer_norm_epsilon",
+                "scale_attn_weights",
+                "scale_attn_by_inverse_layer_idx",
+                "reorder_and_upcast_attn",
+                "add_cross_attention",
+                "tie_word_embeddings",
+            }
+        ),
+    ),
 }
 
 UNDERSTOOD_KEYS = {family: understood for family, (_, understood) in _TRANSLATORS.items()}
@@ -391,7 +553,8 @@ def lm_config_from_hf(d: Mapping[str, Any], *, dtype: str = "float32") -> LMConf
   family = d.get("model_type")
   if family not in _TRANSLATORS:
     raise ConfigTranslationError(
-        f"config.json: model_type={family!r} is not supported; supported: {sorted(_TRANSLATORS)}")
+        f"config.json: model_type={family!r} is not supported; supported: {sorted(_TRANSLATORS)}"
+    )
   translate, understood = _TRANSLATORS[family]
   k = _Keys(d, family, understood)
   k.check_unknown()
@@ -406,9 +569,14 @@ def lm_config_from_hf(d: Mapping[str, Any], *, dtype: str = "float32") -> LMConf
 # ---------------------------------------------------------------------------------------------
 # LMConfig -> config.json
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM",
-                  "gemma2": "Gemma2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
 _HF_ACT_NAMES = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 
 
@@ -418,39 +586,65 @@ def _rope_to_hf(c: LMConfig) -> dict[str, Any]:
     out["rope_scaling"] = {"rope_type": "linear", "factor": c.rope_factor}
   elif c.rope_type == "llama3":
     out["rope_scaling"] = {
-        "rope_type": "llama3", "factor": c.rope_factor,
-        "low_freq_factor": c.rope_low_freq_factor, "high_freq_factor": c.rope_high_freq_factor,
-        "original_max_position_embeddings": c.rope_original_max_positions}
+        "rope_type": "llama3",
+        "factor": c.rope_factor,
+        "low_freq_factor": c.rope_low_freq_factor,
+        "high_freq_factor": c.rope_high_freq_factor,
+        "original_max_position_embeddings": c.rope_original_max_positions,
+    }
   return out
 
 
 def lm_config_to_hf(c: LMConfig) -> dict[str, Any]:
   """`LMConfig` -> the family's config.json mapping (checked to translate back exactly)."""
   act = _HF_ACT_NAMES[c.activation]
-  d: dict[str, Any] = {"architectures": [_ARCHITECTURES[c.family]], "model_type": c.family,
-                       "dtype": c.dtype, "vocab_size": c.vocab_size,
-                       "tie_word_embeddings": c.tie_embeddings,
-                       "bos_token_id": c.bos_token_id, "pad_token_id": c.pad_token_id,
-                       "eos_token_id": (c.eos_token_ids[0] if len(c.eos_token_ids) == 1
-                                        else list(c.eos_token_ids) or None)}
-  types = ["sliding_attention" if i in c.local_layers else "full_attention"
-           for i in range(c.num_layers)]
+  d: dict[str, Any] = {
+      "architectures": [_ARCHITECTURES[c.family]],
+      "model_type": c.family,
+      "dtype": c.dtype,
+      "vocab_size": c.vocab_size,
+      "tie_word_embeddings": c.tie_embeddings,
+      "bos_token_id": c.bos_token_id,
+      "pad_token_id": c.pad_token_id,
+      "eos_token_id": (
+          c.eos_token_ids[0] if len(c.eos_token_ids) == 1 else list(c.eos_token_ids) or None
+      ),
+  }
+  types = [
+      "sliding_attention" if i in c.local_layers else "full_attention" for i in range(c.num_layers)
+  ]
   if c.family == "gpt2":
-    d.update(n_embd=c.hidden_size, n_layer=c.num_layers, n_head=c.num_heads,
-             n_positions=c.max_position_embeddings, n_inner=c.mlp_dim,
-             activation_function="gelu_new" if c.activation == "gelu_tanh" else act,
-             layer_norm_epsilon=c.norm_eps, scale_attn_weights=c.query_pre_attn_scalar is None)
+    d.update(
+        n_embd=c.hidden_size,
+        n_layer=c.num_layers,
+        n_head=c.num_heads,
+        n_positions=c.max_position_embeddings,
+        n_inner=c.mlp_dim,
+        activation_function="gelu_new" if c.activation == "gelu_tanh" else act,
+        layer_norm_epsilon=c.norm_eps,
+        scale_attn_weights=c.query_pre_attn_scalar is None,
+    )
   else:
-    d.update(hidden_size=c.hidden_size, intermediate_size=c.mlp_dim,
-             num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-             num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
-             max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_eps,
-             **_rope_to_hf(c))
+    d.update(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.mlp_dim,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.norm_eps,
+        **_rope_to_hf(c),
+    )
     if c.family == "llama":
       d.update(hidden_act=act, attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
     elif c.family in ("qwen2", "qwen3"):
-      d.update(hidden_act=act, use_sliding_window=bool(c.local_layers), layer_types=types,
-               sliding_window=c.sliding_window)
+      d.update(
+          hidden_act=act,
+          use_sliding_window=bool(c.local_layers),
+          layer_types=types,
+          sliding_window=c.sliding_window,
+      )
       if c.local_layers:  # older readers derive the local layers from max_window_layers
         d["max_window_layers"] = min(c.local_layers)
       if c.family == "qwen3":
@@ -458,14 +652,20 @@ def lm_config_to_hf(c: LMConfig) -> dict[str, Any]:
     elif c.family == "gemma":
       d.update(hidden_act=act, attention_bias=c.qkv_bias)
     else:
-      d.update(hidden_activation=act, attention_bias=c.qkv_bias, layer_types=types,
-               sliding_window=c.sliding_window, query_pre_attn_scalar=c.query_pre_attn_scalar,
-               attn_logit_softcapping=c.attn_logit_softcap,
-               final_logit_softcapping=c.final_logit_softcap)
+      d.update(
+          hidden_activation=act,
+          attention_bias=c.qkv_bias,
+          layer_types=types,
+          sliding_window=c.sliding_window,
+          query_pre_attn_scalar=c.query_pre_attn_scalar,
+          attn_logit_softcapping=c.attn_logit_softcap,
+          final_logit_softcapping=c.final_logit_softcap,
+      )
   back = lm_config_from_hf(d, dtype=c.dtype)
   if back != c:
     diff = [f.name for f in dataclasses.fields(c) if getattr(back, f.name) != getattr(c, f.name)]
     raise ConfigTranslationError(
         f"LMConfig fields {diff} cannot be expressed in a {c.family} config.json "
-        f"(values {[getattr(c, f) for f in diff]})")
+        f"(values {[getattr(c, f) for f in diff]})"
+    )
   return d

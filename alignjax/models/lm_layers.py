@@ -28,9 +28,12 @@ from flax import nnx
 from alignjax.kernels import skinny_matmul
 from alignjax.models.lm_config import LMConfig
 
-_ACT = {"silu": jax.nn.silu, "relu": jax.nn.relu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+_ACT = {
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
 
 
 def normal_init(key, shape, dtype, stddev: float = 0.02):
@@ -47,17 +50,19 @@ def dense_product(x, kernel, num_in: int):
   or the skinny-matrix kernel inside its scope (`alignjax.kernels.skinny_matmul`)."""
   out_shape = kernel.shape[num_in:]
   w = kernel.reshape(math.prod(kernel.shape[:num_in]), math.prod(out_shape))
-  lead = x.shape[:x.ndim - num_in]
-  y = skinny_matmul.matmul(x.reshape(*lead, w.shape[0]), w,
-                           fallback=lambda *_: jnp.tensordot(x, kernel, axes=num_in))
+  lead = x.shape[: x.ndim - num_in]
+  y = skinny_matmul.matmul(
+      x.reshape(*lead, w.shape[0]), w, fallback=lambda *_: jnp.tensordot(x, kernel, axes=num_in)
+  )
   return y.reshape(*lead, *out_shape)
 
 
 class Dense(nnx.Module):
   """y = x . kernel (+ bias), contracting the trailing `len(in_shape)` axes of x."""
 
-  def __init__(self, in_shape, out_shape, *, bias: bool, dtype, rngs: nnx.Rngs,
-               stddev: float = 0.02):
+  def __init__(
+      self, in_shape, out_shape, *, bias: bool, dtype, rngs: nnx.Rngs, stddev: float = 0.02
+  ):
     shape = tuple(in_shape) + tuple(out_shape)
     self.kernel = nnx.Param(normal_init(rngs.params(), shape, dtype, stddev))
     self.bias = nnx.Param(jnp.zeros(tuple(out_shape), dtype)) if bias else None
@@ -118,8 +123,7 @@ def attend(q, k, v, allowed, *, scale: float, softcap: float | None):
     s = softcap * jnp.tanh(s / softcap)
   s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1)
-  out = jnp.einsum("bkgls,bksd->blkgd", p.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum("bkgls,bksd->blkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(b, l, n, d).astype(q.dtype)
 
 
@@ -175,12 +179,13 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm residual block; Gemma 2 adds norms after attention and MLP:
 
-      x <- x + post_attn_norm(attn(attn_norm(x)));  x <- x + post_mlp_norm(mlp(mlp_norm(x)))
+  x <- x + post_attn_norm(attn(attn_norm(x)));  x <- x + post_mlp_norm(mlp(mlp_norm(x)))
   """
 
   def __init__(self, c: LMConfig, *, dtype, rngs: nnx.Rngs):
     def norm():
       return Norm(c.hidden_size, kind=c.norm, eps=c.norm_eps, offset=c.norm_offset, dtype=dtype)
+
     self.attn_norm = norm()
     self.attn = Attention(c, dtype=dtype, rngs=rngs)
     self.post_attn_norm = norm() if c.post_norms else None

@@ -66,8 +66,9 @@ def lora_targets(params, target: str = DEFAULT_TARGET) -> dict[str, tuple[int, .
   return out
 
 
-def init_lora(params, rank: int, key: jax.Array, *, target: str = DEFAULT_TARGET,
-              dtype=None) -> dict[str, dict[str, jax.Array]]:
+def init_lora(
+    params, rank: int, key: jax.Array, *, target: str = DEFAULT_TARGET, dtype=None
+) -> dict[str, dict[str, jax.Array]]:
   """LoRA factors for every targeted kernel: A ~ N(0, 1/fan_in), B = 0 (eq. 1).
 
   Args:
@@ -85,8 +86,10 @@ def init_lora(params, rank: int, key: jax.Array, *, target: str = DEFAULT_TARGET
   targets = lora_targets(params, target)
   if not targets:
     names = [path_str(p) for p, _ in _leaves(params)]
-    raise ValueError(f"init_lora: target regex {target!r} matches no parameter with ndim >= 2;"
-                     f" parameter paths: {names[:20]}{' ...' if len(names) > 20 else ''}")
+    raise ValueError(
+        f"init_lora: target regex {target!r} matches no parameter with ndim >= 2;"
+        f" parameter paths: {names[:20]}{' ...' if len(names) > 20 else ''}"
+    )
   dtypes = {path_str(p): leaf.dtype for p, leaf in _leaves(params)}
   names = sorted(targets)
   fan_ins = tuple(math.prod(targets[n][:-1]) for n in names)
@@ -104,7 +107,7 @@ def _draw_a(key, fan_ins: tuple[int, ...], rank: int) -> list[jax.Array]:
   z = jax.random.normal(key, (sum(fan_ins) * rank,), jnp.float32)
   out, offset = [], 0
   for fan_in in fan_ins:
-    out.append(z[offset:offset + fan_in * rank].reshape(fan_in, rank) / math.sqrt(fan_in))
+    out.append(z[offset : offset + fan_in * rank].reshape(fan_in, rank) / math.sqrt(fan_in))
     offset += fan_in * rank
   return out
 
@@ -136,10 +139,15 @@ def merge_lora(base_params, lora_params, *, alpha: float | None = None):
       out.append(w)
       continue
     fan_in, fan_out = math.prod(w.shape[:-1]), w.shape[-1]
-    if pair["a"].shape[0] != fan_in or pair["b"].shape[-1] != fan_out or (
-        pair["a"].shape[-1] != pair["b"].shape[0]):
-      raise ValueError(f"merge_lora: {name}: A {pair['a'].shape} / B {pair['b'].shape} do not "
-                       f"fit kernel {w.shape} (need A [{fan_in}, r], B [r, {fan_out}])")
+    if (
+        pair["a"].shape[0] != fan_in
+        or pair["b"].shape[-1] != fan_out
+        or (pair["a"].shape[-1] != pair["b"].shape[0])
+    ):
+      raise ValueError(
+          f"merge_lora: {name}: A {pair['a'].shape} / B {pair['b'].shape} do not "
+          f"fit kernel {w.shape} (need A [{fan_in}, r], B [r, {fan_out}])"
+      )
     out.append((w + lora_delta(pair, w.shape, alpha).astype(w.dtype)))
   return jax.tree_util.tree_unflatten(treedef, out)
 

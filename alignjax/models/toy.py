@@ -27,6 +27,7 @@ Reward tilting by a linear reward r(x) = c·x with multiplier λ: p(x) exp(λ c�
 `VelocityMLP` is a small residual network: v_θ(x, t) = v_base(x, t) + MLP([x, t]) whose last
 layer starts at zero, so fine-tuning starts exactly at the base model.
 """
+
 from __future__ import annotations
 
 import jax
@@ -62,8 +63,10 @@ def gaussian_velocity(mean, std: float):
 def _check_mixture(weights, means, stds):
   weights, means, stds = (np.asarray(a, np.float64) for a in (weights, means, stds))
   if weights.ndim != 1 or means.shape[:1] != weights.shape or stds.shape != weights.shape:
-    raise ValueError(f"mixture shapes weights={weights.shape}, means={means.shape}, "
-                     f"stds={stds.shape}: need [K], [K, D], [K]")
+    raise ValueError(
+        f"mixture shapes weights={weights.shape}, means={means.shape}, "
+        f"stds={stds.shape}: need [K], [K, D], [K]"
+    )
   if np.any(weights <= 0) or np.any(stds <= 0):
     raise ValueError("mixture weights and stds must all be > 0")
   return weights / weights.sum(), means, stds
@@ -72,11 +75,11 @@ def _check_mixture(weights, means, stds):
 def mixture_log_density(weights, means, stds, x, t):
   """(log p_t(x) [B], log π_k(x, t) [B, K]) of the mixture's marginal at time t (eqs. 1, 3)."""
   weights, means, stds = (_as_f32(a) for a in _check_mixture(weights, means, stds))
-  t = _as_f32(t)[:, None]                                            # [B, 1]
-  var = (1.0 - t) ** 2 + (t * stds[None]) ** 2                       # [B, K]
-  diff = x[:, None, :] - t[:, :, None] * means[None]                 # [B, K, D]
+  t = _as_f32(t)[:, None]  # [B, 1]
+  var = (1.0 - t) ** 2 + (t * stds[None]) ** 2  # [B, K]
+  diff = x[:, None, :] - t[:, :, None] * means[None]  # [B, K, D]
   d = x.shape[-1]
-  logn = (-0.5 * jnp.sum(diff**2, -1) / var - 0.5 * d * jnp.log(2 * jnp.pi * var))
+  logn = -0.5 * jnp.sum(diff**2, -1) / var - 0.5 * d * jnp.log(2 * jnp.pi * var)
   joint = jnp.log(weights)[None] + logn
   logp = jax.nn.logsumexp(joint, axis=-1)
   return logp, joint - logp[:, None]
@@ -89,8 +92,8 @@ def mixture_velocity(weights, means, stds):
 
   def vel_fn(x, t):
     _, log_post = mixture_log_density(w, mu, s, x, t)
-    vs = jnp.stack([f(x, t) for f in comps], axis=1)                # [B, K, D]
-    return jnp.sum(jnp.exp(log_post)[..., None] * vs, axis=1)      # eq. 3
+    vs = jnp.stack([f(x, t) for f in comps], axis=1)  # [B, K, D]
+    return jnp.sum(jnp.exp(log_post)[..., None] * vs, axis=1)  # eq. 3
 
   return vel_fn
 

@@ -56,12 +56,16 @@ class UNetConfig:
 
   def __post_init__(self):
     if self.image_size % (2 ** (len(self.channels) - 1)):
-      raise ValueError(f"UNetConfig: image_size={self.image_size} must be divisible by "
-                       f"2**(len(channels)-1)={2 ** (len(self.channels) - 1)}")
+      raise ValueError(
+          f"UNetConfig: image_size={self.image_size} must be divisible by "
+          f"2**(len(channels)-1)={2 ** (len(self.channels) - 1)}"
+      )
     for c in self.channels:
       if c % self.num_groups or c % self.num_heads:
-        raise ValueError(f"UNetConfig: every width in channels={self.channels} must be divisible"
-                         f" by num_groups={self.num_groups} and num_heads={self.num_heads}")
+        raise ValueError(
+            f"UNetConfig: every width in channels={self.channels} must be divisible"
+            f" by num_groups={self.num_groups} and num_heads={self.num_heads}"
+        )
     if self.time_freq_dim % 2:
       raise ValueError(f"UNetConfig: time_freq_dim={self.time_freq_dim} must be even")
     for name in ("num_res_blocks", "embed_dim", "num_classes", "in_channels", "out_channels"):
@@ -92,8 +96,9 @@ def _conv(cin, cout, rngs, *, kernel=3, strides=1, zero=False):
   kw = {}
   if zero:
     kw = dict(kernel_init=nnx.initializers.zeros_init(), bias_init=nnx.initializers.zeros_init())
-  return nnx.Conv(cin, cout, (kernel, kernel), strides=(strides, strides), padding="SAME",
-                  rngs=rngs, **kw)
+  return nnx.Conv(
+      cin, cout, (kernel, kernel), strides=(strides, strides), padding="SAME", rngs=rngs, **kw
+  )
 
 
 class ResBlock(nnx.Module):
@@ -136,6 +141,7 @@ class AttentionBlock(nnx.Module):
 
 
 class Downsample(nnx.Module):
+
   def __init__(self, channels: int, *, rngs: nnx.Rngs):
     self.conv = _conv(channels, channels, rngs, strides=2)
 
@@ -144,6 +150,7 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
+
   def __init__(self, channels: int, *, rngs: nnx.Rngs):
     self.conv = _conv(channels, channels, rngs)
 
@@ -215,8 +222,10 @@ class UNet(nnx.Module):
     """x [B, H, W, in_channels] float, t [B] int (or scalar), cond [B] int -> eps like x."""
     cfg = self.config
     if x.ndim != 4 or x.shape[1:] != (cfg.image_size, cfg.image_size, cfg.in_channels):
-      raise ValueError(f"UNet: x has shape {x.shape}; expected [B, {cfg.image_size}, "
-                       f"{cfg.image_size}, {cfg.in_channels}]")
+      raise ValueError(
+          f"UNet: x has shape {x.shape}; expected [B, {cfg.image_size}, "
+          f"{cfg.image_size}, {cfg.in_channels}]"
+      )
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t), (b,)) if jnp.ndim(t) == 0 else jnp.asarray(t)
     cond = jnp.asarray(cond)

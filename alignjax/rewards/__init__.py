@@ -5,6 +5,7 @@ pure JAX (jittable, usable under jax.grad); host rewards are numpy and can run i
 `HostRewardPool` while the device samples the next batch. `evaluate_reward` returns
 np.float32 [B] for either kind.
 """
+
 from alignjax.rewards.base import RANGE_TOLERANCE, Reward, check_images, check_prompts, evaluate_reward
 from alignjax.rewards.classifier import class_log_prob, classifier_log_prob
 from alignjax.rewards.host import HostRewardPool

@@ -19,6 +19,7 @@ Two kinds exist, told apart by `Reward.differentiable`:
 `evaluate_reward` calls either kind and returns np.float32 [B], which is what a training
 script needs for advantages and metrics.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,14 +48,16 @@ def check_images(images: Any, name: str = "reward") -> tuple[int, ...]:
   if len(shape) != 4 or shape[-1] not in (1, 3):
     raise ValueError(
         f"{name}: images must be {_LAYOUT}; got shape {shape}. "
-        "Channels-first batches ([B, C, H, W]) must be transposed to [B, H, W, C].")
+        "Channels-first batches ([B, C, H, W]) must be transposed to [B, H, W, C]."
+    )
   dtype = getattr(images, "dtype", None)
   if dtype is None:
     dtype = np.asarray(images).dtype
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
         f"{name}: images must be floating point in [0, 1]; got dtype {dtype}. "
-        "Convert uint8 images with images.astype(np.float32) / 255.")
+        "Convert uint8 images with images.astype(np.float32) / 255."
+    )
   return shape
 
 
@@ -79,11 +82,13 @@ def check_prompts(prompts: Any, batch_size: int, name: str = "reward") -> None:
       raise ValueError(
           f"{name}: prompts must have a leading batch dimension of length {batch_size} "
           f"(an array [B, ...], a sequence of B items, or a mapping of those); "
-          f"got {type(prompts).__name__} without one.")
+          f"got {type(prompts).__name__} without one."
+      )
     if length != batch_size:
       raise ValueError(
           f"{name}: prompts have batch length {length} but images have batch size "
-          f"{batch_size}; they must match (one prompt per image).")
+          f"{batch_size}; they must match (one prompt per image)."
+      )
 
 
 def _check_host_values(images: np.ndarray, name: str) -> None:
@@ -97,7 +102,8 @@ def _check_host_values(images: np.ndarray, name: str) -> None:
   if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
     raise ValueError(
         f"{name}: images have values in [{lo:.6g}, {hi:.6g}]; expected {_LAYOUT}. "
-        "Diffusion samples x in [-1, 1] map to images with clip((x + 1) / 2, 0, 1).")
+        "Diffusion samples x in [-1, 1] map to images with clip((x + 1) / 2, 0, 1)."
+    )
 
 
 def _to_host(tree: Any, name: str) -> Any:
@@ -106,7 +112,8 @@ def _to_host(tree: Any, name: str) -> Any:
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
       raise ValueError(
           f"{name}: a host reward needs process-local inputs, but got a jax.Array sharded "
-          "over several processes; pass this process's shards (its local batch) instead.")
+          "over several processes; pass this process's shards (its local batch) instead."
+      )
   return jax.device_get(tree)
 
 
@@ -122,6 +129,7 @@ class Reward:
   Calling a Reward validates its inputs (see the module docstring) and returns float32 [B]:
   a jax array for differentiable rewards, a numpy array for host rewards.
   """
+
   name: str
   fn: Callable[[Any, Any], Any]
   differentiable: bool
@@ -134,7 +142,8 @@ class Reward:
     if not isinstance(self.differentiable, bool):
       raise TypeError(
           f"Reward {self.name!r}: differentiable must be True or False; "
-          f"got {self.differentiable!r}.")
+          f"got {self.differentiable!r}."
+      )
 
   def __call__(self, images: Any, prompts: Any = None):
     label = f"reward {self.name!r}"
@@ -151,7 +160,8 @@ class Reward:
     if out.shape != (batch_size,):
       raise ValueError(
           f"{label}: fn must return one value per image, shape ({batch_size},); "
-          f"got shape {out.shape}.")
+          f"got shape {out.shape}."
+      )
     return out.astype(jnp.float32 if self.differentiable else np.float32)
 
   def jitted(self) -> "Reward":

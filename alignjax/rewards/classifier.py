@@ -15,6 +15,7 @@ Out-of-range class ids: a fixed `target` is checked when the reward is built; pr
 are concrete arrays are checked on every call; inside `jax.jit` (traced prompts) a class
 id outside 0..K-1 cannot raise and yields NaN (out-of-bounds gather fills with NaN).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -61,9 +62,17 @@ def classifier_log_prob(
     Reward named "classifier_log_prob" (target None) or "classifier_log_prob_<target>".
   """
   if not callable(logits_fn):
-    raise TypeError(f"classifier_log_prob: logits_fn must be callable; got {type(logits_fn).__name__}.")
-  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-    raise ValueError(f"classifier_log_prob: num_classes must be an integer >= 2; got {num_classes!r}.")
+    raise TypeError(
+        f"classifier_log_prob: logits_fn must be callable; got {type(logits_fn).__name__}."
+    )
+  if (
+      isinstance(num_classes, bool)
+      or not isinstance(num_classes, (int, np.integer))
+      or num_classes < 2
+  ):
+    raise ValueError(
+        f"classifier_log_prob: num_classes must be an integer >= 2; got {num_classes!r}."
+    )
   if target is not None:
     _check_class_id(target, num_classes, "classifier_log_prob: target")
 
@@ -72,29 +81,34 @@ def classifier_log_prob(
       if prompts is None:
         raise ValueError(
             "classifier_log_prob(target=None) scores each image's prompt class, so prompts "
-            "must be int class ids [B]; got None. Pass prompts or fix a target.")
+            "must be int class ids [B]; got None. Pass prompts or fix a target."
+        )
       labels = prompts if isinstance(prompts, jax.core.Tracer) else np.asarray(prompts)
       if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ValueError(
             f"classifier_log_prob: prompts must be int class ids [B] in 0..{num_classes - 1}; "
-            f"got dtype {jnp.result_type(labels)}.")
+            f"got dtype {jnp.result_type(labels)}."
+        )
       if jnp.ndim(labels) != 1:
         raise ValueError(
             f"classifier_log_prob: prompts must be int class ids of shape [B]; got shape "
-            f"{jnp.shape(labels)}.")
+            f"{jnp.shape(labels)}."
+        )
       if isinstance(labels, np.ndarray):
         bad = labels[(labels < 0) | (labels >= num_classes)]
         if bad.size:
           raise ValueError(
               f"classifier_log_prob: prompt class ids {sorted(set(bad.tolist()))} are out of "
-              f"range; valid class ids are 0..{num_classes - 1}.")
+              f"range; valid class ids are 0..{num_classes - 1}."
+          )
     else:
       labels = jnp.full((jnp.shape(images)[0],), target, dtype=jnp.int32)
     logits = logits_fn(images)
     if jnp.shape(logits) != (jnp.shape(images)[0], num_classes):
       raise ValueError(
           f"classifier_log_prob: logits_fn must return logits [B, {num_classes}] = "
-          f"[{jnp.shape(images)[0]}, {num_classes}]; got shape {jnp.shape(logits)}.")
+          f"[{jnp.shape(images)[0]}, {num_classes}]; got shape {jnp.shape(logits)}."
+      )
     return class_log_prob(logits, labels)  # eq. 2
 
   name = "classifier_log_prob" if target is None else f"classifier_log_prob_{int(target)}"

@@ -15,6 +15,7 @@ takes time releases Python's GIL (XLA's device wait and copy, Pillow's JPEG enco
 Input shapes are checked in `submit` (no device sync); value checks (NaN, range) run in
 the worker and re-raise from `result()`.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -38,7 +39,8 @@ class HostRewardPool:
     if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
       raise ValueError(f"HostRewardPool: max_workers must be an integer >= 1; got {max_workers!r}.")
     self._executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=max_workers, thread_name_prefix="alignjax-reward")
+        max_workers=max_workers, thread_name_prefix="alignjax-reward"
+    )
     self._closed = False
 
   def submit(self, reward: Reward, images: Any, prompts: Any = None) -> concurrent.futures.Future:

@@ -18,6 +18,7 @@ by only a few bytes. Enlarging each pixel to s x s (eq. 2; s = 8 gives 64 x 64) 
 picture the same but spreads edges over many 8 x 8 blocks, so sizes vary meaningfully
 with content. upscale = 1 (no enlarging) is right for images that are already large.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,7 +32,11 @@ __all__ = ["jpeg_size_kb", "jpeg_compressibility", "jpeg_incompressibility"]
 
 
 def _check_settings(quality: int, upscale: int) -> None:
-  if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
+  if (
+      isinstance(quality, bool)
+      or not isinstance(quality, (int, np.integer))
+      or not 1 <= quality <= 100
+  ):
     raise ValueError(f"JPEG quality must be an integer in 1..100 (95 is DDPO's); got {quality!r}.")
   if isinstance(upscale, bool) or not isinstance(upscale, (int, np.integer)) or upscale < 1:
     raise ValueError(f"JPEG upscale must be an integer >= 1 (1 = no enlarging); got {upscale!r}.")
@@ -59,7 +64,8 @@ def jpeg_size_kb(images: np.ndarray, quality: int = 95, upscale: int = 1) -> np.
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     raise ValueError(
-        f"jpeg_size_kb: images must be [B, H, W, C] with C in {{1, 3}}; got {images.shape}.")
+        f"jpeg_size_kb: images must be [B, H, W, C] with C in {{1, 3}}; got {images.shape}."
+    )
   sizes = np.empty((images.shape[0],), dtype=np.float32)
   for i, image in enumerate(images):
     buffer = io.BytesIO()
@@ -74,7 +80,8 @@ def jpeg_compressibility(quality: int = 95, upscale: int = 1) -> Reward:
   return Reward(
       name="jpeg_compressibility",
       fn=lambda images, prompts: -jpeg_size_kb(images, quality, upscale),
-      differentiable=False)
+      differentiable=False,
+  )
 
 
 def jpeg_incompressibility(quality: int = 95, upscale: int = 1) -> Reward:
@@ -83,4 +90,5 @@ def jpeg_incompressibility(quality: int = 95, upscale: int = 1) -> Reward:
   return Reward(
       name="jpeg_incompressibility",
       fn=lambda images, prompts: jpeg_size_kb(images, quality, upscale),
-      differentiable=False)
+      differentiable=False,
+  )

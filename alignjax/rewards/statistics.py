@@ -5,6 +5,7 @@
 the mean pixel value of each image, on the images' own [0, 1] scale (0 = all black,
 1 = all white; not multiplied by 255). Its gradient w.r.t. every pixel is 1 / (H W C).
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp

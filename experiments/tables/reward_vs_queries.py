@@ -119,6 +119,7 @@ from experiments.configs.draft import digits as draft_configs
 @dataclasses.dataclass(frozen=True)
 class Budget:
   """Reward queries per run (Q of eq. 1), held-out samples (E) and the reported fractions."""
+
   queries: int = 256
   eval_samples: int = 128
   fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
@@ -131,8 +132,8 @@ SMOKE = Budget(queries=32, eval_samples=16)
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  name: str        # the table's row (K and n are appended from the config)
-  script: str      # "ddpo" | "draft" | "adjoint_matching"
+  name: str  # the table's row (K and n are appended from the config)
+  script: str  # "ddpo" | "draft" | "adjoint_matching"
   config_arg: str  # argument of experiments/configs/<script>/digits.py get_config
 
 
@@ -145,9 +146,11 @@ METHODS = {
     "am": Method("Adjoint Matching", "adjoint_matching", "model=eps"),
 }
 
-_SCRIPTS = {"ddpo": (ddpo_script, ddpo_configs, "num_rounds"),
-            "draft": (draft_script, draft_configs, "num_updates"),
-            "adjoint_matching": (am_script, am_configs, "num_iterations")}
+_SCRIPTS = {
+    "ddpo": (ddpo_script, ddpo_configs, "num_rounds"),
+    "draft": (draft_script, draft_configs, "num_updates"),
+    "adjoint_matching": (am_script, am_configs, "num_iterations"),
+}
 
 
 # ============================================================================ configs
@@ -169,14 +172,16 @@ def method_config(method: Method, budget: Budget, seed: int, *, tiny: bool = Fal
   config = configs_module.get_config(f"{method.config_arg},tiny={tiny}")
   per_update = queries_per_update(method, config)
   if budget.queries % per_update:
-    raise ValueError(f"budget of {budget.queries} queries is not a multiple of the "
-                     f"{per_update} queries of one {method.name} update")
+    raise ValueError(
+        f"budget of {budget.queries} queries is not a multiple of the "
+        f"{per_update} queries of one {method.name} update"
+    )
   updates = budget.queries // per_update
   config[updates_key] = updates
   config.seed = seed
   config.eval.num_samples = budget.eval_samples
   config.checkpoint.every = updates + 1  # only the final checkpoint (always written)
-  config.log.image_every = updates + 1   # no training image grids
+  config.log.image_every = updates + 1  # no training image grids
   return config
 
 
@@ -239,10 +244,14 @@ def outcome(script: str, result: dict) -> dict:
     reward_key = "reward_mean" if script == "draft" else "reward"
     base = (result["base"][reward_key], result["base"]["diversity"])
     final = (result["final"][reward_key], result["final"]["diversity"])
-  return {"base_reward": float(base[0]), "base_diversity": float(base[1]),
-          "final_reward": float(final[0]), "final_diversity": float(final[1]),
-          "updates": [int(row[0]) for row in result["history"]],
-          "batch_reward": [float(row[1]) for row in result["history"]]}
+  return {
+      "base_reward": float(base[0]),
+      "base_diversity": float(base[1]),
+      "final_reward": float(final[0]),
+      "final_diversity": float(final[1]),
+      "updates": [int(row[0]) for row in result["history"]],
+      "batch_reward": [float(row[1]) for row in result["history"]],
+  }
 
 
 def run_method(method: Method, config, workdir: str) -> dict:
@@ -253,8 +262,9 @@ def run_method(method: Method, config, workdir: str) -> dict:
   with CompileCacheEvents() as cache_events:
     result = script_module.run(config, workdir)
   record = outcome(method.script, result)
-  record.update(seed=int(config.seed), seconds=time.perf_counter() - t0,
-                compile_cache=cache_events.as_dict())
+  record.update(
+      seed=int(config.seed), seconds=time.perf_counter() - t0, compile_cache=cache_events.as_dict()
+  )
   return record
 
 
@@ -268,8 +278,14 @@ def reward_at(queries: list[int], rewards: list[float], target: int) -> float | 
 # ============================================================================ the table
 
 
-def run(workdir: str, *, seeds: int = 3, budget: Budget = Budget(),
-        methods: tuple[str, ...] | None = None, tiny: bool = False) -> dict:
+def run(
+    workdir: str,
+    *,
+    seeds: int = 3,
+    budget: Budget = Budget(),
+    methods: tuple[str, ...] | None = None,
+    tiny: bool = False,
+) -> dict:
   """Trains every method (default: all of METHODS) × seed on the same query budget; writes
   and returns the table. tiny=True: the configs' random tiny models (tests)."""
   methods = tables.check_rows("method", methods, METHODS, seeds)
@@ -286,15 +302,25 @@ def run(workdir: str, *, seeds: int = 3, budget: Budget = Budget(),
   with open(os.path.join(workdir, "reward_vs_queries.md"), "w") as f:
     f.write(table + "\n")
   with open(os.path.join(workdir, "reward_vs_queries.json"), "w") as f:
-    json.dump({"results": results, "seeds": seeds, "budget": dataclasses.asdict(budget),
-               "checkpoint_queries": checkpoints, "tiny": tiny, "seconds": seconds}, f,
-              indent=2)
+    json.dump(
+        {
+            "results": results,
+            "seeds": seeds,
+            "budget": dataclasses.asdict(budget),
+            "checkpoint_queries": checkpoints,
+            "tiny": tiny,
+            "seconds": seconds,
+        },
+        f,
+        indent=2,
+    )
   plot(os.path.join(workdir, "reward_vs_queries.png"), results, budget)
   return {"results": results, "table": table, "seconds": seconds}
 
 
-def run_seeds(key: str, budget: Budget, seeds: int, checkpoints: list[int], workdir: str,
-              tiny: bool) -> dict:
+def run_seeds(
+    key: str, budget: Budget, seeds: int, checkpoints: list[int], workdir: str, tiny: bool
+) -> dict:
   """All seeds of one method: its description and one record per seed."""
   method = METHODS[key]
   runs = []
@@ -303,15 +329,23 @@ def run_seeds(key: str, budget: Budget, seeds: int, checkpoints: list[int], work
     per_update = queries_per_update(method, config)
     record = run_method(method, config, os.path.join(workdir, "runs", key, f"seed{seed}"))
     record["queries"] = [u * per_update for u in record["updates"]]
-    record["reward_at_checkpoints"] = [reward_at(record["queries"], record["batch_reward"], q)
-                                       for q in checkpoints]
+    record["reward_at_checkpoints"] = [
+        reward_at(record["queries"], record["batch_reward"], q) for q in checkpoints
+    ]
     runs.append(record)
-    print(f"{method.name} seed {seed}: {record['seconds']:.0f} s, final reward "
-          f"{record['final_reward']:.3f}, compilation cache {record['compile_cache']}",
-          flush=True)
-  return {"label": row_label(method, config), "sampler": sampler_label(method, config),
-          "queries_per_update": per_update, "updates": budget.queries // per_update,
-          "learning_rate": float(config.optimizer.learning_rate), "runs": runs}
+    print(
+        f"{method.name} seed {seed}: {record['seconds']:.0f} s, final reward "
+        f"{record['final_reward']:.3f}, compilation cache {record['compile_cache']}",
+        flush=True,
+    )
+  return {
+      "label": row_label(method, config),
+      "sampler": sampler_label(method, config),
+      "queries_per_update": per_update,
+      "updates": budget.queries // per_update,
+      "learning_rate": float(config.optimizer.learning_rate),
+      "runs": runs,
+  }
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -320,7 +354,7 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def _pm(values, digits: int = 3) -> str:
-  """"mean ± std", or "n/a" where a seed has no value (None: no update yet, or NaN)."""
+  """ "mean ± std", or "n/a" where a seed has no value (None: no update yet, or NaN)."""
   if any(v is None for v in values) or not np.all(np.isfinite(values)):
     return "n/a"
   mean, std = mean_std(values)
@@ -336,28 +370,33 @@ def reward_gains(row: dict) -> list[float]:
   return [run["final_reward"] - run["base_reward"] for run in row["runs"]]
 
 
-def format_table(results: dict, seeds: int, budget: Budget, checkpoints: list[int],
-                 seconds: float) -> str:
-  at = " | ".join(f"batch reward at {q} queries ({100 * f:g} %)"
-                  for q, f in zip(checkpoints, budget.fractions))
-  lines = [f"| method | sampler | updates × queries | base reward | {at} | final reward | "
-           "gain (final − base, paired) | base diversity | final diversity | wall s, seed 0 | "
-           "wall s, later seeds |",
-           "|" + "---|" * (10 + len(checkpoints))]
+def format_table(
+    results: dict, seeds: int, budget: Budget, checkpoints: list[int], seconds: float
+) -> str:
+  at = " | ".join(
+      f"batch reward at {q} queries ({100 * f:g} %)" for q, f in zip(checkpoints, budget.fractions)
+  )
+  lines = [
+      f"| method | sampler | updates × queries | base reward | {at} | final reward | "
+      "gain (final − base, paired) | base diversity | final diversity | wall s, seed 0 | "
+      "wall s, later seeds |",
+      "|" + "---|" * (10 + len(checkpoints)),
+  ]
   for row in results.values():
     runs = row["runs"]
-    at_cells = " | ".join(_pm([r["reward_at_checkpoints"][i] for r in runs])
-                          for i in range(len(checkpoints)))
+    at_cells = " | ".join(
+        _pm([r["reward_at_checkpoints"][i] for r in runs]) for i in range(len(checkpoints))
+    )
     later = _pm([r["seconds"] for r in runs[1:]], 0) if len(runs) > 1 else "n/a"
     lines.append(
         f"| {row['label']} | {row['sampler']} | {row['updates']} × {row['queries_per_update']}"
         f" | {_pm(_column(row, 'base_reward'))} | {at_cells} | "
         f"{_pm(_column(row, 'final_reward'))} | {_pm(reward_gains(row))} | "
         f"{_pm(_column(row, 'base_diversity'))} | "
-        f"{_pm(_column(row, 'final_diversity'))} | {runs[0]['seconds']:.0f} | {later} |")
+        f"{_pm(_column(row, 'final_diversity'))} | {runs[0]['seconds']:.0f} | {later} |"
+    )
   hits = sum(r["compile_cache"]["hits"] for row in results.values() for r in row["runs"][1:])
-  saved = sum(r["compile_cache"]["saved_seconds"] for row in results.values()
-              for r in row["runs"])
+  saved = sum(r["compile_cache"]["saved_seconds"] for row in results.values() for r in row["runs"])
   notes = [
       f"Mean ± std (ddof=1) over {seeds} seed(s). Every method spends {budget.queries} "
       "training reward queries (one query = the reward of one image; DRaFT-LV scores each "
@@ -375,7 +414,8 @@ def format_table(results: dict, seeds: int, budget: Budget, checkpoints: list[in
       "Wall seconds per run include model loading, both held-out evaluations, the final "
       "checkpoint and, for seed 0, compilation (later seeds read it from the persistent "
       f"cache: {hits} hits; {saved:.0f} s of compilation saved in all).",
-      f"Total wall time {seconds:.0f} s."]
+      f"Total wall time {seconds:.0f} s.",
+  ]
   return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 
@@ -400,19 +440,49 @@ def plot(path: str, results: dict, budget: Budget) -> str:
     curves.fill_between(queries, mean - std, mean + std, color=color, alpha=0.1)
     base, final = mean_std(_column(row, "base_reward")), mean_std(_column(row, "final_reward"))
     x = np.array([0.0, budget.queries]) + (i - len(results) / 2) * shift
-    curves.errorbar(x, [base[0], final[0]], yerr=[base[1], final[1]], color=color, fmt="o--",
-                    capsize=3, markersize=4, alpha=0.8)
+    curves.errorbar(
+        x,
+        [base[0], final[0]],
+        yerr=[base[1], final[1]],
+        color=color,
+        fmt="o--",
+        capsize=3,
+        markersize=4,
+        alpha=0.8,
+    )
     div_base = mean_std(_column(row, "base_diversity"))
     div_final = mean_std(_column(row, "final_diversity"))
     scatter.plot([div_base[0], div_final[0]], [base[0], final[0]], color=color, alpha=0.5)
-    scatter.errorbar(div_base[0], base[0], xerr=div_base[1], yerr=base[1], color=color,
-                     fmt="o", mfc="none", capsize=3)
-    scatter.errorbar(div_final[0], final[0], xerr=div_final[1], yerr=final[1], color=color,
-                     fmt="o", capsize=3, label=row["label"])
-  curves.set(xlabel="reward queries", ylabel="log p(c | image)",
-             title="batch reward (solid, ± std); held-out base → final (dashed)")
-  scatter.set(xlabel="within-class diversity (mean pairwise L2)", ylabel="held-out reward",
-              title="held-out reward vs diversity (open: base → filled: final)")
+    scatter.errorbar(
+        div_base[0],
+        base[0],
+        xerr=div_base[1],
+        yerr=base[1],
+        color=color,
+        fmt="o",
+        mfc="none",
+        capsize=3,
+    )
+    scatter.errorbar(
+        div_final[0],
+        final[0],
+        xerr=div_final[1],
+        yerr=final[1],
+        color=color,
+        fmt="o",
+        capsize=3,
+        label=row["label"],
+    )
+  curves.set(
+      xlabel="reward queries",
+      ylabel="log p(c | image)",
+      title="batch reward (solid, ± std); held-out base → final (dashed)",
+  )
+  scatter.set(
+      xlabel="within-class diversity (mean pairwise L2)",
+      ylabel="held-out reward",
+      title="held-out reward vs diversity (open: base → filled: final)",
+  )
   for ax in (curves, scatter):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -428,17 +498,23 @@ def main(argv, workdir_flag, seeds_flag, queries_flag, eval_flag, methods_flag):
   if workdir_flag.value is None:
     raise app.UsageError("--workdir is required (the table, the JSON and the plot go there)")
   budget = Budget(queries=queries_flag.value, eval_samples=eval_flag.value)
-  run(workdir_flag.value, seeds=seeds_flag.value, budget=budget,
-      methods=tuple(methods_flag.value) if methods_flag.value else None)
+  run(
+      workdir_flag.value,
+      seeds=seeds_flag.value,
+      budget=budget,
+      methods=tuple(methods_flag.value) if methods_flag.value else None,
+  )
 
 
 if __name__ == "__main__":
   # Flags are defined when the script runs, not on import (tests import several tables).
-  _FLAGS = (flags.DEFINE_string("workdir", None,
-                                "Directory for reward_vs_queries.md/.json/.png and the runs."),
-            flags.DEFINE_integer("seeds", 3, "Seeds per method."),
-            flags.DEFINE_integer("queries", Budget.queries, "Reward queries per run."),
-            flags.DEFINE_integer("eval_samples", Budget.eval_samples,
-                                 "Held-out samples per evaluation."),
-            flags.DEFINE_list("methods", None, f"Subset of {list(METHODS)} (default: all)."))
+  _FLAGS = (
+      flags.DEFINE_string(
+          "workdir", None, "Directory for reward_vs_queries.md/.json/.png and the runs."
+      ),
+      flags.DEFINE_integer("seeds", 3, "Seeds per method."),
+      flags.DEFINE_integer("queries", Budget.queries, "Reward queries per run."),
+      flags.DEFINE_integer("eval_samples", Budget.eval_samples, "Held-out samples per evaluation."),
+      flags.DEFINE_list("methods", None, f"Subset of {list(METHODS)} (default: all)."),
+  )
   app.run(lambda argv: main(argv, *_FLAGS))

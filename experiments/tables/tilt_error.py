@@ -64,8 +64,13 @@ from experiments import tables
 
 # The problems of tests/algorithms/test_adjoint_matching.py.
 GAUSS = dict(mean=np.array([0.5, -0.5]), std=0.6, c=np.array([1.0, 0.5]), lam=3.0)
-MIXTURE = dict(weights=np.array([0.5, 0.5]), means=np.array([[-1.0, 0.0], [1.0, 0.0]]),
-               stds=np.array([0.5, 0.5]), c=np.array([1.0, 0.0]), lam=0.5)
+MIXTURE = dict(
+    weights=np.array([0.5, 0.5]),
+    means=np.array([[-1.0, 0.0], [1.0, 0.0]]),
+    stds=np.array([0.5, 0.5]),
+    c=np.array([1.0, 0.0]),
+    lam=0.5,
+)
 # name -> σ: None = memoryless σ_h (flow eq. 6, h = 1/K), a float = constant σ, 0.0 = ODE.
 SCHEDULES = {"memoryless": None, "constant σ=0.5": 0.5, "constant σ=1.0": 1.0, "σ=0 (ODE)": 0.0}
 
@@ -73,18 +78,20 @@ SCHEDULES = {"memoryless": None, "constant σ=0.5": 0.5, "constant σ=1.0": 1.0,
 @dataclasses.dataclass(frozen=True)
 class Budget:
   """Training and evaluation sizes (the defaults are the reported table)."""
-  num_steps: int = 50          # K, Euler–Maruyama grid
+
+  num_steps: int = 50  # K, Euler–Maruyama grid
   batch_size: int = 64
-  num_timesteps: int = 20      # M, subsampled times per trajectory (adjoint_matching eq. 6)
+  num_timesteps: int = 20  # M, subsampled times per trajectory (adjoint_matching eq. 6)
   gauss_updates: int = 500
   gauss_lr: float = 1e-3
   mixture_updates: int = 1000
   mixture_lr: float = 2e-3
-  num_samples: int = 32768     # fine-tuned samples per run (and for V of eq. 4)
+  num_samples: int = 32768  # fine-tuned samples per run (and for V of eq. 4)
 
 
-SMOKE = Budget(num_steps=4, batch_size=16, num_timesteps=2, gauss_updates=3,
-               mixture_updates=3, num_samples=256)
+SMOKE = Budget(
+    num_steps=4, batch_size=16, num_timesteps=2, gauss_updates=3, mixture_updates=3, num_samples=256
+)
 
 
 def sigma_fn_of(sigma: float | None, num_steps: int) -> flow.SigmaFn:
@@ -113,12 +120,26 @@ def _compiled(problem: str, sigma, budget: Budget, updates: int, lr: float):
   graphdef, _ = nnx.split(toy.VelocityMLP(2, rngs=nnx.Rngs(0)))
   builder = lambda p, frozen: toy.residual_velocity(graphdef, p, base_vel)
   optimizer = optax.adam(optax.cosine_decay_schedule(lr, updates, 0.1))
-  update = jax.jit(am.make_update_fn(
-      builder, lambda frozen: base_vel, lambda frozen: (lambda x: x @ frozen), optimizer,
-      lam=1.0, num_steps=budget.num_steps, batch_size=budget.batch_size, shape=(2,),
-      sigma_fn=sigma_fn, num_timesteps=budget.num_timesteps), donate_argnums=0)
-  sample = jax.jit(lambda p, x, k: am.sample_memoryless(
-      builder(p, None), x, k, num_steps=budget.num_steps, sigma_fn=sigma_fn).final)
+  update = jax.jit(
+      am.make_update_fn(
+          builder,
+          lambda frozen: base_vel,
+          lambda frozen: (lambda x: x @ frozen),
+          optimizer,
+          lam=1.0,
+          num_steps=budget.num_steps,
+          batch_size=budget.batch_size,
+          shape=(2,),
+          sigma_fn=sigma_fn,
+          num_timesteps=budget.num_timesteps,
+      ),
+      donate_argnums=0,
+  )
+  sample = jax.jit(
+      lambda p, x, k: am.sample_memoryless(
+          builder(p, None), x, k, num_steps=budget.num_steps, sigma_fn=sigma_fn
+      ).final
+  )
   return update, sample, optimizer
 
 
@@ -131,8 +152,9 @@ def unsupported_reason(sigma, budget: Budget) -> str | None:
   return None
 
 
-def finetune_and_sample(problem: str, sigma, seed: int, budget: Budget, *, updates: int,
-                        lr: float) -> np.ndarray:
+def finetune_and_sample(
+    problem: str, sigma, seed: int, budget: Budget, *, updates: int, lr: float
+) -> np.ndarray:
   """Adjoint Matching of v_base + VelocityMLP on r(x) = c·x, then n samples (float64 [n, 2])
   of the fine-tuned SDE with the same σ."""
   update, sample, optimizer = _compiled(problem, sigma, budget, updates, lr)
@@ -168,8 +190,13 @@ def mixture_weight(x: np.ndarray, *, iterations: int = 500, tol: float = 1e-12) 
   _, tm = toy.tilted_mixture(m["weights"], m["means"], m["stds"], m["c"], m["lam"])
   x = np.asarray(x, np.float64)
   d = x.shape[-1]
-  log_n = np.stack([-0.5 * np.sum((x - tm[k]) ** 2, -1) / m["stds"][k] ** 2
-                    - d * np.log(m["stds"][k]) for k in range(2)], -1)  # + const
+  log_n = np.stack(
+      [
+          -0.5 * np.sum((x - tm[k]) ** 2, -1) / m["stds"][k] ** 2 - d * np.log(m["stds"][k])
+          for k in range(2)
+      ],
+      -1,
+  )  # + const
   log_ratio = log_n[:, 0] - log_n[:, 1]  # log N_1 / N_2
   w = 0.5
   for _ in range(iterations):
@@ -183,18 +210,27 @@ def mixture_weight(x: np.ndarray, *, iterations: int = 500, tol: float = 1e-12) 
 def predicted_mean_error(sigma, budget: Budget, seed: int = 0) -> float:
   """Eq. 4: |s² − Var(X_1 | X_0 = 0)| / s² under the base SDE with this σ."""
   base = toy.gaussian_velocity(GAUSS["mean"], GAUSS["std"])
-  x1 = flow.sample_sde(base, jnp.zeros((budget.num_samples, 2)), jax.random.key(seed),
-                       num_steps=budget.num_steps,
-                       sigma_fn=sigma_fn_of(sigma, budget.num_steps)).final
+  x1 = flow.sample_sde(
+      base,
+      jnp.zeros((budget.num_samples, 2)),
+      jax.random.key(seed),
+      num_steps=budget.num_steps,
+      sigma_fn=sigma_fn_of(sigma, budget.num_steps),
+  ).final
   var = float(np.mean(np.var(np.asarray(x1, np.float64), axis=0)))
-  return abs(GAUSS["std"]**2 - var) / GAUSS["std"]**2
+  return abs(GAUSS["std"] ** 2 - var) / GAUSS["std"] ** 2
 
 
 # ============================================================================ the table
 
 
-def run(workdir: str, *, seeds: int = 3, budget: Budget = Budget(),
-        schedules: tuple[str, ...] | None = None) -> dict:
+def run(
+    workdir: str,
+    *,
+    seeds: int = 3,
+    budget: Budget = Budget(),
+    schedules: tuple[str, ...] | None = None,
+) -> dict:
   """Runs every schedule (default: all of SCHEDULES) × seed; writes and returns the table."""
   schedules = tables.check_rows("schedule", schedules, SCHEDULES, seeds)
   t0 = time.perf_counter()
@@ -207,13 +243,15 @@ def run(workdir: str, *, seeds: int = 3, budget: Budget = Budget(),
       continue
     row = {"sigma": sigma, "mean_error": [], "cov_error": [], "mode_weight": []}
     for seed in range(seeds):
-      x = finetune_and_sample("gauss", sigma, seed, budget, updates=budget.gauss_updates,
-                              lr=budget.gauss_lr)
+      x = finetune_and_sample(
+          "gauss", sigma, seed, budget, updates=budget.gauss_updates, lr=budget.gauss_lr
+      )
       mean_err, cov_err = gaussian_errors(x)
       row["mean_error"].append(mean_err)
       row["cov_error"].append(cov_err)
-      x = finetune_and_sample("mixture", sigma, seed, budget,
-                              updates=budget.mixture_updates, lr=budget.mixture_lr)
+      x = finetune_and_sample(
+          "mixture", sigma, seed, budget, updates=budget.mixture_updates, lr=budget.mixture_lr
+      )
       row["mode_weight"].append(mixture_weight(x))
     row["predicted_mean_error"] = predicted_mean_error(sigma, budget)
     results[name] = row
@@ -225,15 +263,27 @@ def run(workdir: str, *, seeds: int = 3, budget: Budget = Budget(),
   with open(os.path.join(workdir, "tilt_error.md"), "w") as f:
     f.write(table + "\n")
   with open(os.path.join(workdir, "tilt_error.json"), "w") as f:
-    json.dump({"results": results, "seeds": seeds, "budget": dataclasses.asdict(budget),
-               "target_mode_weight": target_mode_weight(), "seconds": seconds}, f, indent=2)
+    json.dump(
+        {
+            "results": results,
+            "seeds": seeds,
+            "budget": dataclasses.asdict(budget),
+            "target_mode_weight": target_mode_weight(),
+            "seconds": seconds,
+        },
+        f,
+        indent=2,
+    )
   plot(os.path.join(workdir, "tilt_error.png"), results)
   return {"results": results, "table": table, "seconds": seconds}
 
 
 def target_mode_weight() -> float:
-  return float(toy.tilted_mixture(MIXTURE["weights"], MIXTURE["means"], MIXTURE["stds"],
-                                  MIXTURE["c"], MIXTURE["lam"])[0][1])
+  return float(
+      toy.tilted_mixture(
+          MIXTURE["weights"], MIXTURE["means"], MIXTURE["stds"], MIXTURE["c"], MIXTURE["lam"]
+      )[0][1]
+  )
 
 
 def _pm(values, scale=100.0, digits=1) -> str:
@@ -244,24 +294,30 @@ def _pm(values, scale=100.0, digits=1) -> str:
 
 def format_table(results: dict, seeds: int, budget: Budget, seconds: float) -> str:
   w2 = target_mode_weight()
-  shift = np.linalg.norm(toy.tilted_gaussian(GAUSS["mean"], GAUSS["std"], GAUSS["c"],
-                                             GAUSS["lam"]) - GAUSS["mean"])
+  shift = np.linalg.norm(
+      toy.tilted_gaussian(GAUSS["mean"], GAUSS["std"], GAUSS["c"], GAUSS["lam"]) - GAUSS["mean"]
+  )
   lines = [
       f"| σ schedule | Gaussian mean error (% of shift) | Gaussian covariance error (%) | "
       f"predicted by value-function bias (%) | mixture ŵ₂ (target {w2:.3f}) | "
       f"mode-weight error (pp) |",
-      "|---|---|---|---|---|---|"]
+      "|---|---|---|---|---|---|",
+  ]
   notes = []
   for name, row in results.items():
     if "unsupported" in row:
       lines.append(f"| {name} | n/a | n/a | n/a | n/a | n/a |")
-      notes.append(f"{name}: not supported by Adjoint Matching — alignjax refuses it with "
-                   f"\"{row['unsupported']}\" (no number is reported).")
+      notes.append(
+          f"{name}: not supported by Adjoint Matching — alignjax refuses it with "
+          f"\"{row['unsupported']}\" (no number is reported)."
+      )
       continue
     weight_err = np.abs(np.asarray(row["mode_weight"]) - w2)
-    lines.append(f"| {name} | {_pm(row['mean_error'])} | {_pm(row['cov_error'])} | "
-                 f"{100 * row['predicted_mean_error']:.1f} | "
-                 f"{_pm(row['mode_weight'], scale=1.0, digits=3)} | {_pm(weight_err)} |")
+    lines.append(
+        f"| {name} | {_pm(row['mean_error'])} | {_pm(row['cov_error'])} | "
+        f"{100 * row['predicted_mean_error']:.1f} | "
+        f"{_pm(row['mode_weight'], scale=1.0, digits=3)} | {_pm(weight_err)} |"
+    )
   base_w2 = float(MIXTURE["weights"][1])
   notes += [
       f"Mean ± std (ddof=1) over {seeds} seed(s) (MLP initialisation, training noise and "
@@ -277,7 +333,8 @@ def format_table(results: dict, seeds: int, budget: Budget, seconds: float) -> s
       f"ŵ₂ moves from {base_w2:.3f} (base) to {w2:.3f}.",
       "Predicted error (eq. 4 of experiments/tables/tilt_error.py): |s² − Var(X₁|X₀)| / s² "
       "of the base SDE with that σ, i.e. the mean error the value-function bias explains.",
-      f"Wall time {seconds:.0f} s."]
+      f"Wall time {seconds:.0f} s.",
+  ]
   return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 
@@ -289,13 +346,22 @@ def plot(path: str, results: dict) -> str:
   names = [n for n, r in results.items() if "unsupported" not in r]
   w2 = target_mode_weight()
   panels = [
-      ("Gaussian mean error (% of shift)",
-       [100 * np.asarray(results[n]["mean_error"]) for n in names],
-       [100 * results[n]["predicted_mean_error"] for n in names]),
-      ("Gaussian covariance error (%)",
-       [100 * np.asarray(results[n]["cov_error"]) for n in names], None),
-      ("mixture mode-weight error (pp)",
-       [100 * np.abs(np.asarray(results[n]["mode_weight"]) - w2) for n in names], None)]
+      (
+          "Gaussian mean error (% of shift)",
+          [100 * np.asarray(results[n]["mean_error"]) for n in names],
+          [100 * results[n]["predicted_mean_error"] for n in names],
+      ),
+      (
+          "Gaussian covariance error (%)",
+          [100 * np.asarray(results[n]["cov_error"]) for n in names],
+          None,
+      ),
+      (
+          "mixture mode-weight error (pp)",
+          [100 * np.abs(np.asarray(results[n]["mode_weight"]) - w2) for n in names],
+          None,
+      ),
+  ]
   fig = Figure(figsize=(13.0, 4.0), dpi=100)
   FigureCanvasAgg(fig)
   for i, (title, values, predicted) in enumerate(panels):
@@ -305,16 +371,26 @@ def plot(path: str, results: dict) -> str:
     stds = [v.std(ddof=1) if v.size > 1 else 0.0 for v in values]
     ax.bar(pos, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
     if predicted is not None:
-      ax.scatter(pos, predicted, color="tab:red", marker="_", s=400, zorder=3,
-                 label="value-function bias (eq. 4)")
+      ax.scatter(
+          pos,
+          predicted,
+          color="tab:red",
+          marker="_",
+          s=400,
+          zorder=3,
+          label="value-function bias (eq. 4)",
+      )
       ax.legend(fontsize=8)
     ax.set_xticks(pos, names, fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
   unsupported = [n for n, r in results.items() if "unsupported" in r]
   if unsupported:
-    fig.suptitle(f"Adjoint Matching tilt error ({', '.join(unsupported)}: not supported, "
-                 "the loss divides by σ)", fontsize=10)
+    fig.suptitle(
+        f"Adjoint Matching tilt error ({', '.join(unsupported)}: not supported, "
+        "the loss divides by σ)",
+        fontsize=10,
+    )
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, format="png")
@@ -331,6 +407,8 @@ def main(argv, workdir_flag, seeds_flag):
 
 if __name__ == "__main__":
   # Flags are defined when the script runs, not on import (tests import several tables).
-  _FLAGS = (flags.DEFINE_string("workdir", None, "Directory for tilt_error.md/.json/.png."),
-            flags.DEFINE_integer("seeds", 3, "Seeds per schedule."))
+  _FLAGS = (
+      flags.DEFINE_string("workdir", None, "Directory for tilt_error.md/.json/.png."),
+      flags.DEFINE_integer("seeds", 3, "Seeds per schedule."),
+  )
   app.run(lambda argv: main(argv, *_FLAGS))

@@ -5,6 +5,7 @@ against r(x) = c·x and multiplier λ must give p_base(x) exp(λ r(x)) / Z, whic
 Gaussian (mixture) in closed form. Only the memoryless schedule reaches it; a constant σ
 carries the initial value-function bias (shifts the mean by λ Cov(X_1 | X_0) c instead).
 """
+
 import functools
 import math
 
@@ -22,11 +23,21 @@ from alignjax.training import TrainState
 
 MU, S = np.array([0.5, -0.5]), 0.6
 C, LAM = np.array([1.0, 0.5]), 3.0  # shift λ S² c = (1.08, 0.54), |shift| = 1.21
-MIX_W, MIX_MU, MIX_S = np.array([0.5, 0.5]), np.array([[-1.0, 0.0], [1.0, 0.0]]), np.array([0.5, 0.5])
-SIGN_W, SIGN_MU, SIGN_S = np.array([0.4, 0.6]), np.array([[-1.0, 0.5], [1.0, -0.5]]), np.array([0.5, 0.6])
-BASES = {"gauss": toy.gaussian_velocity(MU, S),
-         "mix": toy.mixture_velocity(MIX_W, MIX_MU, MIX_S),
-         "sign": toy.mixture_velocity(SIGN_W, SIGN_MU, SIGN_S)}
+MIX_W, MIX_MU, MIX_S = (
+    np.array([0.5, 0.5]),
+    np.array([[-1.0, 0.0], [1.0, 0.0]]),
+    np.array([0.5, 0.5]),
+)
+SIGN_W, SIGN_MU, SIGN_S = (
+    np.array([0.4, 0.6]),
+    np.array([[-1.0, 0.5], [1.0, -0.5]]),
+    np.array([0.5, 0.6]),
+)
+BASES = {
+    "gauss": toy.gaussian_velocity(MU, S),
+    "mix": toy.mixture_velocity(MIX_W, MIX_MU, MIX_S),
+    "sign": toy.mixture_velocity(SIGN_W, SIGN_MU, SIGN_S),
+}
 
 
 def linear_reward(c):
@@ -43,17 +54,43 @@ def _compiled(base_name, sigma, num_steps, batch, num_timesteps, lr, steps):
   builder = lambda p, frozen: toy.residual_velocity(graphdef, p, base)
   opt = optax.adam(optax.cosine_decay_schedule(lr, steps, 0.1))
   sigma_fn = None if sigma is None else flow.constant_sigma(sigma)
-  update = jax.jit(am.make_update_fn(
-      builder, lambda frozen: base, lambda frozen: linear_reward(frozen["c"]), opt, lam=1.0,
-      num_steps=num_steps, batch_size=batch, shape=(2,), sigma_fn=sigma_fn,
-      num_timesteps=num_timesteps), donate_argnums=0)
-  sample = jax.jit(lambda p, x0, key: am.sample_memoryless(
-      builder(p, {}), x0, key, num_steps=num_steps, sigma_fn=sigma_fn).final)
+  update = jax.jit(
+      am.make_update_fn(
+          builder,
+          lambda frozen: base,
+          lambda frozen: linear_reward(frozen["c"]),
+          opt,
+          lam=1.0,
+          num_steps=num_steps,
+          batch_size=batch,
+          shape=(2,),
+          sigma_fn=sigma_fn,
+          num_timesteps=num_timesteps,
+      ),
+      donate_argnums=0,
+  )
+  sample = jax.jit(
+      lambda p, x0, key: am.sample_memoryless(
+          builder(p, {}), x0, key, num_steps=num_steps, sigma_fn=sigma_fn
+      ).final
+  )
   return update, sample, opt
 
 
-def finetune_and_sample(base_name, c, lam, *, sigma=None, num_steps=20, steps=200, batch=64,
-                        num_timesteps=10, lr=1e-3, seed=0, n=8192):
+def finetune_and_sample(
+    base_name,
+    c,
+    lam,
+    *,
+    sigma=None,
+    num_steps=20,
+    steps=200,
+    batch=64,
+    num_timesteps=10,
+    lr=1e-3,
+    seed=0,
+    n=8192,
+):
   """Adjoint Matching on v_θ = base + VelocityMLP (r = c·x, multiplier λ), then n samples of
   the fine-tuned SDE (memoryless, or constant σ if given) as float64 [n, 2]."""
   update, sample, opt = _compiled(base_name, sigma, num_steps, batch, num_timesteps, lr, steps)
@@ -70,6 +107,7 @@ def finetune_and_sample(base_name, c, lam, *, sigma=None, num_steps=20, steps=20
 
 # ----------------------------------------------------------------------------- pieces
 
+
 def test_lean_adjoint_is_the_gradient_of_the_discrete_chain():
   """Eq. 5 along a base trajectory equals -λ ∂r(X_K)/∂X_0 through the Euler–Maruyama chain
   with the same noises (nonlinear base and reward, so ã varies along the path)."""
@@ -83,8 +121,9 @@ def test_lean_adjoint_is_the_gradient_of_the_discrete_chain():
   final = lambda x: flow.sample_sde(base, x, key, num_steps=k, sigma_fn=sigma_fn).final
   want0 = jax.jit(jax.grad(lambda x: -lam * jnp.sum(reward(final(x)))))(x0)
   np.testing.assert_allclose(adj[:, 0], want0, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(adj[:, -1], -lam * jax.grad(lambda x: jnp.sum(reward(x)))(
-      traj.final), rtol=1e-6)
+  np.testing.assert_allclose(
+      adj[:, -1], -lam * jax.grad(lambda x: jnp.sum(reward(x)))(traj.final), rtol=1e-6
+  )
   with pytest.raises(ValueError, match="terminal.shape"):
     am.lean_adjoint(base, traj, jnp.zeros((5, 3)), sigma_fn)
 
@@ -96,18 +135,23 @@ def test_control_is_drift_difference_over_sigma():
   v_base, v = toy.gaussian_velocity(MU, S), toy.gaussian_velocity(MU + 1.0, 0.8)
   for sigma in (flow.memoryless_sigma(0.0)(t), flow.constant_sigma(0.7)(t)):
     want = (flow.drift(v, x, t, sigma) - flow.drift(v_base, x, t, sigma)) / sigma[:, None]
-    np.testing.assert_allclose(am.control(v(x, t), v_base(x, t), x, t, sigma), want,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        am.control(v(x, t), v_base(x, t), x, t, sigma), want, rtol=1e-4, atol=1e-5
+    )
   sigma = flow.memoryless_sigma(0.0)(t)
-  np.testing.assert_allclose(am.control(v(x, t), v_base(x, t), x, t, sigma),
-                             2 * (v(x, t) - v_base(x, t)) / sigma[:, None], rtol=1e-4)
+  np.testing.assert_allclose(
+      am.control(v(x, t), v_base(x, t), x, t, sigma),
+      2 * (v(x, t) - v_base(x, t)) / sigma[:, None],
+      rtol=1e-4,
+  )
 
 
 def test_loss_matches_numpy_with_subsampling_and_clipping():
   v_base, v = toy.gaussian_velocity(MU, S), toy.gaussian_velocity(MU + 0.3, S)
   sigma_fn, k, m = flow.memoryless_sigma(0.1), 10, 4
-  traj = am.sample_memoryless(v, jax.random.normal(jax.random.key(0), (3, 2)),
-                              jax.random.key(1), num_steps=k)
+  traj = am.sample_memoryless(
+      v, jax.random.normal(jax.random.key(0), (3, 2)), jax.random.key(1), num_steps=k
+  )
   adj = jax.random.normal(jax.random.key(2), traj.states.shape)
   key = jax.random.key(3)
   idx = np.asarray(am.subsample_timesteps(key, 3, k, m))
@@ -118,16 +162,20 @@ def test_loss_matches_numpy_with_subsampling_and_clipping():
   t = times[idx.ravel()]
   x = states[rows, idx.ravel()]
   sig = np.sqrt(2 * (1 - t + 0.1) / (t + 0.1))
-  dv = np.asarray(v(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32))
-                  - v_base(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32)), np.float64)
+  dv = np.asarray(
+      v(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32))
+      - v_base(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32)),
+      np.float64,
+  )
   u = (1 + sig**2 * t / (2 * (1 - t)))[:, None] * dv / sig[:, None]  # eq. 2
   sq = np.sum((u + sig[:, None] * adj_np[rows, idx.ravel() + 1]) ** 2, axis=1)  # eqs. 4, 6
   clip = float(np.median(sq))
   h = 1.0 / k
   for loss_clip in (math.inf, clip):
     want = np.sum(h * np.minimum(sq, loss_clip)) * (k / m) / 3
-    got, aux = am.adjoint_matching_loss(v, v_base, traj, adj, sigma_fn, key, num_timesteps=m,
-                                        loss_clip=loss_clip)
+    got, aux = am.adjoint_matching_loss(
+        v, v_base, traj, adj, sigma_fn, key, num_timesteps=m, loss_clip=loss_clip
+    )
     np.testing.assert_allclose(float(got), want, rtol=1e-4)
     np.testing.assert_allclose(float(aux["clip_fraction"]), np.mean(sq > loss_clip))
   with pytest.raises(ValueError, match="loss_clip"):
@@ -145,14 +193,25 @@ def test_loss_is_minimised_by_the_tilted_velocity():
   v_tilt = toy.gaussian_velocity(toy.tilted_gaussian(MU, S, C, LAM), S)
   k = 20
   sigma_fn = flow.memoryless_sigma(1.0 / k)
-  traj = am.sample_memoryless(v_tilt, jax.random.normal(jax.random.key(0), (4096, 2)),
-                              jax.random.key(1), num_steps=k)
-  adj = am.lean_adjoint(v_base, traj, am.terminal_adjoint(linear_reward(C), traj.final, LAM),
-                        sigma_fn)
+  traj = am.sample_memoryless(
+      v_tilt, jax.random.normal(jax.random.key(0), (4096, 2)), jax.random.key(1), num_steps=k
+  )
+  adj = am.lean_adjoint(
+      v_base, traj, am.terminal_adjoint(linear_reward(C), traj.final, LAM), sigma_fn
+  )
   scales = np.array([0.8, 1.0, 1.2])
-  losses = [float(am.adjoint_matching_loss(
-      lambda x, t, a=a: v_base(x, t) + a * (v_tilt(x, t) - v_base(x, t)),
-      v_base, traj, adj, sigma_fn)[0]) for a in scales]
+  losses = [
+      float(
+          am.adjoint_matching_loss(
+              lambda x, t, a=a: v_base(x, t) + a * (v_tilt(x, t) - v_base(x, t)),
+              v_base,
+              traj,
+              adj,
+              sigma_fn,
+          )[0]
+      )
+      for a in scales
+  ]
   quad = np.polyfit(scales, losses, 2)
   a_star = -quad[1] / (2 * quad[0])
   print(f"argmin scale {a_star:.4f}, losses {losses}")
@@ -162,13 +221,21 @@ def test_loss_is_minimised_by_the_tilted_velocity():
 def test_update_refuses_zero_sigma():
   base = toy.gaussian_velocity(MU, S)
   with pytest.raises(ValueError, match="sigma_fn"):
-    am.make_update_fn(lambda p, f: base, lambda f: base, lambda f: linear_reward(C),
-                      optax.adam(1e-3),
-                      lam=1.0, num_steps=5, batch_size=4, shape=(2,),
-                      sigma_fn=flow.zero_sigma())
+    am.make_update_fn(
+        lambda p, f: base,
+        lambda f: base,
+        lambda f: linear_reward(C),
+        optax.adam(1e-3),
+        lam=1.0,
+        num_steps=5,
+        batch_size=4,
+        shape=(2,),
+        sigma_fn=flow.zero_sigma(),
+    )
 
 
 # ----------------------------------------------------------------------------- exact tilts
+
 
 def test_gaussian_tilt_memoryless_exact_constant_sigma_biased():
   """Memoryless fine-tuning reaches N(μ + λS²c, S²I); constant σ = 0.5 falls short.
@@ -185,8 +252,10 @@ def test_gaussian_tilt_memoryless_exact_constant_sigma_biased():
     x = finetune_and_sample("gauss", C, LAM, sigma=sigma)
     errors[name] = np.linalg.norm(x.mean(0) - target) / shift
     cov = np.cov(x.T)
-    print(f"{name}: mean {x.mean(0)} target {target} rel. mean error {errors[name]:.4f} "
-          f"cov {cov.ravel()}")
+    print(
+        f"{name}: mean {x.mean(0)} target {target} rel. mean error {errors[name]:.4f} "
+        f"cov {cov.ravel()}"
+    )
     if name == "memoryless":
       np.testing.assert_allclose(cov, S**2 * np.eye(2), atol=0.06 * S**2)
   assert errors["memoryless"] < 0.05
@@ -195,8 +264,13 @@ def test_gaussian_tilt_memoryless_exact_constant_sigma_biased():
   # The bias is the initial value-function bias: with a constant σ the optimum tilts each
   # conditional law p(X_1 | X_0) = N(A X_0 + m, V I), moving the mean by λ V c with
   # V = Var(X_1 | X_0) < S² (the linear Euler chain from X_0 = 0 gives V).
-  cond = flow.sample_sde(BASES["gauss"], jnp.zeros((8192, 2)), jax.random.key(5), num_steps=20,
-                         sigma_fn=flow.constant_sigma(0.5)).final
+  cond = flow.sample_sde(
+      BASES["gauss"],
+      jnp.zeros((8192, 2)),
+      jax.random.key(5),
+      num_steps=20,
+      sigma_fn=flow.constant_sigma(0.5),
+  ).final
   var = float(np.mean(np.var(np.asarray(cond, np.float64), axis=0)))
   biased = MU + LAM * var * C
   print(f"constant_0.5: Var(X_1|X_0) = {var:.4f} (S² = {S**2}), predicted mean {biased}")
@@ -210,8 +284,9 @@ def test_mixture_tilt_mode_weights():
   tw, tm = toy.tilted_mixture(w, MIX_MU, ss, c, lam)  # tw = (0.269, 0.731)
 
   def weights(x):
-    _, log_post = toy.mixture_log_density(tw, tm, ss, jnp.asarray(x, jnp.float32),
-                                          jnp.ones(x.shape[0]))
+    _, log_post = toy.mixture_log_density(
+        tw, tm, ss, jnp.asarray(x, jnp.float32), jnp.ones(x.shape[0])
+    )
     return np.exp(np.asarray(log_post, np.float64)).mean(0)
 
   got = weights(finetune_and_sample("mix", c, lam, steps=400, lr=2e-3))
@@ -246,10 +321,14 @@ def test_velocity_mlp_starts_at_the_base():
 
 
 def test_finetuning_increases_a_linear_reward():
-  for seed, lam, c in ((0, 0.5, np.array([1.0, -1.0])), (1, 2.0, np.array([-0.5, 1.5])),
-                       (2, 1.0, np.array([0.3, 0.3]))):
-    x = finetune_and_sample("sign", c, lam, num_steps=10, steps=40, lr=2e-3, seed=seed,
-                            num_timesteps=5, n=4096)
+  for seed, lam, c in (
+      (0, 0.5, np.array([1.0, -1.0])),
+      (1, 2.0, np.array([-0.5, 1.5])),
+      (2, 1.0, np.array([0.3, 0.3])),
+  ):
+    x = finetune_and_sample(
+        "sign", c, lam, num_steps=10, steps=40, lr=2e-3, seed=seed, num_timesteps=5, n=4096
+    )
     before = c @ (SIGN_W @ SIGN_MU)  # exact E_base[c·X_1]
     after = (x @ c).mean()
     # d/dλ E_λ[c·x] = Var_λ(c·x) >= min_k s_k² |c|², so the exact tilt gains at least
@@ -273,10 +352,19 @@ def test_conditional_update_routes_each_rows_condition():
     return lambda x, t: base(x, t) + sign(cond) * mlp(x, t)
 
   opt = optax.adam(optax.cosine_decay_schedule(1e-3, steps, 0.1))
-  update = jax.jit(am.make_conditional_update_fn(
-      vel_builder, lambda frozen, cond: base,
-      lambda frozen, cond: (lambda x: sign(cond)[:, 0] * (x @ frozen["c"])), opt, lam=1.0,
-      num_steps=k, shape=(2,), num_timesteps=10), donate_argnums=0)
+  update = jax.jit(
+      am.make_conditional_update_fn(
+          vel_builder,
+          lambda frozen, cond: base,
+          lambda frozen, cond: (lambda x: sign(cond)[:, 0] * (x @ frozen["c"])),
+          opt,
+          lam=1.0,
+          num_steps=k,
+          shape=(2,),
+          num_timesteps=10,
+      ),
+      donate_argnums=0,
+  )
   state = TrainState.create(params, opt, jax.random.key(0))
   frozen = {"c": jnp.asarray(LAM * C, jnp.float32)}
   cond = jnp.arange(batch, dtype=jnp.int32) % 2
@@ -286,10 +374,15 @@ def test_conditional_update_routes_each_rows_condition():
   n = 4096
   for c_id, direction in ((1, 1.0), (0, -1.0)):
     cond_n = jnp.full((n,), c_id, jnp.int32)
-    x = am.sample_memoryless(vel_builder(state.params, frozen, cond_n),
-                             jax.random.normal(jax.random.key(7), (n, 2)), jax.random.key(8),
-                             num_steps=k).final
+    x = am.sample_memoryless(
+        vel_builder(state.params, frozen, cond_n),
+        jax.random.normal(jax.random.key(7), (n, 2)),
+        jax.random.key(8),
+        num_steps=k,
+    ).final
     target = MU + direction * LAM * S**2 * C
-    err = np.linalg.norm(np.asarray(x, np.float64).mean(0) - target) / (LAM * S**2 * np.linalg.norm(C))
+    err = np.linalg.norm(np.asarray(x, np.float64).mean(0) - target) / (
+        LAM * S**2 * np.linalg.norm(C)
+    )
     print(f"class {c_id}: mean {np.asarray(x).mean(0)} target {target} rel. err {err:.3f}")
     assert err < 0.08

@@ -11,6 +11,7 @@ initial law fixed at N(0, I) tilts each conditional law p(X_K | X_0) = N(A X_0 +
 so the fine-tuned mean is m_K + λ V c with V = Var(X_K | X_0) = Σ_k (Π_{j>k} A_j)² σ_k²,
 propagated here independently of the algorithm; memorylessness makes V ≈ v_K ≈ s².
 """
+
 import functools
 import math
 
@@ -53,8 +54,9 @@ def mixture_eps(weights, means, stds):
   def log_p(x, a):  # one example x [D], ᾱ scalar
     var = a * ss**2 + 1 - a
     d = x[None] - jnp.sqrt(a) * mus
-    return jax.nn.logsumexp(jnp.log(w) - 0.5 * jnp.sum(d**2, -1) / var
-                            - 0.5 * x.shape[0] * jnp.log(var))
+    return jax.nn.logsumexp(
+        jnp.log(w) - 0.5 * jnp.sum(d**2, -1) / var - 0.5 * x.shape[0] * jnp.log(var)
+    )
 
   def eps_fn(x, t, cond):
     a = abar(t)
@@ -82,8 +84,9 @@ def chain_moments(eps_fn, num_steps):
   cond = jnp.zeros((1,), jnp.int32)
   for t, p in zip(ts, ps):
     t, p = jnp.full((1,), t), jnp.full((1,), p)
-    mean = lambda x: np.asarray(amd.step_mean(eps_fn, SCHEDULE, jnp.asarray(x, jnp.float32),
-                                              t, p, cond), np.float64)[0]
+    mean = lambda x: np.asarray(
+        amd.step_mean(eps_fn, SCHEDULE, jnp.asarray(x, jnp.float32), t, p, cond), np.float64
+    )[0]
     b = mean(np.zeros((1, 2)))
     a = mean(np.ones((1, 2)))[0] - b[0]  # isotropic: one slope per step
     sd = float(samplers.ddim_std(SCHEDULE, t, p, 1.0)[0])
@@ -93,22 +96,38 @@ def chain_moments(eps_fn, num_steps):
 
 @functools.lru_cache(maxsize=None)
 def _compiled(base_name, num_steps, batch, num_timesteps, lr, steps):
-  base = {"gauss": gaussian_eps(MU, S),
-          "mix": mixture_eps([0.4, 0.6], [[-1.0, 0.5], [1.0, -0.5]], [0.5, 0.6])}[base_name]
+  base = {
+      "gauss": gaussian_eps(MU, S),
+      "mix": mixture_eps([0.4, 0.6], [[-1.0, 0.5], [1.0, -0.5]], [0.5, 0.6]),
+  }[base_name]
   graphdef, _ = nnx.split(toy.VelocityMLP(2, rngs=nnx.Rngs(0)))
   builder = lambda p, frozen: residual_eps(graphdef, p, base)
   opt = optax.adam(optax.cosine_decay_schedule(lr, steps, 0.1))
-  update = jax.jit(amd.make_update_fn(
-      builder, lambda frozen: base, lambda frozen: linear_reward(frozen["c"]), SCHEDULE, opt,
-      lam=1.0, num_steps=num_steps, shape=(2,), num_timesteps=num_timesteps),
-      donate_argnums=0)
-  sample = jax.jit(lambda p, cond, key: amd.sample_chain(
-      builder(p, {}), SCHEDULE, cond, key, shape=(2,), num_steps=num_steps).final)
+  update = jax.jit(
+      amd.make_update_fn(
+          builder,
+          lambda frozen: base,
+          lambda frozen: linear_reward(frozen["c"]),
+          SCHEDULE,
+          opt,
+          lam=1.0,
+          num_steps=num_steps,
+          shape=(2,),
+          num_timesteps=num_timesteps,
+      ),
+      donate_argnums=0,
+  )
+  sample = jax.jit(
+      lambda p, cond, key: amd.sample_chain(
+          builder(p, {}), SCHEDULE, cond, key, shape=(2,), num_steps=num_steps
+      ).final
+  )
   return update, sample, opt
 
 
-def finetune_and_sample(base_name, c, lam, *, num_steps, steps=200, batch=64, num_timesteps=10,
-                        lr=1e-3, seed=0, n=8192):
+def finetune_and_sample(
+    base_name, c, lam, *, num_steps, steps=200, batch=64, num_timesteps=10, lr=1e-3, seed=0, n=8192
+):
   """AM with r = c·x (λ and c enter as frozen["c"] = λ c), then n fine-tuned samples [n, 2]."""
   update, sample, opt = _compiled(base_name, num_steps, batch, num_timesteps, lr, steps)
   _, params = nnx.split(toy.VelocityMLP(2, rngs=nnx.Rngs(seed)))
@@ -124,6 +143,7 @@ def finetune_and_sample(base_name, c, lam, *, num_steps, steps=200, batch=64, nu
 
 # ----------------------------------------------------------------------------- pieces
 
+
 @pytest.mark.parametrize("clip_sample", [None, 1.0])
 def test_lean_adjoint_is_the_gradient_of_the_discrete_chain(clip_sample):
   """Eq. 5 along a base trajectory equals −λ ∂r(X_K)/∂X_0 through the chain (same noises);
@@ -133,25 +153,52 @@ def test_lean_adjoint_is_the_gradient_of_the_discrete_chain(clip_sample):
   k, lam, key = 6, 1.7, jax.random.key(1)
   cond = jnp.array([0, 1, 0, 1, 2], jnp.int32)
   x_init = 1.5 * jax.random.normal(jax.random.key(0), (5, 2))
-  final = lambda x: samplers.sample(base, SCHEDULE, cond, key, shape=(2,), num_steps=k, eta=1.0,
-                                    clip_sample=clip_sample, initial_latents=x).final
-  traj = samplers.sample(base, SCHEDULE, cond, key, shape=(2,), num_steps=k, eta=1.0,
-                         clip_sample=clip_sample, initial_latents=x_init)
+  final = lambda x: samplers.sample(
+      base,
+      SCHEDULE,
+      cond,
+      key,
+      shape=(2,),
+      num_steps=k,
+      eta=1.0,
+      clip_sample=clip_sample,
+      initial_latents=x,
+  ).final
+  traj = samplers.sample(
+      base,
+      SCHEDULE,
+      cond,
+      key,
+      shape=(2,),
+      num_steps=k,
+      eta=1.0,
+      clip_sample=clip_sample,
+      initial_latents=x_init,
+  )
   terminal = amd.terminal_adjoint(reward, traj.final, cond, lam)
   adj = amd.lean_adjoint(base, SCHEDULE, traj, terminal, clip_sample=clip_sample)
   assert adj.shape == (5, k + 1, 2)
   want0 = jax.jit(jax.grad(lambda x: -lam * jnp.sum(reward(final(x), cond))))(x_init)
   np.testing.assert_allclose(adj[:, 0], want0, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(terminal, -lam * (jnp.cos(traj.final[:, 0])[:, None] * jnp.array(
-      [1.0, 0.0]) + 0.6 * traj.final * (cond + 1)[:, None]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      terminal,
+      -lam
+      * (
+          jnp.cos(traj.final[:, 0])[:, None] * jnp.array([1.0, 0.0])
+          + 0.6 * traj.final * (cond + 1)[:, None]
+      ),
+      rtol=1e-5,
+      atol=1e-6,
+  )
   with pytest.raises(ValueError, match="terminal.shape"):
     amd.lean_adjoint(base, SCHEDULE, traj, jnp.zeros((5, 3)))
 
 
 def _np_mean_std(eps, x, t, p):
   """Samplers eqs. 1-3 re-derived in float64 numpy (no clipping), eta = 1."""
-  ab = lambda s: np.where(s >= 0, np.asarray(SCHEDULE.alphas_cumprod, np.float64)[
-      np.clip(s, 0, 999)], 1.0)[:, None]
+  ab = lambda s: np.where(
+      s >= 0, np.asarray(SCHEDULE.alphas_cumprod, np.float64)[np.clip(s, 0, 999)], 1.0
+  )[:, None]
   at, as_ = ab(t), ab(p)
   x0 = (x - np.sqrt(1 - at) * eps) / np.sqrt(at)
   var = (1 - as_) / (1 - at) * (1 - at / as_)
@@ -184,11 +231,13 @@ def test_loss_matches_numpy_with_subsampling_clipping_and_the_deterministic_step
   clip = float(np.median(sq[live]))
   for loss_clip in (math.inf, clip):
     want = np.sum(np.where(live, np.minimum(sq, loss_clip), 0)) * (k / m) / batch  # eq. 8
-    got, aux = amd.adjoint_matching_loss(fine, base, SCHEDULE, traj, adj, key, num_timesteps=m,
-                                         loss_clip=loss_clip)
+    got, aux = amd.adjoint_matching_loss(
+        fine, base, SCHEDULE, traj, adj, key, num_timesteps=m, loss_clip=loss_clip
+    )
     np.testing.assert_allclose(float(got), want, rtol=1e-4)
-    np.testing.assert_allclose(float(aux["clip_fraction"]),
-                               np.sum(live & (sq > loss_clip)) / live.sum())
+    np.testing.assert_allclose(
+        float(aux["clip_fraction"]), np.sum(live & (sq > loss_clip)) / live.sum()
+    )
   with pytest.raises(ValueError, match="loss_clip"):
     amd.adjoint_matching_loss(fine, base, SCHEDULE, traj, adj, key, loss_clip=0.0)
   with pytest.raises(ValueError, match="num_timesteps"):
@@ -207,12 +256,14 @@ def test_control_is_the_eps_difference_scaled_by_c_over_sigma():
   p = t - 20
   cond = jnp.zeros((6,), jnp.int32)
   sd = samplers.ddim_std(SCHEDULE, t, p, 1.0)
-  u = amd.control(amd.step_mean(fine, SCHEDULE, x, t, p, cond),
-                  amd.step_mean(base, SCHEDULE, x, t, p, cond), sd)
+  u = amd.control(
+      amd.step_mean(fine, SCHEDULE, x, t, p, cond), amd.step_mean(base, SCHEDULE, x, t, p, cond), sd
+  )
   at, as_ = np.asarray(abar(t), np.float64), np.asarray(abar(p), np.float64)
-  ck = np.sqrt(1 - as_ - np.asarray(sd, np.float64)**2) - np.sqrt(as_ * (1 - at) / at)
+  ck = np.sqrt(1 - as_ - np.asarray(sd, np.float64) ** 2) - np.sqrt(as_ * (1 - at) / at)
   want = (ck / np.asarray(sd, np.float64))[:, None] * np.asarray(
-      fine(x, t, cond) - base(x, t, cond), np.float64)
+      fine(x, t, cond) - base(x, t, cond), np.float64
+  )
   np.testing.assert_allclose(np.asarray(u), want, rtol=2e-3, atol=1e-4)
 
 
@@ -220,8 +271,17 @@ def test_update_refuses_bad_eta():
   base = gaussian_eps(MU, S)
   for eta in (0.0, 1.5):
     with pytest.raises(ValueError, match="eta"):
-      amd.make_update_fn(lambda p, f: base, lambda f: base, lambda f: linear_reward(C), SCHEDULE,
-                         optax.adam(1e-3), lam=1.0, num_steps=5, shape=(2,), eta=eta)
+      amd.make_update_fn(
+          lambda p, f: base,
+          lambda f: base,
+          lambda f: linear_reward(C),
+          SCHEDULE,
+          optax.adam(1e-3),
+          lam=1.0,
+          num_steps=5,
+          shape=(2,),
+          eta=eta,
+      )
 
 
 def test_eps_star_is_the_noise_regression_optimum():
@@ -234,12 +294,12 @@ def test_eps_star_is_the_noise_regression_optimum():
   xt = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
   design = np.concatenate([xt, np.ones((len(xt), 1))], 1)
   coef, *_ = np.linalg.lstsq(design, noise, rcond=None)  # E[ε | x_t] is affine in x_t
-  got = np.asarray(gaussian_eps(MU, S)(jnp.asarray(xt[:5], jnp.float32),
-                                       jnp.full((5,), t), None))
+  got = np.asarray(gaussian_eps(MU, S)(jnp.asarray(xt[:5], jnp.float32), jnp.full((5,), t), None))
   np.testing.assert_allclose(got, design[:5] @ coef, atol=0.02)
 
 
 # ----------------------------------------------------------------------------- exact tilts
+
 
 def test_gaussian_tilt_reaches_the_tilted_mean():
   """AM on ε_θ = ε* + zero-initialised MLP reaches m_K + λ V c (see module docstring).
@@ -257,8 +317,10 @@ def test_gaussian_tilt_reaches_the_tilted_mean():
   x = finetune_and_sample("gauss", C, LAM, num_steps=k, lr=3e-3)
   err = np.linalg.norm(x.mean(0) - target) / np.linalg.norm(LAM * v_cond * C)
   cov = np.cov(x.T)
-  print(f"fine-tuned mean {x.mean(0)}, discrete target {target}, ideal {ideal}, rel. err "
-        f"{err:.4f}, cov {cov.ravel()}")
+  print(
+      f"fine-tuned mean {x.mean(0)}, discrete target {target}, ideal {ideal}, rel. err "
+      f"{err:.4f}, cov {cov.ravel()}"
+  )
   assert err < 0.05
   gap = np.linalg.norm(LAM * (S**2 - v_cond) * C)
   assert np.linalg.norm(x.mean(0) - ideal) < gap + 0.05 * np.linalg.norm(ideal - MU)
@@ -267,11 +329,17 @@ def test_gaussian_tilt_reaches_the_tilted_mean():
 
 def test_finetuning_increases_a_linear_reward():
   for seed, lam, c in ((0, 0.5, np.array([1.0, -1.0])), (1, 2.0, np.array([-0.5, 1.5]))):
-    x = finetune_and_sample("mix", c, lam, num_steps=20, steps=60, lr=2e-3, seed=seed,
-                            num_timesteps=5, n=4096)
-    base = np.asarray(_compiled("mix", 20, 64, 5, 2e-3, 60)[1](
-        nnx.split(toy.VelocityMLP(2, rngs=nnx.Rngs(0)))[1], jnp.zeros((4096,), jnp.int32),
-        jax.random.key(seed + 8)), np.float64)
+    x = finetune_and_sample(
+        "mix", c, lam, num_steps=20, steps=60, lr=2e-3, seed=seed, num_timesteps=5, n=4096
+    )
+    base = np.asarray(
+        _compiled("mix", 20, 64, 5, 2e-3, 60)[1](
+            nnx.split(toy.VelocityMLP(2, rngs=nnx.Rngs(0)))[1],
+            jnp.zeros((4096,), jnp.int32),
+            jax.random.key(seed + 8),
+        ),
+        np.float64,
+    )
     before, after = (base @ c).mean(), (x @ c).mean()
     # d/dλ E_λ[c·x] = Var_λ(c·x) >= (min_k s_k² − the chain's deficit) |c|²; require a
     # quarter of λ min_k s_k² |c|²

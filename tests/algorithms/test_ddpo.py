@@ -26,7 +26,7 @@ def test_tracker_uses_batch_stats_below_min_count_then_prompt_buffer():
 
   adv = tracker.update(np.array([0, 1]), np.array([5.0, 2.0]))
   buf0 = np.array([1.0, 3.0, 5.0])  # prompt 0 now has 3 rewards: its own buffer
-  batch = np.array([5.0, 2.0])      # prompt 1 has 2: batch statistics
+  batch = np.array([5.0, 2.0])  # prompt 1 has 2: batch statistics
   np.testing.assert_allclose(adv[0], (5.0 - buf0.mean()) / (buf0.std() + 1e-6), rtol=1e-6)
   np.testing.assert_allclose(adv[1], (2.0 - batch.mean()) / (batch.std() + 1e-6), rtol=1e-6)
 
@@ -38,8 +38,10 @@ def test_tracker_buffer_keeps_only_the_last_rewards_and_round_trips():
   adv = tracker.update(np.array([7]), np.array([6.0]))
   np.testing.assert_allclose(adv, [(6.0 - 5.0) / (1.0 + 1e-6)], rtol=1e-6)
   clone = ddpo.PerPromptStatTracker.from_state_dict(tracker.state_dict())
-  np.testing.assert_array_equal(clone.update(np.array([7, 3]), np.array([0.0, 1.0])),
-                                tracker.update(np.array([7, 3]), np.array([0.0, 1.0])))
+  np.testing.assert_array_equal(
+      clone.update(np.array([7, 3]), np.array([0.0, 1.0])),
+      tracker.update(np.array([7, 3]), np.array([0.0, 1.0])),
+  )
 
 
 def test_tracker_rejects_bad_settings_and_mismatched_lengths():
@@ -64,8 +66,7 @@ def test_clipped_surrogate_matches_a_direct_evaluation():
   new, old, adv = rng.normal(size=(3, 64)) * np.array([[0.3], [0.3], [1.0]])
   eps = 0.1
   ratio = np.exp(new - old)
-  expected = np.mean([max(-a * r, -a * min(max(r, 1 - eps), 1 + eps))
-                      for a, r in zip(adv, ratio)])
+  expected = np.mean([max(-a * r, -a * min(max(r, 1 - eps), 1 + eps)) for a, r in zip(adv, ratio)])
   got = ddpo.clipped_surrogate_loss(jnp.array(new), jnp.array(old), jnp.array(adv), eps)
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
@@ -107,9 +108,12 @@ ETA = 1.0
 
 def affine_eps_builder(trainable, frozen):
   del frozen
-  return lambda x, t, c: (trainable["w"] * x + trainable["b"]
-                          + trainable["c"][c][:, None, None, None]
-                          + 1e-4 * t[:, None, None, None].astype(jnp.float32))
+  return lambda x, t, c: (
+      trainable["w"] * x
+      + trainable["b"]
+      + trainable["c"][c][:, None, None, None]
+      + 1e-4 * t[:, None, None, None].astype(jnp.float32)
+  )
 
 
 def toy_params():
@@ -123,8 +127,9 @@ CLIP = 1.0
 def _toy_sample(params, key, batch, guidance):
   eps_fn = samplers.classifier_free_guidance(affine_eps_builder(params, {}), guidance, 10)
   cond = jnp.arange(batch, dtype=jnp.int32) % 10
-  return samplers.sample(eps_fn, SCHEDULE, cond, key, shape=SHAPE, num_steps=NUM_STEPS,
-                         eta=ETA, clip_sample=CLIP)
+  return samplers.sample(
+      eps_fn, SCHEDULE, cond, key, shape=SHAPE, num_steps=NUM_STEPS, eta=ETA, clip_sample=CLIP
+  )
 
 
 def toy_trajectory(params, batch=6, guidance=1.5, key=0):
@@ -141,8 +146,9 @@ def assert_trees_close(actual, desired, rel=1e-4):
 def test_training_pairs_are_consistent_whole_samples():
   traj = toy_trajectory(toy_params())
   adv = jnp.arange(6, dtype=jnp.float32)
-  pairs = ddpo.training_pairs(traj, adv, jax.random.key(3), timestep_fraction=0.6,
-                              num_minibatches=2)
+  pairs = ddpo.training_pairs(
+      traj, adv, jax.random.key(3), timestep_fraction=0.6, num_minibatches=2
+  )
   n_train = ddpo.num_train_steps(NUM_STEPS, 0.6)
   assert n_train == 3 and pairs["x_t"].shape == (2, 3 * n_train) + SHAPE
   seen = []
@@ -161,13 +167,32 @@ def test_training_pairs_are_consistent_whole_samples():
   assert [len(r) for r in rows_per_mb] == [3, 3] and not rows_per_mb[0] & rows_per_mb[1]
 
 
-def _epoch(objective, num_minibatches=1, num_microbatches=1, guidance=1.5, lr=1.0,
-           optimizer=None, **options):
-  return jax.jit(ddpo.make_epoch_fn(
-      affine_eps_builder, SCHEDULE, optimizer or optax.sgd(lr), objective=objective,
-      clip_range=0.2, eta=ETA, guidance_scale=guidance, null_cond=10, timestep_fraction=1.0,
-      num_minibatches=num_minibatches, num_microbatches=num_microbatches, clip_sample=CLIP,
-      **options))
+def _epoch(
+    objective,
+    num_minibatches=1,
+    num_microbatches=1,
+    guidance=1.5,
+    lr=1.0,
+    optimizer=None,
+    **options,
+):
+  return jax.jit(
+      ddpo.make_epoch_fn(
+          affine_eps_builder,
+          SCHEDULE,
+          optimizer or optax.sgd(lr),
+          objective=objective,
+          clip_range=0.2,
+          eta=ETA,
+          guidance_scale=guidance,
+          null_cond=10,
+          timestep_fraction=1.0,
+          num_minibatches=num_minibatches,
+          num_microbatches=num_microbatches,
+          clip_sample=CLIP,
+          **options,
+      )
+  )
 
 
 def test_score_function_epoch_is_one_reinforce_step():
@@ -183,8 +208,17 @@ def test_score_function_epoch_is_one_reinforce_step():
     for k in range(NUM_STEPS):
       t = jnp.full((6,), traj.timesteps[k])
       prev_t = jnp.full((6,), traj.prev_timesteps[k])
-      lp = samplers.step_log_prob(eps_fn, SCHEDULE, traj.latents[:, k], traj.latents[:, k + 1],
-                                  t, prev_t, traj.cond, ETA, clip_sample=CLIP)
+      lp = samplers.step_log_prob(
+          eps_fn,
+          SCHEDULE,
+          traj.latents[:, k],
+          traj.latents[:, k + 1],
+          t,
+          prev_t,
+          traj.cond,
+          ETA,
+          clip_sample=CLIP,
+      )
       total = total + jnp.sum(adv * lp)
     return -total / (6 * NUM_STEPS)
 
@@ -202,8 +236,10 @@ def test_clipped_epoch_starts_on_policy_and_matches_score_function_first_step():
   sf_state, _ = _epoch("score_function")(state, {}, traj, adv)
   state = TrainState.create(params, optax.sgd(1.0), jax.random.key(0))
   clip_state, m = _epoch("clipped")(state, {}, traj, adv)
-  assert_trees_close(jax.tree_util.tree_map(jnp.subtract, params, clip_state.params),
-                     jax.tree_util.tree_map(jnp.subtract, params, sf_state.params))
+  assert_trees_close(
+      jax.tree_util.tree_map(jnp.subtract, params, clip_state.params),
+      jax.tree_util.tree_map(jnp.subtract, params, sf_state.params),
+  )
   assert float(m["ratio_min"][0]) == pytest.approx(1.0, abs=1e-6)
   assert float(m["ratio_max"][0]) == pytest.approx(1.0, abs=1e-6)
 
@@ -215,8 +251,9 @@ def test_microbatching_does_not_change_the_update():
   outs = []
   for micro in (1, 3):
     state = TrainState.create(params, optax.sgd(0.1), jax.random.key(0))
-    outs.append(_epoch("clipped", num_minibatches=2, num_microbatches=micro)(
-        state, {}, traj, adv)[0].params)
+    outs.append(
+        _epoch("clipped", num_minibatches=2, num_microbatches=micro)(state, {}, traj, adv)[0].params
+    )
   assert_trees_close(outs[1], outs[0], rel=1e-6)
 
 
@@ -227,8 +264,9 @@ def test_unrolled_and_scanned_minibatch_loops_give_the_same_update():
   outs = []
   for loop in ddpo.MINIBATCH_LOOPS:
     state = TrainState.create(params, optax.adam(0.05), jax.random.key(0))
-    state, metrics = _epoch("clipped", num_minibatches=3, optimizer=optax.adam(0.05),
-                            minibatch_loop=loop)(state, {}, traj, adv)
+    state, metrics = _epoch(
+        "clipped", num_minibatches=3, optimizer=optax.adam(0.05), minibatch_loop=loop
+    )(state, {}, traj, adv)
     assert metrics["loss"].shape == (3,)
     outs.append((state.params, metrics))
   assert_trees_close(outs[1][0], outs[0][0], rel=1e-6)
@@ -237,16 +275,29 @@ def test_unrolled_and_scanned_minibatch_loops_give_the_same_update():
     _epoch("clipped", num_minibatches=1, minibatch_loop="while")
 
 
-@pytest.mark.parametrize("objective,num_minibatches,optimizer", [
-    ("score_function", 2, optax.sgd(0.05)), ("clipped", 1, optax.adam(0.05))])
+@pytest.mark.parametrize(
+    "objective,num_minibatches,optimizer",
+    [("score_function", 2, optax.sgd(0.05)), ("clipped", 1, optax.adam(0.05))],
+)
 def test_ddpo_increases_a_reward_on_a_toy_policy(objective, num_minibatches, optimizer):
   """Reward = mean pixel of x_0: DDPO must learn to shift samples upward (a sign test)."""
   params = {"w": jnp.array(0.1), "b": jnp.full((1,), 0.05), "c": jnp.zeros(11)}
   state = TrainState.create(params, optimizer, jax.random.key(1))
-  epoch = jax.jit(ddpo.make_epoch_fn(
-      affine_eps_builder, SCHEDULE, optimizer, objective=objective, clip_range=0.2, eta=ETA,
-      guidance_scale=1.0, null_cond=10, timestep_fraction=1.0,
-      num_minibatches=num_minibatches, clip_sample=CLIP))
+  epoch = jax.jit(
+      ddpo.make_epoch_fn(
+          affine_eps_builder,
+          SCHEDULE,
+          optimizer,
+          objective=objective,
+          clip_range=0.2,
+          eta=ETA,
+          guidance_scale=1.0,
+          null_cond=10,
+          timestep_fraction=1.0,
+          num_minibatches=num_minibatches,
+          clip_sample=CLIP,
+      )
+  )
 
   def sample_rewards(p, key):
     traj = toy_trajectory(p, batch=64, guidance=1.0, key=key)
@@ -265,8 +316,17 @@ def test_bad_settings_are_refused():
   with pytest.raises(ValueError, match="valid choices are"):
     _epoch("ppo")
   with pytest.raises(ValueError, match="eta > 0"):
-    ddpo.make_epoch_fn(affine_eps_builder, SCHEDULE, optax.sgd(1.0), objective="clipped",
-                       clip_range=0.2, eta=0.0, guidance_scale=1.0, null_cond=10,
-                       timestep_fraction=1.0, num_minibatches=1)
+    ddpo.make_epoch_fn(
+        affine_eps_builder,
+        SCHEDULE,
+        optax.sgd(1.0),
+        objective="clipped",
+        clip_range=0.2,
+        eta=0.0,
+        guidance_scale=1.0,
+        null_cond=10,
+        timestep_fraction=1.0,
+        num_minibatches=1,
+    )
   with pytest.raises(ValueError, match="must lie in"):
     ddpo.num_train_steps(10, 0.0)

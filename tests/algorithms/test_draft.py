@@ -50,14 +50,17 @@ def conv_model(channels=8, seed=0, num_timesteps=N_TRAIN):
 def per_step_builder(trainable, frozen):
   """eps = tanh(w[t] x + b[t]): one parameter pair per training timestep."""
   del frozen
-  return lambda x, t, c: jnp.tanh(trainable["w"][t][:, None, None, None] * x
-                                  + trainable["b"][t][:, None, None, None])
+  return lambda x, t, c: jnp.tanh(
+      trainable["w"][t][:, None, None, None] * x + trainable["b"][t][:, None, None, None]
+  )
 
 
 def per_step_params(seed=0, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
-  return {"w": jnp.asarray(rng.normal(size=N_TRAIN) * 0.5, dtype),
-          "b": jnp.asarray(rng.normal(size=N_TRAIN) * 0.3, dtype)}
+  return {
+      "w": jnp.asarray(rng.normal(size=N_TRAIN) * 0.5, dtype),
+      "b": jnp.asarray(rng.normal(size=N_TRAIN) * 0.3, dtype),
+  }
 
 
 def jitted_gradient(**options):
@@ -92,10 +95,21 @@ def test_loss_matches_a_numpy_ddim_chain_with_penalty():
   expected = -1.5 * reward.mean() + 0.7 * np.mean(penalties)
 
   loss, aux = draft.draft_loss(
-      params, {}, jnp.zeros(3, jnp.int32), jax.random.key(0), eps_fn_builder=per_step_builder,
-      schedule=SCHEDULE, reward_fn=brightness(), num_steps=4, truncation_k=2, shape=(2, 2, 1),
-      reward_scale=1.5, kl_weight=0.7, base_eps_fn_builder=lambda f: per_step_builder(base, f),
-      initial_latents=jnp.asarray(x_init, jnp.float32))
+      params,
+      {},
+      jnp.zeros(3, jnp.int32),
+      jax.random.key(0),
+      eps_fn_builder=per_step_builder,
+      schedule=SCHEDULE,
+      reward_fn=brightness(),
+      num_steps=4,
+      truncation_k=2,
+      shape=(2, 2, 1),
+      reward_scale=1.5,
+      kl_weight=0.7,
+      base_eps_fn_builder=lambda f: per_step_builder(base, f),
+      initial_latents=jnp.asarray(x_init, jnp.float32),
+  )
   np.testing.assert_allclose(loss, expected, rtol=2e-5)
   np.testing.assert_allclose(aux["reward_mean"], reward.mean(), rtol=2e-5)
   np.testing.assert_allclose(aux["kl_penalty"], np.mean(penalties), rtol=2e-5)
@@ -104,8 +118,14 @@ def test_loss_matches_a_numpy_ddim_chain_with_penalty():
 
 def test_lv_reports_the_chain_samples_not_the_re_denoised_ones():
   """DRaFT-LV's "samples" are the chain's x_T: the same as full DRaFT's for the same key."""
-  options = dict(eps_fn_builder=per_step_builder, schedule=SCHEDULE, reward_fn=mean_reward,
-                 num_steps=4, eta=0.5, shape=(2, 2, 1))
+  options = dict(
+      eps_fn_builder=per_step_builder,
+      schedule=SCHEDULE,
+      reward_fn=mean_reward,
+      num_steps=4,
+      eta=0.5,
+      shape=(2, 2, 1),
+  )
   cond, key = jnp.arange(3, dtype=jnp.int32), jax.random.key(4)
   _, full = draft.draft_loss(per_step_params(0), {}, cond, key, **options)
   _, lv = draft.draft_loss(per_step_params(0), {}, cond, key, lv_samples=2, **options)
@@ -121,10 +141,17 @@ def test_gradient_is_exactly_zero_before_the_truncation_point(k, lv):
   params = per_step_params(0)
   ts = schedules.inference_timesteps(N_TRAIN, 5)
   grads, _ = jitted_gradient(
-      eps_fn_builder=per_step_builder, schedule=SCHEDULE, reward_fn=mean_reward, num_steps=5,
-      truncation_k=k, lv_samples=lv, eta=0.5, shape=(3, 3, 1), kl_weight=0.1,
-      base_eps_fn_builder=lambda f: per_step_builder(per_step_params(1), f))(
-          params, jnp.arange(4, dtype=jnp.int32), jax.random.key(1))
+      eps_fn_builder=per_step_builder,
+      schedule=SCHEDULE,
+      reward_fn=mean_reward,
+      num_steps=5,
+      truncation_k=k,
+      lv_samples=lv,
+      eta=0.5,
+      shape=(3, 3, 1),
+      kl_weight=0.1,
+      base_eps_fn_builder=lambda f: per_step_builder(per_step_params(1), f),
+  )(params, jnp.arange(4, dtype=jnp.int32), jax.random.key(1))
   n_grad = 5 if k is None and lv == 0 else (k or 1)
   for name in ("w", "b"):
     g = np.asarray(grads[name])
@@ -157,11 +184,18 @@ def test_gradient_matches_central_finite_differences_in_float64():
     rng = np.random.default_rng(3)
     params, base, direction = (_mlp_params(rng, jnp.float64) for _ in range(3))
     options = dict(
-        eps_fn_builder=_mlp_builder, schedule=SCHEDULE,
+        eps_fn_builder=_mlp_builder,
+        schedule=SCHEDULE,
         reward_fn=lambda im, c: jnp.mean(jnp.sin(3.0 * im), axis=(1, 2, 3)),
-        num_steps=3, eta=0.6, guidance_scale=2.0, null_cond=10, shape=(2, 2, 1),
-        kl_weight=0.3, base_eps_fn_builder=lambda f: _mlp_builder(base, f),
-        initial_latents=jnp.asarray(rng.normal(size=(3, 2, 2, 1)) * 0.3, jnp.float64))
+        num_steps=3,
+        eta=0.6,
+        guidance_scale=2.0,
+        null_cond=10,
+        shape=(2, 2, 1),
+        kl_weight=0.3,
+        base_eps_fn_builder=lambda f: _mlp_builder(base, f),
+        initial_latents=jnp.asarray(rng.normal(size=(3, 2, 2, 1)) * 0.3, jnp.float64),
+    )
     cond, key = jnp.array([0, 4, 10], jnp.int32), jax.random.key(5)
     loss_fn = jax.jit(lambda p: draft.draft_loss(p, {}, cond, key, **options)[0])
     grads, _ = jitted_gradient(**options)(params, cond, key)
@@ -169,8 +203,10 @@ def test_gradient_matches_central_finite_differences_in_float64():
     h = 1e-5
     shifted = lambda s: jax.tree_util.tree_map(lambda p, d: p + s * d, params, direction)
     fd = (loss_fn(shifted(h)) - loss_fn(shifted(-h))) / (2 * h)
-    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grads),
-                                                   jax.tree_util.tree_leaves(direction)))
+    analytic = sum(
+        jnp.vdot(g, d)
+        for g, d in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction))
+    )
     print(f"finite differences {float(fd):.12g} vs gradient {float(analytic):.12g}")
     np.testing.assert_allclose(analytic, fd, rtol=1e-6)
 
@@ -180,9 +216,16 @@ def test_truncated_gradient_equals_full_gradient_of_the_last_k_steps_parameters(
   gradient for them is the full (untruncated) derivative, checked by finite differences."""
   with jax.enable_x64(True):
     params = per_step_params(0, jnp.float64)
-    options = dict(eps_fn_builder=per_step_builder, schedule=SCHEDULE, reward_fn=mean_reward,
-                   num_steps=5, eta=0.3, shape=(3, 3, 1), remat_policy="dots_saveable",
-                   initial_latents=jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 3, 1))))
+    options = dict(
+        eps_fn_builder=per_step_builder,
+        schedule=SCHEDULE,
+        reward_fn=mean_reward,
+        num_steps=5,
+        eta=0.3,
+        shape=(3, 3, 1),
+        remat_policy="dots_saveable",
+        initial_latents=jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 3, 1))),
+    )
     cond, key = jnp.arange(4, dtype=jnp.int32), jax.random.key(2)
     ts = schedules.inference_timesteps(N_TRAIN, 5)
     truncated, _ = jitted_gradient(truncation_k=2, **options)(params, cond, key)
@@ -199,14 +242,22 @@ def test_truncated_gradient_equals_full_gradient_of_the_last_k_steps_parameters(
 
 def test_remat_policies_give_the_same_gradient_and_unknown_names_are_refused():
   params = per_step_params(0)
-  options = dict(eps_fn_builder=per_step_builder, schedule=SCHEDULE, reward_fn=brightness(),
-                 num_steps=3, eta=0.4, shape=(4, 4, 1), kl_weight=0.2,
-                 base_eps_fn_builder=lambda f: per_step_builder(per_step_params(1), f))
+  options = dict(
+      eps_fn_builder=per_step_builder,
+      schedule=SCHEDULE,
+      reward_fn=brightness(),
+      num_steps=3,
+      eta=0.4,
+      shape=(4, 4, 1),
+      kl_weight=0.2,
+      base_eps_fn_builder=lambda f: per_step_builder(per_step_params(1), f),
+  )
   cond, key = jnp.array([1, 10], jnp.int32), jax.random.key(0)
   reference, _ = jitted_gradient(remat_policy="none", **options)(params, cond, key)
   grads, _ = jitted_gradient(remat_policy="full", **options)(params, cond, key)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                         grads, reference)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, reference
+  )
   with pytest.raises(ValueError, match="remat_policy='offload'.*dots_saveable.*full.*none"):
     draft.reward_gradient(params, {}, cond, key, remat_policy="offload", **options)
 
@@ -220,12 +271,20 @@ def test_per_step_checkpointing_bounds_the_memory_of_full_reward_backpropagation
   temp = {}
   for policy in ("none", "full"):
     for steps in (10, 40):
-      fn = jitted_gradient(eps_fn_builder=builder, schedule=schedule, reward_fn=brightness(),
-                           num_steps=steps, shape=(8, 8, 1), remat_policy=policy)
+      fn = jitted_gradient(
+          eps_fn_builder=builder,
+          schedule=schedule,
+          reward_fn=brightness(),
+          num_steps=steps,
+          shape=(8, 8, 1),
+          remat_policy=policy,
+      )
       compiled = fn.lower(params, cond, jax.random.key(0)).compile()
       temp[policy, steps] = compiled.memory_analysis().temp_size_in_bytes
-  print("DRaFT full-chain gradient temp bytes: " + ", ".join(
-      f"remat={p} T={t}: {v}" for (p, t), v in temp.items()))
+  print(
+      "DRaFT full-chain gradient temp bytes: "
+      + ", ".join(f"remat={p} T={t}: {v}" for (p, t), v in temp.items())
+  )
   assert temp["full", 40] < 2 * temp["full", 10]
   assert temp["none", 40] > 2.5 * temp["none", 10]
   assert temp["full", 40] < temp["none", 40] / 4
@@ -243,16 +302,28 @@ def test_lv_gradient_has_lower_variance_than_draft_1_over_seeds():
   reward = lambda images, prompts: jnp.mean(jnp.sin(4.0 * images), axis=(1, 2, 3))
 
   def variance(**kw):
-    grad = lambda k: jax.flatten_util.ravel_pytree(draft.reward_gradient(
-        params, {}, cond, k, eps_fn_builder=per_step_builder, schedule=SCHEDULE,
-        reward_fn=reward, num_steps=4, shape=(4, 4, 1), **kw)[0])[0]
+    grad = lambda k: jax.flatten_util.ravel_pytree(
+        draft.reward_gradient(
+            params,
+            {},
+            cond,
+            k,
+            eps_fn_builder=per_step_builder,
+            schedule=SCHEDULE,
+            reward_fn=reward,
+            num_steps=4,
+            shape=(4, 4, 1),
+            **kw,
+        )[0]
+    )[0]
     grads = jax.jit(jax.vmap(grad))(jax.random.split(jax.random.key(0), 64))
     return float(jnp.sum(jnp.var(grads, axis=0)))  # trace of the covariance
 
-  draft_1, lv_1, lv_8 = (variance(truncation_k=1), variance(lv_samples=1),
-                         variance(lv_samples=8))
-  print(f"gradient variance: DRaFT-1 {draft_1:.4g}, DRaFT-LV n=1 {lv_1:.4g}, n=8 {lv_8:.4g}; "
-        f"LV(8)/DRaFT-1 = {lv_8 / draft_1:.3f}")
+  draft_1, lv_1, lv_8 = (variance(truncation_k=1), variance(lv_samples=1), variance(lv_samples=8))
+  print(
+      f"gradient variance: DRaFT-1 {draft_1:.4g}, DRaFT-LV n=1 {lv_1:.4g}, n=8 {lv_8:.4g}; "
+      f"LV(8)/DRaFT-1 = {lv_8 / draft_1:.3f}"
+  )
   assert lv_8 < draft_1
   assert lv_8 < lv_1  # the n re-noisings are independent: their average has less variance
 
@@ -266,9 +337,20 @@ def test_a_few_updates_increase_brightness(mode):
   trainable, frozen = training.Finetune(mode, lora_rank=2).split(base, jax.random.key(3))
   optimizer = optax.adam(3e-2)
   gentle = schedules.make_schedule("linear", N_TRAIN, beta_start=1e-3, beta_end=0.02)
-  update = jax.jit(draft.make_update_fn(
-      functools.partial(builder, mode=mode), gentle, brightness(), optimizer, num_steps=3,
-      truncation_k=2, guidance_scale=2.0, null_cond=10, shape=(4, 4, 1), remat_policy="full"))
+  update = jax.jit(
+      draft.make_update_fn(
+          functools.partial(builder, mode=mode),
+          gentle,
+          brightness(),
+          optimizer,
+          num_steps=3,
+          truncation_k=2,
+          guidance_scale=2.0,
+          null_cond=10,
+          shape=(4, 4, 1),
+          remat_policy="full",
+      )
+  )
   state = training.TrainState.create(trainable, optimizer, jax.random.key(0))
   cond, key = jnp.arange(8, dtype=jnp.int32), jax.random.key(7)
   rewards = []
@@ -286,24 +368,38 @@ def test_a_few_updates_increase_brightness(mode):
 
 def test_reward_scale_scales_the_gradient():
   params = per_step_params(0)
-  options = dict(eps_fn_builder=per_step_builder, schedule=SCHEDULE, reward_fn=mean_reward,
-                 num_steps=3, shape=(2, 2, 1))
+  options = dict(
+      eps_fn_builder=per_step_builder,
+      schedule=SCHEDULE,
+      reward_fn=mean_reward,
+      num_steps=3,
+      shape=(2, 2, 1),
+  )
   cond, key = jnp.zeros(2, jnp.int32), jax.random.key(0)
   g1, _ = jitted_gradient(**options)(params, cond, key)
   g3, _ = jitted_gradient(reward_scale=3.0, **options)(params, cond, key)
   np.testing.assert_allclose(g3["w"], 3.0 * g1["w"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("override,match", [
-    (dict(reward_fn=jpeg_compressibility()), "host reward"),
-    (dict(lv_samples=2, truncation_k=3), "implies truncation_k=1"),
-    (dict(truncation_k=5), "between 1 and num_steps=4"),
-    (dict(kl_weight=0.1), "needs base_eps_fn_builder"),
-    (dict(eta=1.5), "eta=1.5"),
-    (dict(lv_samples=-1), "lv_samples=-1"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (dict(reward_fn=jpeg_compressibility()), "host reward"),
+        (dict(lv_samples=2, truncation_k=3), "implies truncation_k=1"),
+        (dict(truncation_k=5), "between 1 and num_steps=4"),
+        (dict(kl_weight=0.1), "needs base_eps_fn_builder"),
+        (dict(eta=1.5), "eta=1.5"),
+        (dict(lv_samples=-1), "lv_samples=-1"),
+    ],
+)
 def test_bad_options_are_refused_before_compilation(override, match):
-  options = dict(eps_fn_builder=per_step_builder, schedule=SCHEDULE, reward_fn=mean_reward,
-                 optimizer=optax.sgd(0.1), num_steps=4, shape=(2, 2, 1))
+  options = dict(
+      eps_fn_builder=per_step_builder,
+      schedule=SCHEDULE,
+      reward_fn=mean_reward,
+      optimizer=optax.sgd(0.1),
+      num_steps=4,
+      shape=(2, 2, 1),
+  )
   with pytest.raises(ValueError, match=match):
     draft.make_update_fn(**{**options, **override})

@@ -1,4 +1,5 @@
 """Tests of the embedded digits data set (alignjax.data.digits)."""
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -50,6 +51,8 @@ def test_to_images_and_back():
   x = np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0], np.float32)
   np.testing.assert_allclose(digits.to_images(x), [0.0, 0.0, 0.5, 0.75, 1.0, 1.0])
   import jax.numpy as jnp
-  np.testing.assert_allclose(np.asarray(digits.to_images(jnp.asarray(x))),
-                             [0.0, 0.0, 0.5, 0.75, 1.0, 1.0])
+
+  np.testing.assert_allclose(
+      np.asarray(digits.to_images(jnp.asarray(x))), [0.0, 0.0, 0.5, 0.75, 1.0, 1.0]
+  )
   np.testing.assert_allclose(digits.from_images(digits.to_images(x[1:5])), x[1:5])

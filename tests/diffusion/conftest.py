@@ -1,4 +1,5 @@
 """Tiny noise predictors shared by the sampler tests."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,16 +27,20 @@ class LinearEps:
 
   def apply(self, params, x, t, c):
     tt = (jnp.asarray(t, jnp.float32) / self.n)[:, None, None, None]
-    return jnp.tanh(jnp.einsum("bhwc,cd->bhwd", x, params["w"])
-                    + params["bias"][c][:, None, None, :] + tt * params["v"])
+    return jnp.tanh(
+        jnp.einsum("bhwc,cd->bhwd", x, params["w"])
+        + params["bias"][c][:, None, None, :]
+        + tt * params["v"]
+    )
 
   def jax(self, x, t, c):
     return self.apply(self.params(), x, t, c)
 
   def numpy(self, x, t, c):
     tt = (np.asarray(t, np.float64) / self.n)[:, None, None, None]
-    return np.tanh(np.einsum("bhwc,cd->bhwd", x, self.w) + self.bias[c][:, None, None, :]
-                   + tt * self.v)
+    return np.tanh(
+        np.einsum("bhwc,cd->bhwd", x, self.w) + self.bias[c][:, None, None, :] + tt * self.v
+    )
 
 
 class ProductEps:
@@ -52,8 +57,10 @@ class ProductEps:
     self.freq = rng.uniform(0.0, 3e-3, size=(channels,))
 
   def params(self):
-    return {"scale": jnp.asarray(self.scale, jnp.float32),
-            "freq": jnp.asarray(self.freq, jnp.float32)}
+    return {
+        "scale": jnp.asarray(self.scale, jnp.float32),
+        "freq": jnp.asarray(self.freq, jnp.float32),
+    }
 
   @staticmethod
   def apply(params, x, t, c):

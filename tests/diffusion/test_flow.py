@@ -3,6 +3,7 @@
 Also checks the closed-form toy velocities of alignjax.models.toy (eqs. 1-3 there) against the
 continuity equation and a least-squares regression, since the sampler tests rely on them.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +39,9 @@ def test_flow_matching_loss_matches_numpy():
   want = np.mean(np.sum((vel.numpy(xt, t) - (x1 - x0)) ** 2, axis=1))
   got = flow.flow_matching_loss(vel.jax, *(jnp.asarray(a, jnp.float32) for a in (x0, x1, t)))
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
-  np.testing.assert_allclose(flow.interpolate(jnp.asarray(x0), jnp.asarray(x1), jnp.asarray(t)),
-                             xt, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      flow.interpolate(jnp.asarray(x0), jnp.asarray(x1), jnp.asarray(t)), xt, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_flow_matching_loss_is_minimised_by_the_true_velocity():
@@ -94,9 +96,11 @@ def test_toy_velocities_satisfy_continuity_equation(mixture):
     logp = lambda x, t: toy.mixture_log_density(w, mus, ss, x, t)[0]
     vel = toy.mixture_velocity(w, mus, ss)
   else:
+
     def logp(x, t):
       m, var = toy.gaussian_marginal(MU, S, t)
-      return (-0.5 * jnp.sum((x - m) ** 2, -1) / var[:, 0] - jnp.log(2 * jnp.pi * var[:, 0]))
+      return -0.5 * jnp.sum((x - m) ** 2, -1) / var[:, 0] - jnp.log(2 * jnp.pi * var[:, 0])
+
     vel = toy.gaussian_velocity(MU, S)
   rng = np.random.default_rng(0)
   xs = jnp.asarray(rng.normal(size=(9, 2)), jnp.float32)
@@ -128,14 +132,19 @@ def test_score_and_drift_identities():
   t = jnp.array([0.1, 0.2, 0.35, 0.5, 0.7, 0.9])
   v = toy.gaussian_velocity(MU, S)(x, t)
   m, var = toy.gaussian_marginal(MU, S, t)
-  np.testing.assert_allclose(flow.score_from_velocity(v, x, t), -(x - m) / var,
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+      flow.score_from_velocity(v, x, t), -(x - m) / var, rtol=1e-4, atol=1e-5
+  )
   sigma = flow.memoryless_sigma(0.0)(t)
   np.testing.assert_allclose(sigma, np.sqrt(2 * (1 - t) / t), rtol=1e-6)
-  np.testing.assert_allclose(flow.drift_from_velocity(v, x, t, sigma), 2 * v - x / t[:, None],
-                             rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(flow.memoryless_sigma(0.05)(jnp.array([0.0, 1.0])),
-                             [np.sqrt(2 * 1.05 / 0.05), np.sqrt(2 * 0.05 / 1.05)], rtol=1e-6)
+  np.testing.assert_allclose(
+      flow.drift_from_velocity(v, x, t, sigma), 2 * v - x / t[:, None], rtol=1e-4, atol=1e-4
+  )
+  np.testing.assert_allclose(
+      flow.memoryless_sigma(0.05)(jnp.array([0.0, 1.0])),
+      [np.sqrt(2 * 1.05 / 0.05), np.sqrt(2 * 0.05 / 1.05)],
+      rtol=1e-6,
+  )
 
 
 def test_sigma_and_grid_errors():
@@ -146,8 +155,9 @@ def test_sigma_and_grid_errors():
   with pytest.raises(ValueError, match="num_steps"):
     flow.time_grid(0)
   with pytest.raises(ValueError, match="key"):
-    flow.sample_sde(lambda x, t: x, jnp.zeros((2, 2)), None, num_steps=3,
-                    sigma_fn=flow.zero_sigma())
+    flow.sample_sde(
+        lambda x, t: x, jnp.zeros((2, 2)), None, num_steps=3, sigma_fn=flow.zero_sigma()
+    )
 
 
 def _moments(x):
@@ -182,8 +192,11 @@ def test_sde_keeps_the_base_marginal(kind):
   k = 40
   sigma_fn = flow.memoryless_sigma(1.0 / k) if kind == "memoryless" else flow.constant_sigma(1.0)
   x0 = jax.random.normal(jax.random.key(0), (20000, 2))
-  run = jax.jit(lambda x, key: flow.sample_sde(toy.gaussian_velocity(MU, S), x, key,
-                                                num_steps=k, sigma_fn=sigma_fn))
+  run = jax.jit(
+      lambda x, key: flow.sample_sde(
+          toy.gaussian_velocity(MU, S), x, key, num_steps=k, sigma_fn=sigma_fn
+      )
+  )
   traj = run(x0, jax.random.key(1))
   assert traj.states.shape == (20000, k + 1, 2)
   mean, std = _moments(traj.final)

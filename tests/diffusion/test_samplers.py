@@ -1,4 +1,5 @@
 """DDIM steps, log-probs, guidance and the scan sampler, against diffusers, scipy and numpy."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -22,17 +23,29 @@ def _noise(key, shape):
 
 # ----------------------------------------------------------------------------- one step
 
+
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("clip", [None, 1.0])
 @pytest.mark.parametrize("set_alpha_to_one,steps_offset", [(True, 0), (False, 1), (False, 0)])
 def test_ddim_step_equals_diffusers(eta, clip, set_alpha_to_one, steps_offset):
   num_steps = 50
-  ref = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                      clip_sample=clip is not None, set_alpha_to_one=set_alpha_to_one,
-                      steps_offset=steps_offset)
+  ref = DDIMScheduler(
+      beta_schedule="scaled_linear",
+      beta_start=0.00085,
+      beta_end=0.012,
+      clip_sample=clip is not None,
+      set_alpha_to_one=set_alpha_to_one,
+      steps_offset=steps_offset,
+  )
   ref.set_timesteps(num_steps)
-  sched = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012,
-                                  set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset)
+  sched = schedules.make_schedule(
+      "scaled_linear",
+      1000,
+      0.00085,
+      0.012,
+      set_alpha_to_one=set_alpha_to_one,
+      steps_offset=steps_offset,
+  )
   prev_ts = schedules.inference_prev_timesteps(1000, num_steps, steps_offset)
   rng = np.random.default_rng(0)
   for i in (0, 10, 25, 48, 49):  # 49 is the last step (prev_t < 0)
@@ -42,14 +55,19 @@ def test_ddim_step_equals_diffusers(eta, clip, set_alpha_to_one, steps_offset):
     key = jax.random.key(i)
     out = samplers.ddim_step(sched, eps, x, t, int(prev_ts[i]), eta, key=key, clip_sample=clip)
     noise = np.array(_noise(key, x.shape))  # a writable copy for torch
-    want = ref.step(torch.from_numpy(eps), t, torch.from_numpy(x), eta=eta,
-                    variance_noise=torch.from_numpy(noise))
+    want = ref.step(
+        torch.from_numpy(eps),
+        t,
+        torch.from_numpy(x),
+        eta=eta,
+        variance_noise=torch.from_numpy(noise),
+    )
     np.testing.assert_allclose(out.prev_sample, want.prev_sample.numpy(), atol=2e-5, rtol=1e-5)
-    np.testing.assert_allclose(out.x0_pred, want.pred_original_sample.numpy(), atol=2e-5,
-                               rtol=1e-5)
+    np.testing.assert_allclose(out.x0_pred, want.pred_original_sample.numpy(), atol=2e-5, rtol=1e-5)
     # Zero noise gives the mean (eq. 3); diffusers' variance gives sigma_t (eq. 2).
-    want_mean = ref.step(torch.from_numpy(eps), t, torch.from_numpy(x), eta=eta,
-                         variance_noise=torch.zeros(x.shape)).prev_sample.numpy()
+    want_mean = ref.step(
+        torch.from_numpy(eps), t, torch.from_numpy(x), eta=eta, variance_noise=torch.zeros(x.shape)
+    ).prev_sample.numpy()
     np.testing.assert_allclose(out.mean, want_mean, atol=2e-5, rtol=1e-5)
     want_std = eta * float(ref._get_variance(t, int(prev_ts[i]))) ** 0.5
     np.testing.assert_allclose(out.std, [want_std] * 2, atol=1e-7, rtol=1e-5)
@@ -70,8 +88,10 @@ def test_eta_one_consecutive_steps_is_ddpm_posterior(t):
   betas = np.linspace(1e-4, 0.02, 1000)
   abar = np.cumprod(1 - betas)
   x0 = (x - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t])
-  mean = (np.sqrt(abar[t - 1]) * betas[t] / (1 - abar[t]) * x0
-          + np.sqrt(1 - betas[t]) * (1 - abar[t - 1]) / (1 - abar[t]) * x)
+  mean = (
+      np.sqrt(abar[t - 1]) * betas[t] / (1 - abar[t]) * x0
+      + np.sqrt(1 - betas[t]) * (1 - abar[t - 1]) / (1 - abar[t]) * x
+  )
   np.testing.assert_allclose(out.mean, mean, rtol=1e-4, atol=1e-5)
   # The DDPM posterior variance, exactly and as diffusers' "fixed_small" (float32: 1 - abar
   # cancels at small t, hence the tolerance).
@@ -107,8 +127,9 @@ def test_fixed_order_sum(d):
   np.testing.assert_allclose(total, v.astype(np.float64).sum(axis=1), rtol=1e-5, atol=1e-5)
   # A row's bits do not depend on the batch it is summed in, nor on vmap.
   np.testing.assert_array_equal(jax.jit(samplers.fixed_order_sum)(v[3:6]), total[3:6])
-  np.testing.assert_array_equal(jax.vmap(samplers.fixed_order_sum)(v.reshape(8, 5, d)),
-                                total.reshape(8, 5))
+  np.testing.assert_array_equal(
+      jax.vmap(samplers.fixed_order_sum)(v.reshape(8, 5, d)), total.reshape(8, 5)
+  )
   assert samplers.fixed_order_sum(v.reshape(40, 1, d, 1)).shape == (40,)
 
 
@@ -130,7 +151,9 @@ def test_log_prob_is_zero_with_zero_gradient_where_std_is_zero():
 
 # ----------------------------------------------------------------------------- guidance
 
+
 class _Counting:
+
   def __init__(self, fn):
     self.fn, self.batch_sizes = fn, []
 
@@ -167,6 +190,7 @@ def test_guidance_scale_one_and_zero_take_one_plain_pass(linear_eps):
 
 # ----------------------------------------------------------------------------- sampler
 
+
 def _numpy_ddim(eps_np, x, cond, n, num_steps, clip):
   """An independent float64 DDIM (eta = 0) loop from the formulas of the DDIM paper."""
   abar = np.cumprod(1 - np.linspace(1e-4, 0.02, n))
@@ -187,9 +211,19 @@ def test_eta_zero_sampler_is_deterministic_ddim(linear_eps, clip):
   sched = schedules.make_schedule("linear", 1000)
   cond = jnp.array([0, 4, 9], jnp.int32)
   x_init = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
-  run = jax.jit(lambda key: samplers.sample(
-      linear_eps.jax, sched, cond, key, shape=(4, 4, 2), num_steps=20, eta=0.0,
-      clip_sample=clip, initial_latents=x_init))
+  run = jax.jit(
+      lambda key: samplers.sample(
+          linear_eps.jax,
+          sched,
+          cond,
+          key,
+          shape=(4, 4, 2),
+          num_steps=20,
+          eta=0.0,
+          clip_sample=clip,
+          initial_latents=x_init,
+      )
+  )
   a, b = run(jax.random.key(1)), run(jax.random.key(2))
   chex.assert_trees_all_equal(a, b)  # different keys, identical trajectories
   assert np.all(np.asarray(a.stds) == 0) and np.all(np.asarray(a.log_probs) == 0)
@@ -212,18 +246,19 @@ def test_sampler_shapes_keys_and_noise_statistics(linear_eps):
   @jax.jit
   @chex.assert_max_traces(n=1)
   def run(key):
-    return samplers.sample(linear_eps.jax, sched, cond, key, shape=(8, 8, 2), num_steps=10,
-                           eta=1.0)
+    return samplers.sample(linear_eps.jax, sched, cond, key, shape=(8, 8, 2), num_steps=10, eta=1.0)
 
   traj = run(jax.random.key(0))
   assert traj.latents.shape == (16, 11, 8, 8, 2) and traj.final.shape == (16, 8, 8, 2)
   assert traj.log_probs.shape == traj.log_prob_sums.shape == (16, 10)
   np.testing.assert_array_equal(traj.timesteps, schedules.inference_timesteps(1000, 10, 1))
-  np.testing.assert_array_equal(traj.prev_timesteps,
-                                schedules.inference_prev_timesteps(1000, 10, 1))
+  np.testing.assert_array_equal(
+      traj.prev_timesteps, schedules.inference_prev_timesteps(1000, 10, 1)
+  )
   # Bitwise equal although `sched` is a compile-time constant of `run` (no constant folding).
-  np.testing.assert_array_equal(traj.stds, samplers.ddim_std(sched, traj.timesteps,
-                                                             traj.prev_timesteps, 1.0))
+  np.testing.assert_array_equal(
+      traj.stds, samplers.ddim_std(sched, traj.timesteps, traj.prev_timesteps, 1.0)
+  )
   np.testing.assert_allclose(traj.log_prob_sums, traj.log_probs * 128, rtol=1e-5)
   assert traj.num_steps == 10 and np.all(np.asarray(traj.stds) > 0)
   chex.assert_trees_all_equal(traj, run(jax.random.key(0)))  # same key, same trajectory
@@ -242,9 +277,13 @@ def test_sampler_shapes_keys_and_noise_statistics(linear_eps):
 def test_transitions_layout():
   traj = samplers.Trajectory(
       latents=jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3, 1, 1),
-      timesteps=jnp.array([20, 10, 0]), prev_timesteps=jnp.array([10, 0, -10]),
-      log_probs=jnp.arange(6.0).reshape(2, 3), log_prob_sums=jnp.zeros((2, 3)),
-      stds=jnp.ones(3), cond=jnp.array([7, 8]))
+      timesteps=jnp.array([20, 10, 0]),
+      prev_timesteps=jnp.array([10, 0, -10]),
+      log_probs=jnp.arange(6.0).reshape(2, 3),
+      log_prob_sums=jnp.zeros((2, 3)),
+      stds=jnp.ones(3),
+      cond=jnp.array([7, 8]),
+  )
   flat = samplers.transitions(traj)
   assert flat.x_t.shape == (6, 3, 1, 1)
   for b in range(2):
@@ -253,7 +292,10 @@ def test_transitions_layout():
       np.testing.assert_array_equal(flat.x_t[r], traj.latents[b, i])
       np.testing.assert_array_equal(flat.x_prev[r], traj.latents[b, i + 1])
       assert (int(flat.t[r]), int(flat.prev_t[r]), int(flat.cond[r])) == (
-          [20, 10, 0][i], [10, 0, -10][i], [7, 8][b])
+          [20, 10, 0][i],
+          [10, 0, -10][i],
+          [7, 8][b],
+      )
       assert float(flat.log_prob[r]) == float(traj.log_probs[b, i])
   assert samplers.transitions(traj, flatten=False).x_t.shape == (2, 3, 3, 1, 1)
 
@@ -263,22 +305,33 @@ def _rescored_log_probs(apply, params, guidance_scale, sd_style):
   as DDPO does: (a) one flattened batch of B*T pairs, (b) vmapped over the steps, (c) inside
   jax.value_and_grad of a clipped-ratio-like loss. Returns (old [B, T], [new_a, new_b, new_c])."""
   # sd_style: Stable Diffusion's final abar and offset make the last step stochastic too.
-  sched = schedules.make_schedule("linear", 1000, set_alpha_to_one=not sd_style,
-                                  steps_offset=int(sd_style))
+  sched = schedules.make_schedule(
+      "linear", 1000, set_alpha_to_one=not sd_style, steps_offset=int(sd_style)
+  )
   eta, clip, num_steps, batch = 1.0, 1.0, 8, 4
 
   def eps_fn(params):
-    return samplers.classifier_free_guidance(lambda x, t, c: apply(params, x, t, c),
-                                             guidance_scale, null_cond=NULL)
+    return samplers.classifier_free_guidance(
+        lambda x, t, c: apply(params, x, t, c), guidance_scale, null_cond=NULL
+    )
 
   @jax.jit
   def sample(params, cond, key):
-    return samplers.sample(eps_fn(params), sched, cond, key, shape=(8, 8, 2),
-                           num_steps=num_steps, eta=eta, clip_sample=clip)
+    return samplers.sample(
+        eps_fn(params),
+        sched,
+        cond,
+        key,
+        shape=(8, 8, 2),
+        num_steps=num_steps,
+        eta=eta,
+        clip_sample=clip,
+    )
 
   def score(params, tr):
-    return samplers.step_log_prob(eps_fn(params), sched, tr.x_t, tr.x_prev, tr.t, tr.prev_t,
-                                  tr.cond, eta, clip_sample=clip)
+    return samplers.step_log_prob(
+        eps_fn(params), sched, tr.x_t, tr.x_prev, tr.t, tr.prev_t, tr.cond, eta, clip_sample=clip
+    )
 
   def loss(params, tr):
     lp = score(params, tr)
@@ -291,7 +344,8 @@ def _rescored_log_probs(apply, params, guidance_scale, sd_style):
   flat = samplers.transitions(traj)
   new_flat = jax.jit(score)(params, flat).reshape(batch, num_steps)
   new_vmap = jax.vmap(jax.jit(score), in_axes=(None, 1), out_axes=1)(
-      params, samplers.transitions(traj, flatten=False))
+      params, samplers.transitions(traj, flatten=False)
+  )
   (_, new_grad), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, flat)
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
   return old, [np.asarray(v).reshape(batch, num_steps) for v in (new_flat, new_vmap, new_grad)]
@@ -299,8 +353,7 @@ def _rescored_log_probs(apply, params, guidance_scale, sd_style):
 
 @pytest.mark.parametrize("guidance_scale,sd_style", [(1.0, False), (3.0, True)])
 def test_on_policy_ratio_is_exactly_one(product_eps, guidance_scale, sd_style):
-  old, news = _rescored_log_probs(product_eps.apply, product_eps.params(), guidance_scale,
-                                  sd_style)
+  old, news = _rescored_log_probs(product_eps.apply, product_eps.params(), guidance_scale, sd_style)
   for new in news:
     np.testing.assert_array_equal(new, old)
     np.testing.assert_array_equal(np.exp(new - old), 1.0)  # exactly 1 in float32
@@ -311,8 +364,9 @@ def test_on_policy_ratio_nnx_conv_model(tiny_conv):
   # of their own (test above), but XLA's CPU convolutions may round an example differently in
   # a batch of B and of B*T: the ratio is then 1 up to float32 rounding (~6e-8 here).
   graphdef, params = tiny_conv
-  old, news = _rescored_log_probs(lambda p, x, t, c: nnx.merge(graphdef, p)(x, t, c), params,
-                                  3.0, True)
+  old, news = _rescored_log_probs(
+      lambda p, x, t, c: nnx.merge(graphdef, p)(x, t, c), params, 3.0, True
+  )
   for new in news:
     assert np.max(np.abs(np.exp(new - old) - 1.0)) <= 1e-6
 
@@ -325,13 +379,15 @@ def test_sampler_batch_sharded_matches_unsharded(linear_eps):
   cond = jnp.arange(8, dtype=jnp.int32)
 
   def run(cond, key, sharding=None):
-    return samplers.sample(guided, sched, cond, key, shape=(4, 4, 2), num_steps=5, eta=1.0,
-                           latent_sharding=sharding)
+    return samplers.sample(
+        guided, sched, cond, key, shape=(4, 4, 2), num_steps=5, eta=1.0, latent_sharding=sharding
+    )
 
   key = jax.random.key(3)
   plain = jax.jit(run)(cond, key)
   sharded = jax.jit(lambda c, k: run(c, k, batch_sharding))(
-      jax.device_put(cond, batch_sharding), key)
+      jax.device_put(cond, batch_sharding), key
+  )
   assert sharded.latents.sharding.spec[0] == "data"
   assert len(sharded.latents.sharding.device_set) == 8
   # Same random numbers (partitionable threefry); matmul blocking may differ per shard.
@@ -340,6 +396,7 @@ def test_sampler_batch_sharded_matches_unsharded(linear_eps):
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 def test_bad_inputs(linear_eps):
   sched = schedules.make_schedule("linear", 50)
@@ -354,8 +411,9 @@ def test_bad_inputs(linear_eps):
       samplers.ddim_step(sched, x, x, 40, 39, eta, key=key)
   with pytest.raises(ValueError, match="eta=0: deterministic"):
     samplers.step_log_prob(linear_eps.jax, sched, x, x, t, t - 10, c, 0.0)
-  with pytest.raises(ValueError, match="num_steps=51: must be between 1 and "
-                                       "num_train_timesteps=50"):
+  with pytest.raises(
+      ValueError, match="num_steps=51: must be between 1 and " "num_train_timesteps=50"
+  ):
     samplers.sample(linear_eps.jax, sched, c, key, shape=(2, 2, 2), num_steps=51, eta=1.0)
   with pytest.raises(ValueError, match="num_steps=0"):
     samplers.sample(linear_eps.jax, sched, c, key, shape=(2, 2, 2), num_steps=0, eta=1.0)

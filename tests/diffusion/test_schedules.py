@@ -1,4 +1,5 @@
 """Noise schedules against diffusers' DDPMScheduler/DDIMScheduler and eq. 5 re-derived."""
+
 import math
 
 import jax
@@ -22,8 +23,9 @@ CASES = [
 def test_schedule_equals_diffusers(kind, hf_kind, beta_start, beta_end, n):
   ours = schedules.make_schedule(kind, n, beta_start, beta_end)
   for cls in (DDPMScheduler, DDIMScheduler):
-    ref = cls(num_train_timesteps=n, beta_start=beta_start, beta_end=beta_end,
-              beta_schedule=hf_kind)
+    ref = cls(
+        num_train_timesteps=n, beta_start=beta_start, beta_end=beta_end, beta_schedule=hf_kind
+    )
     for name in ("betas", "alphas", "alphas_cumprod"):
       got, want = np.asarray(getattr(ours, name)), getattr(ref, name).numpy()
       assert got.dtype == np.float32 and got.shape == (n,)
@@ -45,13 +47,17 @@ def test_final_alpha_cumprod():
   s = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
   assert float(s.final_alpha_cumprod) == 1.0
   s0 = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012, set_alpha_to_one=False)
-  ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      set_alpha_to_one=False)
-  np.testing.assert_allclose(float(s0.final_alpha_cumprod), float(ref.final_alpha_cumprod),
-                             atol=1e-7)
+  ref = DDIMScheduler(
+      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False
+  )
+  np.testing.assert_allclose(
+      float(s0.final_alpha_cumprod), float(ref.final_alpha_cumprod), atol=1e-7
+  )
   t = jnp.array([-20, 0, 999])
-  np.testing.assert_allclose(schedules.alpha_cumprod_at(s0, t),
-                             [s0.alphas_cumprod[0], s0.alphas_cumprod[0], s0.alphas_cumprod[999]])
+  np.testing.assert_allclose(
+      schedules.alpha_cumprod_at(s0, t),
+      [s0.alphas_cumprod[0], s0.alphas_cumprod[0], s0.alphas_cumprod[999]],
+  )
   assert float(schedules.alpha_cumprod_at(s, -1)) == 1.0
   # steps_offset is static metadata: not a leaf, kept through jit.
   s1 = schedules.make_schedule("linear", 1000, steps_offset=1)
@@ -70,8 +76,14 @@ def test_add_noise_formula_and_diffusers():
   abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t][:, None, None, None]
   np.testing.assert_allclose(got, np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise, atol=2e-6)
   import torch
-  ref = DDPMScheduler().add_noise(torch.from_numpy(x0), torch.from_numpy(noise),
-                                  torch.from_numpy(t.astype(np.int64))).numpy()
+
+  ref = (
+      DDPMScheduler()
+      .add_noise(
+          torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t.astype(np.int64))
+      )
+      .numpy()
+  )
   np.testing.assert_allclose(got, ref, atol=2e-6)
   # A scalar timestep broadcasts over the batch.
   np.testing.assert_allclose(schedules.add_noise(s, x0, noise, 500)[1], got[1], atol=1e-7)
@@ -79,9 +91,21 @@ def test_add_noise_formula_and_diffusers():
     schedules.add_noise(s, x0, noise[:2], t)
 
 
-@pytest.mark.parametrize("n,steps,offset", [(1000, 50, 0), (1000, 30, 0), (1000, 1, 0),
-                                            (1000, 1000, 0), (100, 7, 0), (10, 3, 0), (1, 1, 0),
-                                            (1000, 50, 1), (1000, 30, 5), (100, 7, 2)])
+@pytest.mark.parametrize(
+    "n,steps,offset",
+    [
+        (1000, 50, 0),
+        (1000, 30, 0),
+        (1000, 1, 0),
+        (1000, 1000, 0),
+        (100, 7, 0),
+        (10, 3, 0),
+        (1, 1, 0),
+        (1000, 50, 1),
+        (1000, 30, 5),
+        (100, 7, 2),
+    ],
+)
 def test_inference_timesteps_equal_diffusers(n, steps, offset):
   ref = DDIMScheduler(num_train_timesteps=n, steps_offset=offset)
   ref.set_timesteps(steps)
@@ -89,8 +113,9 @@ def test_inference_timesteps_equal_diffusers(n, steps, offset):
   assert got.dtype == np.int32 and got.shape == (steps,)
   np.testing.assert_array_equal(got, ref.timesteps.numpy())
   # prev = t - N // steps, as diffusers' DDIM step computes it (eq. 6).
-  np.testing.assert_array_equal(schedules.inference_prev_timesteps(n, steps, offset),
-                                ref.timesteps.numpy() - n // steps)
+  np.testing.assert_array_equal(
+      schedules.inference_prev_timesteps(n, steps, offset), ref.timesteps.numpy() - n // steps
+  )
 
 
 def test_inference_timesteps_example():
@@ -106,8 +131,9 @@ def test_bad_inputs():
     schedules.make_schedule("linear", 0)
   with pytest.raises(ValueError, match="beta_start"):
     schedules.make_schedule("linear", 10, 0.5, 0.1)
-  with pytest.raises(ValueError, match="num_steps=51: must be between 1 and "
-                                       "num_train_timesteps=50"):
+  with pytest.raises(
+      ValueError, match="num_steps=51: must be between 1 and " "num_train_timesteps=50"
+  ):
     schedules.inference_timesteps(50, 51)
   with pytest.raises(ValueError, match="num_steps=0"):
     schedules.inference_timesteps(1000, 0)

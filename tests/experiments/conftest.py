@@ -3,6 +3,7 @@ Each module here compiles through one persistent XLA compilation cache per test 
 shared with the scripts' subprocesses (through the JAX_* environment), so that a program
 compiles once, not once per run. A cache hit loads the same executable: results are
 unchanged."""
+
 import atexit
 import os
 import shutil
@@ -29,6 +30,8 @@ def _persistent_compilation_cache():
       os.environ[key] = value
 
 
-_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": _CACHE_DIR,
-              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+_CACHE_ENV = {
+    "JAX_COMPILATION_CACHE_DIR": _CACHE_DIR,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}

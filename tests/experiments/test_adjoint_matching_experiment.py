@@ -31,16 +31,23 @@ def final_params(workdir):
 # ----------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("sampling.batch_size", -4, r"config.sampling.batch_size=-4"),
-    ("reward.name", "jpeg_compressibility", r"config.reward.name=.*'classifier', 'brightness'"),
-    ("model.kind", "score", r"config.model.kind='score': must be one of 'eps', 'flow'"),
-    ("sampling.eta", 0.0, r"config.sampling.eta=0.0: must lie in \(0.0, 1.0\]"),
-    ("am.num_timesteps", 5, r"config.am.num_timesteps=5 must be <= config.sampling.num_steps=4"),
-    ("am.lam", 0.0, r"config.am.lam=0.0: must be > 0"),
-    ("eval.num_samples", 12, r"config.eval.num_samples=12"),
-    ("sampling.batch_size", 4, "sampling.batch_size"),  # 4 does not split over 8 devices
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("sampling.batch_size", -4, r"config.sampling.batch_size=-4"),
+        ("reward.name", "jpeg_compressibility", r"config.reward.name=.*'classifier', 'brightness'"),
+        ("model.kind", "score", r"config.model.kind='score': must be one of 'eps', 'flow'"),
+        ("sampling.eta", 0.0, r"config.sampling.eta=0.0: must lie in \(0.0, 1.0\]"),
+        (
+            "am.num_timesteps",
+            5,
+            r"config.am.num_timesteps=5 must be <= config.sampling.num_steps=4",
+        ),
+        ("am.lam", 0.0, r"config.am.lam=0.0: must be > 0"),
+        ("eval.num_samples", 12, r"config.eval.num_samples=12"),
+        ("sampling.batch_size", 4, "sampling.batch_size"),  # 4 does not split over 8 devices
+    ],
+)
 def test_bad_values_stop_the_run_before_compilation(key, value, message, tmp_path):
   with pytest.raises(configs.ConfigError, match=message):
     am_script.run(tiny_config(**{key: value}), str(tmp_path))

@@ -42,8 +42,9 @@ def train_records(workdir):
   """{step: the last logged training record}: a resumed run may log a round twice."""
   records = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   drop = ("seconds_sampling", "seconds_round")
-  return {r["step"]: {k: v for k, v in r.items() if k not in drop}
-          for r in records if "approx_kl" in r}
+  return {
+      r["step"]: {k: v for k, v in r.items() if k not in drop} for r in records if "approx_kl" in r
+  }
 
 
 def assert_params_close(a, b, atol):
@@ -55,16 +56,19 @@ def assert_params_close(a, b, atol):
 # ----------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("sampling.batch_size", -4, "config.sampling.batch_size=-4"),
-    ("ddpo.objective", "ppo", "must be one of .clipped., .score_function."),
-    ("ddpo.minibatch_loop", "while", "must be one of .unrolled., .scan."),
-    ("reward.name", "aesthetic", "must be one of .classifier."),
-    ("mesh.data", 3, "device"),
-    ("sampling.batch_size", 12, "sampling.batch_size"),  # 12 does not split over 8 devices
-    ("ddpo.num_minibatches", 3, "num_minibatches"),
-    ("reward.target", 11, "reward.target"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("sampling.batch_size", -4, "config.sampling.batch_size=-4"),
+        ("ddpo.objective", "ppo", "must be one of .clipped., .score_function."),
+        ("ddpo.minibatch_loop", "while", "must be one of .unrolled., .scan."),
+        ("reward.name", "aesthetic", "must be one of .classifier."),
+        ("mesh.data", 3, "device"),
+        ("sampling.batch_size", 12, "sampling.batch_size"),  # 12 does not split over 8 devices
+        ("ddpo.num_minibatches", 3, "num_minibatches"),
+        ("reward.target", 11, "reward.target"),
+    ],
+)
 def test_bad_values_stop_the_run_before_compilation(key, value, message):
   with pytest.raises(configs.ConfigError, match=message):
     ddpo_script.validate(tiny_config(**{key: value}), num_devices=8)
@@ -75,10 +79,17 @@ def run_cli(workdir, *overrides, env=None, wait=True, devices=8):
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  cmd = [sys.executable, "-m", "experiments.ddpo", f"--config={CONFIG_FILE}:tiny=True",
-         f"--workdir={workdir}", *overrides]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  cmd = [
+      sys.executable,
+      "-m",
+      "experiments.ddpo",
+      f"--config={CONFIG_FILE}:tiny=True",
+      f"--workdir={workdir}",
+      *overrides,
+  ]
+  proc = subprocess.Popen(
+      cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   if not wait:
     return proc
   out, _ = proc.communicate(timeout=300)
@@ -115,12 +126,15 @@ def test_tiny_run_writes_logs_images_checkpoints_and_summary(tmp_path):
 
 
 def test_lora_trains_only_the_low_rank_factors(tmp_path):
-  result = ddpo_script.run(tiny_config(**{"finetune.mode": "lora", "num_rounds": 1}),
-                           str(tmp_path))
+  result = ddpo_script.run(tiny_config(**{"finetune.mode": "lora", "num_rounds": 1}), str(tmp_path))
   leaves = jax.tree_util.tree_leaves_with_path(result["params"])
-  assert leaves and all(("lora" in jax.tree_util.keystr(p).lower()
-                         or jax.tree_util.keystr(p).endswith(("a']", "b']", ".a", ".b")))
-                        for p, _ in leaves)
+  assert leaves and all(
+      (
+          "lora" in jax.tree_util.keystr(p).lower()
+          or jax.tree_util.keystr(p).endswith(("a']", "b']", ".a", ".b"))
+      )
+      for p, _ in leaves
+  )
   moved = [np.abs(np.asarray(x)).max() for _, x in leaves]
   assert max(moved) > 0
 
@@ -133,13 +147,16 @@ def test_sharded_runs_match_one_device(tmp_path):
   config = tiny_config(**adam)
   one = ddpo_script.run(config, str(tmp_path / "one"), devices=jax.devices()[:1])
   initial = nnx.split(testing.tiny_unet(seed=config.seed))[1]
-  moved = max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
-      jax.tree_util.tree_leaves(one["params"]), jax.tree_util.tree_leaves(initial)))
+  moved = max(
+      np.abs(np.asarray(a) - np.asarray(b)).max()
+      for a, b in zip(jax.tree_util.tree_leaves(one["params"]), jax.tree_util.tree_leaves(initial))
+  )
   assert moved > 1e-4  # the update is real, far above the tolerance
   for data, fsdp in ((4, 2), (2, 4)):
     workdir = tmp_path / f"data{data}_fsdp{fsdp}"
-    many = ddpo_script.run(tiny_config(**adam, **{"mesh.data": data, "mesh.fsdp": fsdp}),
-                           str(workdir))
+    many = ddpo_script.run(
+        tiny_config(**adam, **{"mesh.data": data, "mesh.fsdp": fsdp}), str(workdir)
+    )
     assert_params_close(final_params(tmp_path / "one"), final_params(workdir), 1e-5)
     assert many["final_reward"] == pytest.approx(one["final_reward"], abs=1e-4)
 
@@ -177,8 +194,9 @@ def test_sigkill_and_resume_gives_the_same_parameters_and_metrics(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-  proc = run_cli(tmp_path, "--config.num_rounds=50", "--config.checkpoint.every=1000",
-                 wait=False, devices=1)
+  proc = run_cli(
+      tmp_path, "--config.num_rounds=50", "--config.checkpoint.every=1000", wait=False, devices=1
+  )
   deadline = time.time() + 240
   log = tmp_path / "metrics.jsonl"
   while time.time() < deadline and proc.poll() is None:  # wait for the first round's metrics
@@ -196,11 +214,19 @@ def test_two_processes_match_one_process(tmp_path):
   port = testing.free_port()
   # Adam with a larger eps, as in test_sharded_runs_match_one_device.
   adam = ["--config.optimizer.eps=1e-3", "--config.optimizer.learning_rate=1e-3"]
-  common = [*adam, "--config.num_rounds=2", "--config.distributed.enabled=True",
-            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-            "--config.distributed.num_processes=2"]
-  procs = [run_cli(tmp_path / "two", *common, f"--config.distributed.process_id={i}",
-                   wait=False, devices=2) for i in range(2)]
+  common = [
+      *adam,
+      "--config.num_rounds=2",
+      "--config.distributed.enabled=True",
+      f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+      "--config.distributed.num_processes=2",
+  ]
+  procs = [
+      run_cli(
+          tmp_path / "two", *common, f"--config.distributed.process_id={i}", wait=False, devices=2
+      )
+      for i in range(2)
+  ]
   outs = [p.communicate(timeout=400)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs
   code, out = run_cli(tmp_path / "one", *adam, "--config.num_rounds=2", devices=4)

@@ -39,21 +39,27 @@ def train_records(workdir):
 # ----------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("draft.variant", "draft2", r"config.draft.variant='draft2': must be one of 'full', 'k'"),
-    ("draft.truncation_k", 4, r"config.draft.truncation_k=4: must lie in \[1, 3\]"),
-    ("draft.truncation_k", 0, r"config.draft.truncation_k=0"),
-    ("sampling.batch_size", -16, r"config.sampling.batch_size=-16: must be > 0"),
-    ("sampling.batch_size", 12, r"config.sampling.batch_size=12: must be divisible by "
-                                r"data\*fsdp=8"),
-    ("mesh.data", 3, r"config.mesh"),
-    ("draft.remat_policy", "offload", r"config.draft.remat_policy='offload'.*'full'"),
-    ("reward.name", "jpeg_compressibility", r"config.reward.name=.*'classifier', 'brightness'"),
-    ("draft.reward_scale", 0.0, r"config.draft.reward_scale=0.0"),
-    ("draft.kl_weight", -1.0, r"config.draft.kl_weight=-1.0"),
-    ("sampling.eta", 1.5, r"config.sampling.eta=1.5"),
-    ("eval.num_samples", 24, r"config.eval.num_samples=24"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("draft.variant", "draft2", r"config.draft.variant='draft2': must be one of 'full', 'k'"),
+        ("draft.truncation_k", 4, r"config.draft.truncation_k=4: must lie in \[1, 3\]"),
+        ("draft.truncation_k", 0, r"config.draft.truncation_k=0"),
+        ("sampling.batch_size", -16, r"config.sampling.batch_size=-16: must be > 0"),
+        (
+            "sampling.batch_size",
+            12,
+            r"config.sampling.batch_size=12: must be divisible by " r"data\*fsdp=8",
+        ),
+        ("mesh.data", 3, r"config.mesh"),
+        ("draft.remat_policy", "offload", r"config.draft.remat_policy='offload'.*'full'"),
+        ("reward.name", "jpeg_compressibility", r"config.reward.name=.*'classifier', 'brightness'"),
+        ("draft.reward_scale", 0.0, r"config.draft.reward_scale=0.0"),
+        ("draft.kl_weight", -1.0, r"config.draft.kl_weight=-1.0"),
+        ("sampling.eta", 1.5, r"config.sampling.eta=1.5"),
+        ("eval.num_samples", 24, r"config.eval.num_samples=24"),
+    ],
+)
 def test_bad_values_stop_the_run_before_compilation(key, value, message):
   variant = "k" if key == "draft.truncation_k" else "full"
   with pytest.raises(configs.ConfigError, match=message):
@@ -73,12 +79,15 @@ def test_an_unknown_variant_argument_names_the_choices():
 
 
 def test_variants_map_to_the_algorithm_options():
-  options = {v: draft_script.draft_options(tiny_config(f"variant={v}"))
-             for v in ("full", "k", "1", "lv")}
-  assert options == {"full": dict(truncation_k=None, lv_samples=0),
-                     "k": dict(truncation_k=2, lv_samples=0),
-                     "1": dict(truncation_k=1, lv_samples=0),
-                     "lv": dict(truncation_k=None, lv_samples=2)}
+  options = {
+      v: draft_script.draft_options(tiny_config(f"variant={v}")) for v in ("full", "k", "1", "lv")
+  }
+  assert options == {
+      "full": dict(truncation_k=None, lv_samples=0),
+      "k": dict(truncation_k=2, lv_samples=0),
+      "1": dict(truncation_k=1, lv_samples=0),
+      "lv": dict(truncation_k=None, lv_samples=2),
+  }
   assert digits.get_config("variant=k").draft.truncation_k == 5  # the full-size default
 
 
@@ -101,8 +110,14 @@ def check_outputs(workdir, result, config, queries_per_update):
       assert np.isfinite(r[field]), (step, field)
     assert r["grad_norm"] > 0 and r["diversity"] > 0
     assert r["reward_queries"] == step * queries_per_update
-  for name in ("summary.md", "summary.json", "reward_curve.png", "diversity_curve.png",
-               "final_params.npz", "final_model/config.json"):
+  for name in (
+      "summary.md",
+      "summary.json",
+      "reward_curve.png",
+      "diversity_curve.png",
+      "final_params.npz",
+      "final_model/config.json",
+  ):
     assert (workdir / name).exists(), name
   images = os.listdir(workdir / "images")
   assert any(i.startswith("eval_base") for i in images)
@@ -145,11 +160,11 @@ def test_draft_k_resumes_from_a_checkpoint_at_the_saved_step(tmp_path):
   straight = draft_script.run(config, str(tmp_path / "straight"), devices=ONE_DEVICE)
   check_outputs(tmp_path / "straight", straight, config, 16)
   # a run that stopped after step 1: only its checkpoint exists
-  shutil.copytree(tmp_path / "straight" / "checkpoints" / "1",
-                  tmp_path / "resumed" / "checkpoints" / "1")
+  shutil.copytree(
+      tmp_path / "straight" / "checkpoints" / "1", tmp_path / "resumed" / "checkpoints" / "1"
+  )
   resumed = draft_script.run(config, str(tmp_path / "resumed"), devices=ONE_DEVICE)
   assert sorted(train_records(tmp_path / "resumed")) == [2]  # continues at step 2
   assert resumed["base"] == straight["base"]  # restored, not re-evaluated
-  np.testing.assert_equal(final_params(tmp_path / "straight"),
-                          final_params(tmp_path / "resumed"))
+  np.testing.assert_equal(final_params(tmp_path / "straight"), final_params(tmp_path / "resumed"))
   assert resumed["history"] == straight["history"]

@@ -1,4 +1,5 @@
 """Tests of the digits pretraining script (experiments/pretrain_diffusion.py)."""
+
 import json
 import os
 
@@ -45,12 +46,15 @@ def test_ema_update_hand_computed():
 
 
 def test_config_docstring_and_validation():
-  assert digits_config.__doc__.lstrip().startswith(
-      "Pretrain") and "python -m experiments.pretrain_diffusion" in digits_config.__doc__
+  assert (
+      digits_config.__doc__.lstrip().startswith("Pretrain")
+      and "python -m experiments.pretrain_diffusion" in digits_config.__doc__
+  )
   config = digits_config.get_config()
   pd.validate(config)
   assert pd.unet_config(config) == unet_lib.UNetConfig(
-      channels=tuple(config.unet.channels), attention_resolutions=(2,))
+      channels=tuple(config.unet.channels), attention_resolutions=(2,)
+  )
   config.train.p_uncond = 1.5
   with pytest.raises(ValueError, match=r"config.train.p_uncond=1.5"):
     pd.validate(config)
@@ -63,8 +67,12 @@ def test_config_docstring_and_validation():
 def test_tiny_pretraining_cli_and_cache(tmp_path):
   """Runs the script's command line on a tiny config, loads the outputs, reuses the cache."""
   workdir = str(tmp_path / "cache")
-  argv = ["prog", f"--config={CONFIG_FILE}:tiny=True", "--config.sample.num_steps=2",
-          f"--workdir={workdir}"]
+  argv = [
+      "prog",
+      f"--config={CONFIG_FILE}:tiny=True",
+      "--config.sample.num_steps=2",
+      f"--workdir={workdir}",
+  ]
   fv = flags.FlagValues()
   config_flag, workdir_flag = pd.define_flags(fv, argv)
   fv(argv)
@@ -83,8 +91,11 @@ def test_tiny_pretraining_cli_and_cache(tmp_path):
   assert unet.config.channels == (8,)
   out = unet(jnp.zeros((2, 8, 8, 1)), jnp.array([0, 999]), jnp.array([3, 10]))
   assert out.shape == (2, 8, 8, 1) and np.all(np.isfinite(np.asarray(out)))
-  clf = model_io.load_model(os.path.join(workdir, "classifier"),
-                            classifier_lib.DigitsClassifier, classifier_lib.ClassifierConfig)
+  clf = model_io.load_model(
+      os.path.join(workdir, "classifier"),
+      classifier_lib.DigitsClassifier,
+      classifier_lib.ClassifierConfig,
+  )
   assert clf(jnp.zeros((1, 8, 8, 1))).shape == (1, 10)
 
   # ensure_pretrained: a valid cache for the same config is reused, not retrained.

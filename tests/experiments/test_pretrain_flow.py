@@ -1,4 +1,5 @@
 """The flow-matching objective of experiments/pretrain_diffusion.py (config digits_flow.py)."""
+
 import json
 import os
 
@@ -98,8 +99,9 @@ def test_tiny_flow_pretraining_cli_and_cache(tmp_path, monkeypatch):
   assert not (tmp_path / "digits" / pd.REPORT_NAME).exists()  # the eps cache is untouched
 
   unet = model_io.load_model(str(workdir / "unet"), unet_lib.UNet, unet_lib.UNetConfig)
-  out = pd.unet_velocity(unet, 1000.0)(jnp.zeros((2, 8, 8, 1)), jnp.array([0.0, 0.5]),
-                                       jnp.array([3, 10]))
+  out = pd.unet_velocity(unet, 1000.0)(
+      jnp.zeros((2, 8, 8, 1)), jnp.array([0.0, 0.5]), jnp.array([3, 10])
+  )
   assert out.shape == (2, 8, 8, 1) and np.all(np.isfinite(np.asarray(out)))
 
   config = config_flag.value

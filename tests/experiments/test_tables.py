@@ -39,8 +39,9 @@ def test_mixture_weight_recovers_the_weight_of_samples_drawn_from_the_tilted_com
   assert te.target_mode_weight() == pytest.approx(0.731, abs=1e-3)
   # at the target law the MLE is the mean responsibility under the tilted mixture
   x = tm[(rng.random(50_000) < tw[1]).astype(int)] + 0.5 * rng.normal(size=(50_000, 2))
-  _, log_post = toy.mixture_log_density(tw, tm, m["stds"], jnp.asarray(x, jnp.float32),
-                                        jnp.ones(50_000))
+  _, log_post = toy.mixture_log_density(
+      tw, tm, m["stds"], jnp.asarray(x, jnp.float32), jnp.ones(50_000)
+  )
   assert te.mixture_weight(x) == pytest.approx(float(np.exp(log_post[:, 1]).mean()), abs=0.01)
 
 
@@ -71,8 +72,7 @@ def test_zero_sigma_is_reported_as_unsupported_not_faked():
 
 
 def test_smoke_run_writes_the_table_json_and_plot(tmp_path):
-  out = te.run(str(tmp_path), seeds=2, budget=te.SMOKE,
-               schedules=("memoryless", "σ=0 (ODE)"))
+  out = te.run(str(tmp_path), seeds=2, budget=te.SMOKE, schedules=("memoryless", "σ=0 (ODE)"))
   table = (tmp_path / "tilt_error.md").read_text()
   assert table.strip() == out["table"].strip()
   assert "| memoryless | " in table and "| σ=0 (ODE) | n/a |" in table
@@ -95,14 +95,23 @@ def test_every_method_spends_the_same_budget_with_its_configs_hyperparameters():
   for key, method in rq.METHODS.items():
     config = rq.method_config(method, budget, seed=2)
     per_update[key] = rq.queries_per_update(method, config)
-    updates = {"ddpo": config.get("num_rounds"), "draft": config.get("num_updates"),
-               "adjoint_matching": config.get("num_iterations")}[method.script]
+    updates = {
+        "ddpo": config.get("num_rounds"),
+        "draft": config.get("num_updates"),
+        "adjoint_matching": config.get("num_iterations"),
+    }[method.script]
     assert updates * per_update[key] == budget.queries
     assert config.seed == 2 and config.eval.num_samples == budget.eval_samples
     assert config.model.init == "pretrained" and config.reward.name == "classifier"
     assert config.checkpoint.every > updates and config.log.image_every > updates
-  assert per_update == {"ddpo": 128, "draft_1": 32, "draft_k": 32, "draft_lv": 64, "draft": 32,
-                        "am": 32}
+  assert per_update == {
+      "ddpo": 128,
+      "draft_1": 32,
+      "draft_k": 32,
+      "draft_lv": 64,
+      "draft": 32,
+      "am": 32,
+  }
   with pytest.raises(ValueError, match="not a multiple"):
     rq.method_config(rq.METHODS["ddpo"], rq.Budget(queries=100), seed=0)
 
@@ -146,8 +155,12 @@ def _assert_rows_hold_the_results(table: str, results: dict, checkpoints, fracti
     assert row["base diversity"] == _mean_pm_std(column("base_diversity"))
     assert row["final diversity"] == _mean_pm_std(column("final_diversity"))
     for i, (q, fraction) in enumerate(zip(checkpoints, fractions)):
-      at_q = [float(np.asarray(r["batch_reward"])[np.asarray(r["queries"]) <= q][-1])
-              if r["queries"][0] <= q else None for r in runs]
+      at_q = [
+          float(np.asarray(r["batch_reward"])[np.asarray(r["queries"]) <= q][-1])
+          if r["queries"][0] <= q
+          else None
+          for r in runs
+      ]
       assert at_q == [r["reward_at_checkpoints"][i] for r in runs]
       assert row[f"batch reward at {q} queries ({100 * fraction:g} %)"] == _mean_pm_std(at_q)
     assert row["wall s, seed 0"] == f"{runs[0]['seconds']:.0f}"
@@ -163,18 +176,28 @@ def _synthetic_results(rng, seeds: int) -> dict:
     runs = []
     for seed in range(seeds):
       queries, batch = [32, 64, 96, 128], [float(x) for x in rng.normal(-0.3, 0.2, 4)]
-      runs.append({
-          "seed": seed, "base_reward": float(rng.normal(-0.3, 0.1)),
-          "final_reward": float(rng.normal(-0.2, 0.1)),
-          "base_diversity": float(rng.normal(1.9, 0.02)),
-          "final_diversity": float(rng.normal(1.8, 0.05)), "queries": queries,
-          "batch_reward": batch,
-          "reward_at_checkpoints": [rq.reward_at(queries, batch, q) for q in (16, 64, 128)],
-          "seconds": float(rng.uniform(20, 90)),
-          "compile_cache": {"hits": 4, "misses": 0, "saved_seconds": 50.0}})
-    results[key] = {"label": method.name, "sampler": "DDIM η=0, 10 steps (deterministic)",
-                    "queries_per_update": 32, "updates": 4, "learning_rate": 5e-5,
-                    "runs": runs}
+      runs.append(
+          {
+              "seed": seed,
+              "base_reward": float(rng.normal(-0.3, 0.1)),
+              "final_reward": float(rng.normal(-0.2, 0.1)),
+              "base_diversity": float(rng.normal(1.9, 0.02)),
+              "final_diversity": float(rng.normal(1.8, 0.05)),
+              "queries": queries,
+              "batch_reward": batch,
+              "reward_at_checkpoints": [rq.reward_at(queries, batch, q) for q in (16, 64, 128)],
+              "seconds": float(rng.uniform(20, 90)),
+              "compile_cache": {"hits": 4, "misses": 0, "saved_seconds": 50.0},
+          }
+      )
+    results[key] = {
+        "label": method.name,
+        "sampler": "DDIM η=0, 10 steps (deterministic)",
+        "queries_per_update": 32,
+        "updates": 4,
+        "learning_rate": 5e-5,
+        "runs": runs,
+    }
   return results
 
 
@@ -194,18 +217,34 @@ def test_reward_vs_queries_table_holds_mean_and_std_over_seeds(tmp_path):
 def test_outcome_reads_each_scripts_result_layout():
   history = [[1, -0.5], [2, -0.4]]
   results = {
-      "ddpo": {"base_reward": -0.3, "final_reward": -0.2, "base_diversity": 1.9,
-               "final_diversity": 1.8, "history": history},
-      "draft": {"base": {"reward_mean": -0.3, "reward_std": 0.1, "diversity": 1.9},
-                "final": {"reward_mean": -0.2, "reward_std": 0.1, "diversity": 1.8},
-                "history": [row + [1.7] for row in history], "preempted": False},
-      "adjoint_matching": {"base": {"reward": -0.3, "recognition": 0.9, "diversity": 1.9},
-                           "final": {"reward": -0.2, "recognition": 0.95, "diversity": 1.8},
-                           "history": history}}
+      "ddpo": {
+          "base_reward": -0.3,
+          "final_reward": -0.2,
+          "base_diversity": 1.9,
+          "final_diversity": 1.8,
+          "history": history,
+      },
+      "draft": {
+          "base": {"reward_mean": -0.3, "reward_std": 0.1, "diversity": 1.9},
+          "final": {"reward_mean": -0.2, "reward_std": 0.1, "diversity": 1.8},
+          "history": [row + [1.7] for row in history],
+          "preempted": False,
+      },
+      "adjoint_matching": {
+          "base": {"reward": -0.3, "recognition": 0.9, "diversity": 1.9},
+          "final": {"reward": -0.2, "recognition": 0.95, "diversity": 1.8},
+          "history": history,
+      },
+  }
   for script, result in results.items():
     assert rq.outcome(script, result) == {
-        "base_reward": -0.3, "base_diversity": 1.9, "final_reward": -0.2,
-        "final_diversity": 1.8, "updates": [1, 2], "batch_reward": [-0.5, -0.4]}, script
+        "base_reward": -0.3,
+        "base_diversity": 1.9,
+        "final_reward": -0.2,
+        "final_diversity": 1.8,
+        "updates": [1, 2],
+        "batch_reward": [-0.5, -0.4],
+    }, script
   with pytest.raises(RuntimeError, match="preempted"):
     rq.outcome("draft", {"preempted": True, "step": 1})
 
@@ -214,16 +253,16 @@ def test_reward_vs_queries_smoke_run_writes_a_table_equal_to_its_json(tmp_path):
   # Two tiny random models, one seed: a tiny trainer compiles for 20-45 s on this CPU (the
   # DRaFT variants share their sampler); the statistics over seeds are checked above, and
   # the DDPO and Adjoint Matching result layouts by test_outcome_reads_each_scripts_....
-  out = rq.run(str(tmp_path), seeds=1, budget=rq.SMOKE, methods=("draft_1", "draft_lv"),
-               tiny=True)
+  out = rq.run(str(tmp_path), seeds=1, budget=rq.SMOKE, methods=("draft_1", "draft_lv"), tiny=True)
   table = (tmp_path / "reward_vs_queries.md").read_text()
   assert table.strip() == out["table"].strip()
   data = json.loads((tmp_path / "reward_vs_queries.json").read_text())
   assert (tmp_path / "reward_vs_queries.png").stat().st_size > 1000
   checkpoints = data["checkpoint_queries"]
   assert checkpoints == [8, 16, 32]
-  rows = _assert_rows_hold_the_results(table, data["results"], checkpoints,
-                                       data["budget"]["fractions"])
+  rows = _assert_rows_hold_the_results(
+      table, data["results"], checkpoints, data["budget"]["fractions"]
+  )
   assert list(rows) == ["DRaFT-1", "DRaFT-LV (n=2)"]
   for key in ("draft_1", "draft_lv"):
     result = data["results"][key]
@@ -242,6 +281,7 @@ def test_reward_vs_queries_smoke_run_writes_a_table_equal_to_its_json(tmp_path):
 
 def test_check_rows_names_bad_seeds_and_unknown_rows():
   from experiments import tables  # pylint: disable=import-outside-toplevel
+
   assert tables.check_rows("method", None, {"a": 1, "b": 2}, seeds=1) == ("a", "b")
   assert tables.check_rows("method", ["b"], {"a": 1, "b": 2}, seeds=3) == ("b",)
   with pytest.raises(ValueError, match=r"seeds=0: must be >= 1"):

@@ -11,8 +11,9 @@ import pytest
 
 from alignjax.kernels import skinny_matmul
 
-pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                                reason="the kernel is written for x86-64")
+pytestmark = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernel is written for x86-64"
+)
 
 
 @pytest.fixture
@@ -30,9 +31,21 @@ def kernel_product(x, w):
     return skinny_matmul.matmul(x, w)
 
 
-@pytest.mark.parametrize("lead,k,n", [
-    ((2,), 1, 1), ((3,), 17, 33), ((8,), 768, 2048), ((5,), 64, 4099), ((9,), 40, 100),
-    ((16,), 7, 16), ((2, 3), 24, 30), ((2, 1), 130, 8), ((32,), 33, 71), ((8,), 16, 7)])
+@pytest.mark.parametrize(
+    "lead,k,n",
+    [
+        ((2,), 1, 1),
+        ((3,), 17, 33),
+        ((8,), 768, 2048),
+        ((5,), 64, 4099),
+        ((9,), 40, 100),
+        ((16,), 7, 16),
+        ((2, 3), 24, 30),
+        ((2, 1), 130, 8),
+        ((32,), 33, 71),
+        ((8,), 16, 7),
+    ],
+)
 def test_kernel_equals_the_float64_product(lead, k, n):
   ok, why = skinny_matmul.available()
   assert ok, why
@@ -85,7 +98,8 @@ def test_programs_lowered_for_accelerators_use_the_plain_product():
 
 
 def test_without_a_compiler_the_product_falls_back_with_the_reason(
-    fresh_availability, monkeypatch, tmp_path):  # pylint: disable=redefined-outer-name,unused-argument
+    fresh_availability, monkeypatch, tmp_path
+):  # pylint: disable=redefined-outer-name,unused-argument
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
   monkeypatch.setenv("ALIGNJAX_KERNEL_CACHE", str(tmp_path / "cache"))
   ok, why = skinny_matmul.available()
@@ -95,12 +109,14 @@ def test_without_a_compiler_the_product_falls_back_with_the_reason(
     assert not skinny_matmul.qualifies(x, w)
   with skinny_matmul.enabled():
     np.testing.assert_array_equal(skinny_matmul.matmul(x, w), x @ w)
-    np.testing.assert_array_equal(skinny_matmul.matmul(x, w, fallback=lambda a, b: -(a @ b)),
-                                  -(x @ w))
+    np.testing.assert_array_equal(
+        skinny_matmul.matmul(x, w, fallback=lambda a, b: -(a @ b)), -(x @ w)
+    )
 
 
 def test_a_failed_build_names_the_source_and_leaves_no_file(
-    fresh_availability, monkeypatch, tmp_path):  # pylint: disable=redefined-outer-name,unused-argument
+    fresh_availability, monkeypatch, tmp_path
+):  # pylint: disable=redefined-outer-name,unused-argument
   bad = tmp_path / "broken.cc"
   bad.write_text("this is not C++\n")
   monkeypatch.setattr(skinny_matmul, "SOURCE", str(bad))

@@ -16,8 +16,17 @@ from alignjax.models.lm import TransformerLM, forward
 from alignjax.models.lm_config import LMConfig
 
 V = 32
-CONFIG = LMConfig(family="llama", vocab_size=V, hidden_size=32, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8, mlp_dim=48, max_position_embeddings=64)
+CONFIG = LMConfig(
+    family="llama",
+    vocab_size=V,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=48,
+    max_position_embeddings=64,
+)
 FWD = jax.jit(forward, static_argnums=0)
 PROMPTS = [[1, 5, 9, 3, 7, 2, 11], [1, 4], [1, 30, 12, 8]]
 
@@ -25,8 +34,7 @@ PROMPTS = [[1, 5, 9, 3, 7, 2, 11], [1, 4], [1, 30, 12, 8]]
 @functools.lru_cache(maxsize=None)
 def make(seed=0, scale=0.15):
   """(graphdef, params) of a random model with numpy-drawn weights (fast on CPU)."""
-  graphdef, abstract = nnx.split(
-      nnx.eval_shape(lambda: TransformerLM(CONFIG, rngs=nnx.Rngs(seed))))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TransformerLM(CONFIG, rngs=nnx.Rngs(seed))))
   rng = np.random.default_rng(seed)
 
   def fill(path, x):
@@ -41,7 +49,7 @@ def full_logits(seq):
   one compiled length: causal attention keeps the first len logits unchanged)."""
   graphdef, params = make()
   padded = jnp.asarray([list(seq) + [0] * (32 - len(seq))], jnp.int32)
-  return np.asarray(FWD(graphdef, params, padded)[0][0], np.float64)[:len(seq)]
+  return np.asarray(FWD(graphdef, params, padded)[0][0], np.float64)[: len(seq)]
 
 
 def numpy_filter(z, temperature, top_k, top_p):
@@ -78,18 +86,16 @@ def test_greedy_equals_full_forward_loop():
     seq = list(prompt)
     for _ in range(n):
       seq.append(int(np.argmax(full_logits(seq)[-1])))
-    np.testing.assert_array_equal(out.tokens[b], seq[len(prompt):])
-    np.testing.assert_array_equal(top1.tokens[b], seq[len(prompt):])
+    np.testing.assert_array_equal(out.tokens[b], seq[len(prompt) :])
+    np.testing.assert_array_equal(top1.tokens[b], seq[len(prompt) :])
   assert out.valid.all() and (out.lengths == n).all() and (out.log_probs == 0).all()
   np.testing.assert_allclose(top1.log_probs, 0.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p",
-                         [(1.0, 3, 1.0), (1.3, 0, 0.5), (0.9, 6, 0.8)])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 3, 1.0), (1.3, 0, 0.5), (0.9, 6, 0.8)])
 def test_log_probs_equal_rescored_filtered_distribution(temperature, top_k, top_p):
   n = 6
-  cfg = sampling.SamplingConfig(max_new_tokens=n, temperature=temperature, top_k=top_k,
-                                top_p=top_p)
+  cfg = sampling.SamplingConfig(max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p)
   out = run(cfg, key=7)
   for b, prompt in enumerate(PROMPTS):
     seq = list(prompt) + [int(t) for t in out.tokens[b]]
@@ -113,10 +119,13 @@ def test_prefill_then_decode_equals_generate():
   graphdef, params = make()
   tokens, valid = (jnp.asarray(x) for x in pad_left(PROMPTS, max_length=16))
   key = jax.random.key(5)
-  whole = jax.tree.map(np.asarray, jax.jit(sampling.generate, static_argnums=(0, 5))(
-      graphdef, params, tokens, valid, key, cfg))
-  state = jax.jit(sampling.prefill, static_argnums=(0, 5))(graphdef, params, tokens, valid,
-                                                           key, cfg)
+  whole = jax.tree.map(
+      np.asarray,
+      jax.jit(sampling.generate, static_argnums=(0, 5))(graphdef, params, tokens, valid, key, cfg),
+  )
+  state = jax.jit(sampling.prefill, static_argnums=(0, 5))(
+      graphdef, params, tokens, valid, key, cfg
+  )
   p = tokens.shape[1]
   assert int(state.step) == 1 and int(state.cache.index) == p and state.cache.max_len == p + n
   np.testing.assert_array_equal(state.prompt_len, [len(q) for q in PROMPTS])
@@ -139,10 +148,18 @@ def test_cpu_decode_program_uses_eigen_and_updates_the_cache_in_place():
   cfg = sampling.SamplingConfig(max_new_tokens=3, temperature=0.0)
   tokens, valid = (jnp.asarray(x) for x in pad_left(PROMPTS, max_length=16))
   state = sampling.prefill(graphdef, params, tokens, valid, jax.random.key(0), cfg)
-  hlo = sampling.decode_jit(params).lower(graphdef, params, state, jax.random.key(0),
-                                          cfg).compile().as_text()
-  default = jax.jit(sampling.decode, static_argnums=(0, 4)).lower(
-      graphdef, params, state, jax.random.key(0), cfg).compile().as_text()
+  hlo = (
+      sampling.decode_jit(params)
+      .lower(graphdef, params, state, jax.random.key(0), cfg)
+      .compile()
+      .as_text()
+  )
+  default = (
+      jax.jit(sampling.decode, static_argnums=(0, 4))
+      .lower(graphdef, params, state, jax.random.key(0), cfg)
+      .compile()
+      .as_text()
+  )
   assert "ynn_fusion" in default and "ynn_fusion" not in hlo
   num_state = len(jax.tree.leaves(state))
   aliased = hlo.split("\n", 1)[0].count("may-alias")
@@ -164,8 +181,11 @@ def test_filter_logits_nucleus_is_smallest_prefix():
 def test_sampling_log_probs_over_vocabulary():
   z = np.random.default_rng(2).normal(size=(3, V)) * 2
   for t, k, p in [(0.8, 5, 0.9), (1.5, 0, 0.6), (1.0, 0, 1.0)]:
-    got = np.asarray(sampling.sampling_log_probs(
-        jnp.asarray(z, jnp.float32), sampling.SamplingConfig(1, t, k, p)))
+    got = np.asarray(
+        sampling.sampling_log_probs(
+            jnp.asarray(z, jnp.float32), sampling.SamplingConfig(1, t, k, p)
+        )
+    )
     for row in range(3):
       keep, log_q = numpy_filter(z[row], t, k, p)
       np.testing.assert_array_equal(np.isfinite(got[row]), keep)
@@ -179,8 +199,7 @@ def test_eos_stops_rows_and_pads_after():
   n = 8
   greedy = run(sampling.SamplingConfig(max_new_tokens=n, temperature=0.0))
   eos = int(greedy.tokens[0, 2])
-  out = run(sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_ids=(eos,),
-                                    pad_id=-1))
+  out = run(sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_ids=(eos,), pad_id=-1))
   for b in range(len(PROMPTS)):
     row = list(greedy.tokens[b])
     stop = row.index(eos) + 1 if eos in row else n
@@ -194,8 +213,9 @@ def test_eos_stops_rows_and_pads_after():
 def test_frequencies_match_softmax():
   prompt = [1, 5, 9]
   b = 4000
-  out = run(sampling.SamplingConfig(max_new_tokens=1, temperature=1.0), prompts=[prompt] * b,
-            key=11)
+  out = run(
+      sampling.SamplingConfig(max_new_tokens=1, temperature=1.0), prompts=[prompt] * b, key=11
+  )
   z = full_logits(prompt)[-1]
   p = np.exp(z - np.logaddexp.reduce(z))
   counts = np.bincount(out.tokens[:, 0], minlength=V)
@@ -222,10 +242,13 @@ def test_cpu_decode_with_the_skinny_matmul_kernel_equals_decode_without():
   hlo = with_kernel.lower(graphdef, params, state, jax.random.key(3), cfg).compile().as_text()
   calls = hlo.count(f'custom_call_target="{skinny_matmul.TARGET}"')
   assert calls == CONFIG.num_layers * 7 + 1, calls  # q k v o gate up down per layer, lm_head
-  assert skinny_matmul.TARGET not in without.lower(
-      graphdef, params, state, jax.random.key(3), cfg).compile().as_text()
-  a = sampling.finish(with_kernel(graphdef, params, jax.tree.map(jnp.copy, state),
-                                  jax.random.key(3), cfg))
+  assert (
+      skinny_matmul.TARGET
+      not in without.lower(graphdef, params, state, jax.random.key(3), cfg).compile().as_text()
+  )
+  a = sampling.finish(
+      with_kernel(graphdef, params, jax.tree.map(jnp.copy, state), jax.random.key(3), cfg)
+  )
   b = sampling.finish(without(graphdef, params, state, jax.random.key(3), cfg))
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.log_probs, b.log_probs, atol=1e-5)
@@ -260,6 +283,11 @@ def test_bad_inputs_raise_clear_errors():
     sampling.SamplingConfig(max_new_tokens=0)
   graphdef, params = make()
   with pytest.raises(ValueError, match="left-padded"):
-    sampling.sample(graphdef, params, np.ones((1, 4), np.int32),
-                    np.array([[True, True, True, False]]), jax.random.key(0),
-                    sampling.SamplingConfig(max_new_tokens=2))
+    sampling.sample(
+        graphdef,
+        params,
+        np.ones((1, 4), np.int32),
+        np.array([[True, True, True, False]]),
+        jax.random.key(0),
+        sampling.SamplingConfig(max_new_tokens=2),
+    )

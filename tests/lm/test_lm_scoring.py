@@ -14,13 +14,21 @@ from alignjax.models.lm import TransformerLM, forward
 from alignjax.models.lm_config import LMConfig
 
 FWD = jax.jit(forward, static_argnums=0)
-CONFIG = LMConfig(family="llama", vocab_size=300, hidden_size=16, num_layers=1, num_heads=2,
-                  num_kv_heads=1, head_dim=8, mlp_dim=24, max_position_embeddings=64)
+CONFIG = LMConfig(
+    family="llama",
+    vocab_size=300,
+    hidden_size=16,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    mlp_dim=24,
+    max_position_embeddings=64,
+)
 
 
 def make(config, seed=0):
-  graphdef, abstract = nnx.split(
-      nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(seed))))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(seed))))
   rng = np.random.default_rng(seed)
 
   def fill(path, x):
@@ -37,14 +45,19 @@ def batch(vocab):
   prompt_lens = (5, 2, 4)
   mask = np.zeros_like(valid)
   for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
-    mask[b, tokens.shape[1] - len(s) + p:] = True  # the response: after the prompt
+    mask[b, tokens.shape[1] - len(s) + p :] = True  # the response: after the prompt
   return tokens, valid, mask, seqs, prompt_lens
 
 
 @pytest.mark.parametrize("variant", ["untied", "tied_softcap"])
 def test_chunked_equals_plain_equals_naive(variant):
-  config = CONFIG if variant == "untied" else dataclasses.replace(
-      CONFIG, family="gemma2", tie_embeddings=True, final_logit_softcap=3.0)
+  config = (
+      CONFIG
+      if variant == "untied"
+      else dataclasses.replace(
+          CONFIG, family="gemma2", tie_embeddings=True, final_logit_softcap=3.0
+      )
+  )
   graphdef, params = make(config)
   tokens, valid, mask, seqs, prompt_lens = batch(config.vocab_size)
   fn = jax.jit(scoring.score, static_argnums=0, static_argnames=("seq_chunk", "vocab_chunk"))
@@ -58,14 +71,14 @@ def test_chunked_equals_plain_equals_naive(variant):
   width, lp_first = tokens.shape[1], []
   for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
     padded = jnp.asarray([list(s) + [0] * (16 - len(s))], jnp.int32)  # causal: prefix exact
-    z = np.asarray(FWD(graphdef, params, padded)[0][0], np.float64)[:len(s)]
+    z = np.asarray(FWD(graphdef, params, padded)[0][0], np.float64)[: len(s)]
     lp = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
     lp_first.append(lp[0, s[1]])
     want = [lp[t - 1, s[t]] for t in range(p, len(s))]
-    got = np.asarray(chunked.log_probs[b, width - len(s) + p:])
+    got = np.asarray(chunked.log_probs[b, width - len(s) + p :])
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(chunked.sums[b], sum(want), atol=1e-4)
-    assert (np.asarray(chunked.log_probs[b, :width - len(s) + p]) == 0).all()
+    assert (np.asarray(chunked.log_probs[b, : width - len(s) + p]) == 0).all()
   # The first real token of a row has no prediction: never scored, even when masked.
   first = jax.jit(scoring.score, static_argnums=0)(graphdef, params, tokens, valid, valid)
   for b, s in enumerate(seqs):
@@ -74,10 +87,10 @@ def test_chunked_equals_plain_equals_naive(variant):
 
 
 def test_chunked_uses_less_temporary_memory():
-  config = dataclasses.replace(CONFIG, vocab_size=16384, hidden_size=8, num_heads=1, head_dim=8,
-                               mlp_dim=8)
-  graphdef, abstract = nnx.split(
-      nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(0))))
+  config = dataclasses.replace(
+      CONFIG, vocab_size=16384, hidden_size=8, num_heads=1, head_dim=8, mlp_dim=8
+  )
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(0))))
   tokens = jax.ShapeDtypeStruct((4, 64), jnp.int32)
   valid = jax.ShapeDtypeStruct((4, 64), jnp.bool_)
 
@@ -86,8 +99,10 @@ def test_chunked_uses_less_temporary_memory():
     return fn.lower(abstract, tokens, valid).compile().memory_analysis().temp_size_in_bytes
 
   plain, chunked = temp_bytes(), temp_bytes(seq_chunk=16, vocab_chunk=1024)
-  print(f"score temp bytes: plain {plain:,}, chunked {chunked:,} "
-        f"(full logits {4 * 63 * 16384 * 4:,})")
+  print(
+      f"score temp bytes: plain {plain:,}, chunked {chunked:,} "
+      f"(full logits {4 * 63 * 16384 * 4:,})"
+  )
   assert chunked * 4 < plain
 
 

@@ -43,7 +43,10 @@ def test_tokenizer_files_round_trip(tmp_path):
     assert tok.decode(ids, skip_special_tokens=True) == text
     assert lang.decode(ids + [lang.EOS_ID, 5]) == text
   assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
-      lang.BOS_ID, lang.EOS_ID, lang.PAD_ID)
+      lang.BOS_ID,
+      lang.EOS_ID,
+      lang.PAD_ID,
+  )
   assert tok.vocab_size == lang.VOCAB_SIZE
 
 
@@ -63,15 +66,16 @@ def test_loss_is_mean_token_nll():
   config = tiny.get_config("smoke=True")
   model = pretrain_lm.TransformerLM(pretrain_lm.lm_config(config), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
-  tokens, valid = convert.pad_left(lang.sentences([("1+2=", "3"), ("10-3=", "7")]),
-                                   max_length=16, pad_id=lang.PAD_ID)
+  tokens, valid = convert.pad_left(
+      lang.sentences([("1+2=", "3"), ("10-3=", "7")]), max_length=16, pad_id=lang.PAD_ID
+  )
   loss = pretrain_lm.lm_loss(graphdef, params, jnp.asarray(tokens), jnp.asarray(valid))
   fwd = jax.jit(forward, static_argnums=0)
   nll = []
   for row, v in zip(tokens, valid):
     seq = row[v]
     padded = jnp.asarray([list(seq) + [0] * (16 - len(seq))], jnp.int32)  # causal: prefix exact
-    z = np.asarray(fwd(graphdef, params, padded)[0][0], np.float64)[:len(seq)]
+    z = np.asarray(fwd(graphdef, params, padded)[0][0], np.float64)[: len(seq)]
     lp = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
     nll += [-lp[t - 1, seq[t]] for t in range(1, len(seq))]
   np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-5)

@@ -14,30 +14,46 @@ import transformers as T
 from flax import nnx
 from safetensors import safe_open
 
-from alignjax.models.convert import (CheckpointError, SafetensorsCheckpoint, load_hf_lm,
-                                     read_hf_config, save_hf_lm)
+from alignjax.models.convert import (
+    CheckpointError,
+    SafetensorsCheckpoint,
+    load_hf_lm,
+    read_hf_config,
+    save_hf_lm,
+)
 from alignjax.models.convert.safetensors_io import write_checkpoint
 from alignjax.models.lm_config import ConfigTranslationError, lm_config_from_hf
-from test_lm_hf_models import (FAMILIES, hf_checkpoint, hf_model, left_padded_batch,
-                               one_torch_thread)
+from test_lm_hf_models import (
+    FAMILIES,
+    hf_checkpoint,
+    hf_model,
+    left_padded_batch,
+    one_torch_thread,
+)
 
 
 def flat_params(model):
-  return {"/".join(map(str, k)): np.asarray(v.get_value())
-          for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+      "/".join(map(str, k)): np.asarray(v.get_value())
+      for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 def hf_logits(model, tokens, valid):
   positions = np.maximum(np.cumsum(valid, 1) - 1, 0)
   with torch.no_grad(), one_torch_thread():
-    return model(input_ids=torch.tensor(tokens), position_ids=torch.tensor(positions),
-                 attention_mask=torch.tensor(valid.astype(np.int64))).logits.numpy()
+    return model(
+        input_ids=torch.tensor(tokens),
+        position_ids=torch.tensor(positions),
+        attention_mask=torch.tensor(valid.astype(np.int64)),
+    ).logits.numpy()
 
 
 def load_with_transformers(directory, dtype=torch.float32):
   with one_torch_thread():
-    return T.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager",
-                                                  dtype=dtype).eval()
+    return T.AutoModelForCausalLM.from_pretrained(
+        directory, attn_implementation="eager", dtype=dtype
+    ).eval()
 
 
 def copy_checkpoint(family, tmp_path, edit_config=None):
@@ -59,8 +75,12 @@ def rewrite_tensors(directory, edit):
   tensors = edit({k: np.array(ckpt.get(k)) for k in ckpt.tensors})
   del ckpt
   os.remove(os.path.join(directory, "model.safetensors"))
-  write_checkpoint(directory, [(k, v.dtype, v.shape) for k, v in tensors.items()],
-                   tensors.__getitem__, max_shard_bytes=2**40)
+  write_checkpoint(
+      directory,
+      [(k, v.dtype, v.shape) for k, v in tensors.items()],
+      tensors.__getitem__,
+      max_shard_bytes=2**40,
+  )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -74,8 +94,11 @@ def test_export_round_trip_through_transformers(family, tmp_path):
   for name, value in reloaded.state_dict().items():
     np.testing.assert_array_equal(value.numpy(), expected[name].numpy(), err_msg=name)
   tokens, valid = left_padded_batch(seed=4)
-  np.testing.assert_allclose(hf_logits(reloaded, tokens, valid)[valid],
-                             hf_logits(original, tokens, valid)[valid], atol=1e-6)
+  np.testing.assert_allclose(
+      hf_logits(reloaded, tokens, valid)[valid],
+      hf_logits(original, tokens, valid)[valid],
+      atol=1e-6,
+  )
 
 
 def test_sharded_checkpoint_round_trip_and_missing_shard(tmp_path):
@@ -128,8 +151,9 @@ def test_save_refuses_to_overwrite_and_inexpressible_configs(tmp_path):
     save_hf_lm(str(tmp_path), model)
   save_hf_lm(str(tmp_path), model, overwrite=True, max_shard_bytes=30_000)
   assert not os.path.exists(tmp_path / "model.safetensors")  # the stale single file is gone
-  save_hf_lm(str(tmp_path / "extra"), model, extra_config={"attention_dropout": 0.1,
-                                                          "eos_token_id": 99})
+  save_hf_lm(
+      str(tmp_path / "extra"), model, extra_config={"attention_dropout": 0.1, "eos_token_id": 99}
+  )
   with open(tmp_path / "extra" / "config.json") as f:
     written = json.load(f)
   assert written["attention_dropout"] == 0.1  # carried over
@@ -181,15 +205,18 @@ def test_config_quirks():
   llama3 = json.load(open(os.path.join(hf_checkpoint("llama3_rope"), "config.json")))
   legacy = {k: v for k, v in llama3.items() if k != "rope_parameters"}
   scaling = dict(llama3["rope_parameters"])
-  legacy.update(rope_theta=scaling.pop("rope_theta"),
-                rope_scaling={"type": scaling.pop("rope_type"), **scaling})
+  legacy.update(
+      rope_theta=scaling.pop("rope_theta"),
+      rope_scaling={"type": scaling.pop("rope_type"), **scaling},
+  )
   assert lm_config_from_hf(legacy) == lm_config_from_hf(llama3)
   assert lm_config_from_hf(llama3).rope_type == "llama3"
 
   gemma = json.load(open(os.path.join(hf_checkpoint("gemma"), "config.json")))
   assert lm_config_from_hf({**gemma, "hidden_act": "gelu"}).activation == "gelu_tanh"
   assert lm_config_from_hf({**gemma, "hidden_activation": "gelu_pytorch_tanh"}).activation == (
-      "gelu_tanh")
+      "gelu_tanh"
+  )
 
   qwen2 = json.load(open(os.path.join(hf_checkpoint("qwen2"), "config.json")))
   no_types = {k: v for k, v in qwen2.items() if k != "layer_types"}
@@ -202,8 +229,9 @@ def test_config_quirks():
 
 def test_missing_unused_and_misshaped_tensors_are_named(tmp_path):
   directory = copy_checkpoint("llama", tmp_path / "a")
-  rewrite_tensors(directory, lambda t: {k: v for k, v in t.items()
-                                        if k != "model.layers.1.mlp.up_proj.weight"})
+  rewrite_tensors(
+      directory, lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"}
+  )
   with pytest.raises(CheckpointError, match=r"lacks 1 tensor.*model\.layers\.1\.mlp\.up_proj"):
     load_hf_lm(directory)
 
@@ -213,18 +241,26 @@ def test_missing_unused_and_misshaped_tensors_are_named(tmp_path):
     load_hf_lm(directory)
 
   directory = copy_checkpoint("llama", tmp_path / "c", lambda d: d.update(intermediate_size=80))
-  with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor "
-                     r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(96, 64\), "
-                     r"expected \(80, 64\)"):
+  with pytest.raises(
+      CheckpointError,
+      match=r"model\.safetensors: tensor "
+      r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(96, 64\), "
+      r"expected \(80, 64\)",
+  ):
     load_hf_lm(directory)
 
 
 def test_original_gpt2_layout_and_tied_copies(tmp_path):
   # The original GPT-2 release names tensors without "transformer." and stores mask buffers.
   directory = copy_checkpoint("gpt2", tmp_path / "gpt2")
-  rewrite_tensors(directory, lambda t: {
-      **{k.removeprefix("transformer."): v for k, v in t.items()},
-      "h.0.attn.bias": np.ones((1, 1, 4, 4), "f4"), "h.1.attn.masked_bias": np.ones(1, "f4")})
+  rewrite_tensors(
+      directory,
+      lambda t: {
+          **{k.removeprefix("transformer."): v for k, v in t.items()},
+          "h.0.attn.bias": np.ones((1, 1, 4, 4), "f4"),
+          "h.1.attn.masked_bias": np.ones(1, "f4"),
+      },
+  )
   model, _ = load_hf_lm(directory)
   reference, _ = load_hf_lm(hf_checkpoint("gpt2"))
   for k, v in flat_params(reference).items():

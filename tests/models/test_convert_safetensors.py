@@ -11,18 +11,25 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch
 
-from alignjax.models.convert.safetensors_io import (CheckpointError, SafetensorsCheckpoint,
-                                                    write_checkpoint)
+from alignjax.models.convert.safetensors_io import (
+    CheckpointError,
+    SafetensorsCheckpoint,
+    write_checkpoint,
+)
 
 
 def test_reader_matches_safetensors_package(tmp_path):
   rng = np.random.default_rng(0)
-  arrays = {"a": rng.normal(size=(3, 5)).astype(np.float32), "b": np.arange(7, dtype=np.int64),
-            "c": rng.normal(size=(2, 2, 2)).astype(np.float16)}
+  arrays = {
+      "a": rng.normal(size=(3, 5)).astype(np.float32),
+      "b": np.arange(7, dtype=np.int64),
+      "c": rng.normal(size=(2, 2, 2)).astype(np.float16),
+  }
   save_file(arrays, str(tmp_path / "model.safetensors"))
   ckpt = SafetensorsCheckpoint(str(tmp_path))
   assert {k: tuple(v.shape) for k, v in ckpt.tensors.items()} == {
-      k: v.shape for k, v in arrays.items()}
+      k: v.shape for k, v in arrays.items()
+  }
   for k, v in arrays.items():
     assert ckpt.get(k).dtype == v.dtype
     np.testing.assert_array_equal(ckpt.get(k), v)
@@ -62,8 +69,7 @@ def test_writer_shards_and_index_read_back_by_safetensors(tmp_path):
   np.testing.assert_array_equal(ckpt.get("t3"), arrays["t3"])
 
   with pytest.raises(ValueError, match="t0 produced float32\\(10, 10\\), declared"):
-    write_checkpoint(str(tmp_path / "x"), [("t0", np.float32, (5,))], produce,
-                     max_shard_bytes=1000)
+    write_checkpoint(str(tmp_path / "x"), [("t0", np.float32, (5,))], produce, max_shard_bytes=1000)
 
 
 def test_bad_files_are_named(tmp_path):

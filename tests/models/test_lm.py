@@ -12,19 +12,52 @@ import transformers as T
 from flax import nnx
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from alignjax.models.lm import (KVCache, TransformerLM, extend_cache, forward, init_cache,
-                                positions_from_mask)
+from alignjax.models.lm import (
+    KVCache,
+    TransformerLM,
+    extend_cache,
+    forward,
+    init_cache,
+    positions_from_mask,
+)
 from alignjax.models.lm_config import LMConfig
 from alignjax.models.lm_layers import apply_rope, attend, rope_sin_cos
 
-TINY = LMConfig(family="llama", vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
-                num_kv_heads=2, head_dim=8, mlp_dim=48, max_position_embeddings=32)
+TINY = LMConfig(
+    family="llama",
+    vocab_size=50,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=48,
+    max_position_embeddings=32,
+)
 TINY_GPT2 = dataclasses.replace(
-    TINY, family="gpt2", num_kv_heads=4, gated_mlp=False, norm="layer", activation="gelu_tanh",
-    qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=True, position_embedding="learned")
-TINY_LOCAL = dataclasses.replace(TINY, family="gemma2", local_layers=(1,), sliding_window=3,
-                                 post_norms=True, norm_offset=1.0, embed_scale=True,
-                                 attn_logit_softcap=5.0, final_logit_softcap=8.0)
+    TINY,
+    family="gpt2",
+    num_kv_heads=4,
+    gated_mlp=False,
+    norm="layer",
+    activation="gelu_tanh",
+    qkv_bias=True,
+    o_bias=True,
+    mlp_bias=True,
+    tie_embeddings=True,
+    position_embedding="learned",
+)
+TINY_LOCAL = dataclasses.replace(
+    TINY,
+    family="gemma2",
+    local_layers=(1,),
+    sliding_window=3,
+    post_norms=True,
+    norm_offset=1.0,
+    embed_scale=True,
+    attn_logit_softcap=5.0,
+    final_logit_softcap=8.0,
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,8 +65,7 @@ def make(config, seed=0):
   """(graphdef, params) of a random model. Values come from numpy (compiling jax.random for
   every parameter shape is slow on CPU) and are larger than the 0.02 init, so that every term
   matters numerically."""
-  graphdef, abstract = nnx.split(
-      nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(seed))))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(seed))))
   rng = np.random.default_rng(seed)
 
   def fill(path, x):
@@ -55,8 +87,9 @@ def batch(seed=0, lengths=(10, 7, 3), total=10, vocab=50):
 
 def test_positions_from_mask():
   valid = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], bool)
-  np.testing.assert_array_equal(positions_from_mask(valid),
-                                [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(
+      positions_from_mask(valid), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
+  )
 
 
 def test_rope_is_a_complex_rotation():
@@ -69,22 +102,47 @@ def test_rope_is_a_complex_rotation():
   np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), atol=1e-5)
 
 
-@pytest.mark.parametrize("scaling", [
-    None, {"rope_type": "linear", "factor": 4.0},
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 64}])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        None,
+        {"rope_type": "linear", "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ],
+)
 def test_inv_freq_matches_transformers(scaling):
-  hf = T.LlamaConfig(hidden_size=256, num_attention_heads=2, rope_theta=5e5,
-                     rope_scaling=scaling, max_position_embeddings=1024)
+  hf = T.LlamaConfig(
+      hidden_size=256,
+      num_attention_heads=2,
+      rope_theta=5e5,
+      rope_scaling=scaling,
+      max_position_embeddings=1024,
+  )
   rope_type = (scaling or {}).get("rope_type", "default")
   if rope_type == "default":
     ref = 1.0 / 5e5 ** (np.arange(0, 128, 2) / 128)
   else:
     ref = ROPE_INIT_FUNCTIONS[rope_type](hf)[0].numpy()
-  ours = LMConfig(family="llama", vocab_size=8, hidden_size=256, num_layers=1, num_heads=2,
-                  num_kv_heads=2, head_dim=128, mlp_dim=8, rope_theta=5e5,
-                  rope_type=rope_type, rope_factor=(scaling or {}).get("factor", 1.0),
-                  rope_original_max_positions=64).inv_freq()
+  ours = LMConfig(
+      family="llama",
+      vocab_size=8,
+      hidden_size=256,
+      num_layers=1,
+      num_heads=2,
+      num_kv_heads=2,
+      head_dim=128,
+      mlp_dim=8,
+      rope_theta=5e5,
+      rope_type=rope_type,
+      rope_factor=(scaling or {}).get("factor", 1.0),
+      rope_original_max_positions=64,
+  ).inv_freq()
   np.testing.assert_allclose(ours, ref, rtol=1e-6)
   if rope_type == "llama3":  # the scaling changes low frequencies only
     assert ours[0] == pytest.approx(ref[0]) and ours[-1] < 1.0 / 5e5 ** (126 / 128) / 7
@@ -96,8 +154,16 @@ def test_attend_matches_naive_loop():
   k, v = (rng.normal(size=(2, 2, 7, 8)).astype(np.float32) for _ in range(2))  # [B, K, S, D]
   allowed = rng.random((2, 5, 7)) < 0.6
   allowed[0, 2] = False  # a query with no allowed key (padding) must stay finite
-  got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(allowed),
-                          scale=0.3, softcap=2.0))
+  got = np.asarray(
+      attend(
+          jnp.asarray(q),
+          jnp.asarray(k),
+          jnp.asarray(v),
+          jnp.asarray(allowed),
+          scale=0.3,
+          softcap=2.0,
+      )
+  )
   for b in range(2):
     for t in range(5):
       for n in range(4):
@@ -116,8 +182,7 @@ def test_cached_prefill_and_decode_equal_full_forward(config):
   cache = init_cache(config, 3, 16)
   chunks, outs = [(0, 3), (3, 6), (6, 7), (7, 8), (8, 9), (9, 10)], []
   for a, b in chunks:  # two multi-token prefill chunks, then one token at a time
-    logits, cache = FWD(graphdef, params, tokens[:, a:b], positions[:, a:b], valid[:, a:b],
-                        cache)
+    logits, cache = FWD(graphdef, params, tokens[:, a:b], positions[:, a:b], valid[:, a:b], cache)
     outs.append(logits)
   assert isinstance(cache, KVCache) and int(cache.index) == 10
   np.testing.assert_array_equal(cache.valid[:, :10], valid)
@@ -132,8 +197,9 @@ def test_extended_prefill_cache_decodes_like_a_full_length_cache():
   tokens, valid = batch()
   positions = positions_from_mask(valid)
   full, _ = FWD(graphdef, params, tokens, None, valid)
-  _, cache = FWD(graphdef, params, tokens[:, :7], positions[:, :7], valid[:, :7],
-                 init_cache(TINY_LOCAL, 3, 7))
+  _, cache = FWD(
+      graphdef, params, tokens[:, :7], positions[:, :7], valid[:, :7], init_cache(TINY_LOCAL, 3, 7)
+  )
   short = cache
   cache = extend_cache(cache, 12)
   assert cache.max_len == 12 and int(cache.index) == 7
@@ -144,8 +210,9 @@ def test_extended_prefill_cache_decodes_like_a_full_length_cache():
   np.testing.assert_array_equal(cache.valid, np.pad(np.asarray(valid[:, :7]), ((0, 0), (0, 5))))
   np.testing.assert_array_equal(cache.positions[:, :7], positions[:, :7])
   for t in range(7, 10):
-    logits, cache = FWD(graphdef, params, tokens[:, t:t + 1], positions[:, t:t + 1],
-                        valid[:, t:t + 1], cache)
+    logits, cache = FWD(
+        graphdef, params, tokens[:, t : t + 1], positions[:, t : t + 1], valid[:, t : t + 1], cache
+    )
     np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
   with pytest.raises(ValueError, match="max_len=5 is smaller than the cache's 7 slots"):
     extend_cache(short, 5)
@@ -156,8 +223,9 @@ def test_left_padding_does_not_change_logits():
   tokens, valid = batch(lengths=(6, 6, 6), total=6)
   padded = jnp.concatenate([jnp.full((3, 4), 7), tokens], axis=1)
   logits, _ = FWD(graphdef, params, tokens, None, valid)
-  logits_padded, _ = FWD(graphdef, params, padded, None,
-                         jnp.concatenate([jnp.zeros((3, 4), bool), valid], axis=1))
+  logits_padded, _ = FWD(
+      graphdef, params, padded, None, jnp.concatenate([jnp.zeros((3, 4), bool), valid], axis=1)
+  )
   np.testing.assert_allclose(logits_padded[:, 4:], logits, atol=1e-5)
 
 
@@ -192,8 +260,16 @@ def test_gradients_are_finite_with_padding():
 
 def test_init_and_bfloat16_params():
   # Eager init compiles one random op per distinct shape: keep the shapes few.
-  small = dataclasses.replace(TINY_GPT2, vocab_size=16, hidden_size=16, num_layers=1,
-                              num_heads=2, num_kv_heads=2, mlp_dim=16, max_position_embeddings=16)
+  small = dataclasses.replace(
+      TINY_GPT2,
+      vocab_size=16,
+      hidden_size=16,
+      num_layers=1,
+      num_heads=2,
+      num_kv_heads=2,
+      mlp_dim=16,
+      max_position_embeddings=16,
+  )
   model = TransformerLM(small, rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(model.layers[0].attn_norm.scale[...], np.ones(16))
   np.testing.assert_array_equal(model.layers[0].mlp.up.bias[...], np.zeros(16))
@@ -237,6 +313,7 @@ def test_lm_config_validation_and_dict_round_trip():
     dataclasses.replace(TINY, activation="tanh")
   with pytest.raises(ValueError, match="local_layers need a positive sliding_window"):
     dataclasses.replace(TINY, local_layers=(0,))
-  assert TINY_LOCAL.attention_scale == pytest.approx(8 ** -0.5)
+  assert TINY_LOCAL.attention_scale == pytest.approx(8**-0.5)
   assert dataclasses.replace(TINY, query_pre_attn_scalar=24).attention_scale == pytest.approx(
-      24 ** -0.5)
+      24**-0.5
+  )

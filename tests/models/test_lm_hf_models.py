@@ -17,25 +17,56 @@ import transformers as T
 from alignjax.models.lm_config import lm_config_from_hf
 
 VOCAB = 128
-_BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 HF_CONFIGS = {
     "llama": lambda: T.LlamaConfig(**_BASE, rope_theta=1000.0),
     "llama3_rope": lambda: T.LlamaConfig(
-        **_BASE, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-    "qwen2": lambda: T.Qwen2Config(**_BASE, use_sliding_window=True, sliding_window=5,
-                                   max_window_layers=1),
+        **_BASE,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
+    "qwen2": lambda: T.Qwen2Config(
+        **_BASE, use_sliding_window=True, sliding_window=5, max_window_layers=1
+    ),
     "qwen3": lambda: T.Qwen3Config(**_BASE, head_dim=24, attention_bias=True),
     "gemma": lambda: T.GemmaConfig(**{**_BASE, "num_key_value_heads": 1}, head_dim=16),
-    "gemma2": lambda: T.Gemma2Config(**_BASE, head_dim=16, sliding_window=4,
-                                     query_pre_attn_scalar=24, attn_logit_softcapping=8.0,
-                                     final_logit_softcapping=10.0),
-    "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
-                                 n_positions=128, bos_token_id=1, eos_token_id=2),
+    "gemma2": lambda: T.Gemma2Config(
+        **_BASE,
+        head_dim=16,
+        sliding_window=4,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=8.0,
+        final_logit_softcapping=10.0,
+    ),
+    "gpt2": lambda: T.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
 }
 FAMILIES = tuple(HF_CONFIGS)
 
@@ -89,7 +120,8 @@ def hf_checkpoint(family: str) -> str:
 def hf_model(family: str):
   """The saved model reloaded by transformers (float32, eval mode)."""
   return T.AutoModelForCausalLM.from_pretrained(
-      hf_checkpoint(family), attn_implementation="eager", dtype=torch.float32).eval()
+      hf_checkpoint(family), attn_implementation="eager", dtype=torch.float32
+  ).eval()
 
 
 def left_padded_batch(seed=0, lengths=(12, 9, 5), total=12):
@@ -98,8 +130,8 @@ def left_padded_batch(seed=0, lengths=(12, 9, 5), total=12):
   tokens = np.zeros((len(lengths), total), np.int64)
   valid = np.zeros((len(lengths), total), bool)
   for i, n in enumerate(lengths):
-    tokens[i, total - n:] = rng.integers(3, VOCAB, n)
-    valid[i, total - n:] = True
+    tokens[i, total - n :] = rng.integers(3, VOCAB, n)
+    valid[i, total - n :] = True
   return tokens, valid
 
 
@@ -112,7 +144,8 @@ def test_saved_config_translates(family):
   assert c.vocab_size == VOCAB and c.num_layers == 2
   assert c.num_heads == hf.num_attention_heads
   assert c.head_dim * c.num_heads == hf.num_attention_heads * getattr(
-      hf, "head_dim", hf.hidden_size // hf.num_attention_heads)
+      hf, "head_dim", hf.hidden_size // hf.num_attention_heads
+  )
   expected_local = {"qwen2": (1,), "gemma2": (0,)}.get(family, ())
   assert c.local_layers == expected_local
   assert c.tie_embeddings == hf.tie_word_embeddings

@@ -12,8 +12,13 @@ from flax import nnx
 
 from alignjax.models.convert import load_hf_lm
 from alignjax.models.lm import forward, init_cache, positions_from_mask
-from test_lm_hf_models import (FAMILIES, hf_checkpoint, hf_model, left_padded_batch,
-                               one_torch_thread)
+from test_lm_hf_models import (
+    FAMILIES,
+    hf_checkpoint,
+    hf_model,
+    left_padded_batch,
+    one_torch_thread,
+)
 
 NEW_TOKENS = 32
 
@@ -31,11 +36,14 @@ def test_logits_match_transformers(family):
   tokens, valid = left_padded_batch(seed=1)
   positions = np.maximum(np.cumsum(valid, 1) - 1, 0)
   with torch.no_grad(), one_torch_thread():
-    ref = hf_model(family)(input_ids=torch.tensor(tokens),
-                           attention_mask=torch.tensor(valid.astype(np.int64)),
-                           position_ids=torch.tensor(positions)).logits.numpy()
-  logits, _ = jax.jit(forward, static_argnums=0)(graphdef, params, jnp.asarray(tokens),
-                                                  None, jnp.asarray(valid))
+    ref = hf_model(family)(
+        input_ids=torch.tensor(tokens),
+        attention_mask=torch.tensor(valid.astype(np.int64)),
+        position_ids=torch.tensor(positions),
+    ).logits.numpy()
+  logits, _ = jax.jit(forward, static_argnums=0)(
+      graphdef, params, jnp.asarray(tokens), None, jnp.asarray(valid)
+  )
   logits = np.asarray(logits)
   assert logits.dtype == np.float32 and logits.shape == ref.shape
   np.testing.assert_allclose(logits[valid], ref[valid], atol=1e-4, rtol=0)
@@ -49,8 +57,9 @@ def greedy(graphdef, params, config, tokens, valid, steps):
 
   @jax.jit
   def step(params, token, position, valid, cache):
-    logits, cache = forward(graphdef, params, token[:, None], position[:, None], valid[:, None],
-                            cache)
+    logits, cache = forward(
+        graphdef, params, token[:, None], position[:, None], valid[:, None], cache
+    )
     return jnp.argmax(logits[:, 0], -1), cache
 
   # Committed device arrays throughout, so that `step` compiles once.
@@ -77,8 +86,12 @@ def test_greedy_generation_matches_transformers(family):
   model.generation_config.eos_token_id = None  # generate all 32 tokens (no EOS stop)
   with torch.no_grad(), one_torch_thread():
     ref = model.generate(
-        input_ids=torch.tensor(tokens), attention_mask=torch.tensor(valid.astype(np.int64)),
-        max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).numpy()[:, tokens.shape[1]:]
+        input_ids=torch.tensor(tokens),
+        attention_mask=torch.tensor(valid.astype(np.int64)),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+    ).numpy()[:, tokens.shape[1] :]
   assert ref.shape == (3, NEW_TOKENS)
   got = greedy(graphdef, params, config, jnp.asarray(tokens), jnp.asarray(valid), NEW_TOKENS)
   np.testing.assert_array_equal(got, ref)

@@ -10,8 +10,13 @@ from jax.sharding import PartitionSpec as P
 
 from alignjax import parallel
 from alignjax.models.convert import abstract_lm, load_hf_lm, read_hf_config
-from alignjax.models.lm import (LM_SHARDING_RULES, forward, lm_param_shardings,
-                                lm_sharding_rules, spec_for)
+from alignjax.models.lm import (
+    LM_SHARDING_RULES,
+    forward,
+    lm_param_shardings,
+    lm_sharding_rules,
+    spec_for,
+)
 from test_lm_hf_models import hf_checkpoint, left_padded_batch
 
 
@@ -54,14 +59,14 @@ def test_param_shardings_tree_and_fallback():
   assert spec_for("embed/embedding", (127, 64), mesh) == P(None, "fsdp")
   # FSDP over both data-parallel axes (ZeRO-3 style).
   rules = lm_sharding_rules(fsdp=("data", "fsdp"))
-  assert spec_for("layers/0/mlp/up/kernel", (64, 96), mesh, rules) == P(("data", "fsdp"),
-                                                                         "tensor")
+  assert spec_for("layers/0/mlp/up/kernel", (64, 96), mesh, rules) == P(("data", "fsdp"), "tensor")
   with pytest.raises(ValueError, match="no sharding rule matches parameter foo"):
     spec_for("foo", (3,), mesh, LM_SHARDING_RULES[:-1])
   # The rules mean the same under alignjax.parallel (re.search) for divisible shapes.
   theirs = parallel.param_shardings(abstract, mesh, LM_SHARDING_RULES)
-  for a, b, x in zip(jax.tree.leaves(theirs), jax.tree.leaves(shardings),
-                     jax.tree.leaves(abstract)):
+  for a, b, x in zip(
+      jax.tree.leaves(theirs), jax.tree.leaves(shardings), jax.tree.leaves(abstract)
+  ):
     assert a.is_equivalent_to(b, x.ndim)
   gpt2 = lm_param_shardings(abstract_lm(read_hf_config(hf_checkpoint("gpt2")))[1], mesh)
   assert spec(gpt2["pos_embed"]["embedding"]) == P(None, "fsdp")

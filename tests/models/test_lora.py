@@ -1,4 +1,5 @@
 """Tests of functional LoRA (alignjax.models.lora)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,28 +47,35 @@ def test_merged_kernel_matches_numpy():
   params = _params()
   lp = lora.init_lora(params, 2, jax.random.key(2))
   rng = np.random.default_rng(0)
-  lp = {k: {"a": v["a"], "b": jnp.asarray(rng.normal(size=v["b"].shape), jnp.float32)}
-        for k, v in lp.items()}
+  lp = {
+      k: {"a": v["a"], "b": jnp.asarray(rng.normal(size=v["b"].shape), jnp.float32)}
+      for k, v in lp.items()
+  }
   merged = lora.merge_lora(params, lp, alpha=6.0)
-  flat_base = {lora.path_str(p): np.asarray(v) for p, v in
-               jax.tree_util.tree_flatten_with_path(params)[0]}
-  flat_merged = {lora.path_str(p): np.asarray(v) for p, v in
-                 jax.tree_util.tree_flatten_with_path(merged)[0]}
+  flat_base = {
+      lora.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+  flat_merged = {
+      lora.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(merged)[0]
+  }
   for name in ("conv_in/kernel", "down/0/conv1/kernel", "time_mlp1/kernel"):
     w = flat_base[name].astype(np.float64)
     a = np.asarray(lp[name]["a"], np.float64)
     b = np.asarray(lp[name]["b"], np.float64)
     want = w + (6.0 / 2) * (a @ b).reshape(w.shape)  # eq. 1 with [kh*kw*in, out] rows
     np.testing.assert_allclose(flat_merged[name], want, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(flat_merged["class_embed/embedding"],
-                                flat_base["class_embed/embedding"])
+  np.testing.assert_array_equal(
+      flat_merged["class_embed/embedding"], flat_base["class_embed/embedding"]
+  )
   # alpha=None means scale 1.
   merged1 = lora.merge_lora(params, lp)
   w = flat_base["conv_in/kernel"]
-  want = w + (np.asarray(lp["conv_in/kernel"]["a"]) @ np.asarray(lp["conv_in/kernel"]["b"])
-              ).reshape(w.shape)
-  np.testing.assert_allclose(np.asarray(merged1["conv_in"]["kernel"][...]), want, rtol=1e-5,
-                             atol=1e-5)
+  want = w + (
+      np.asarray(lp["conv_in/kernel"]["a"]) @ np.asarray(lp["conv_in/kernel"]["b"])
+  ).reshape(w.shape)
+  np.testing.assert_allclose(
+      np.asarray(merged1["conv_in"]["kernel"][...]), want, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_gradients_reach_lora_only_and_merge_is_jittable():
@@ -93,9 +101,12 @@ def test_gradients_reach_lora_only_and_merge_is_jittable():
   merged = lora.merge_lora(params, lp2, alpha=4.0)
   g_w = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x)[:, 3]))(merged)
   g_fc2 = np.asarray(g_w["fc2"]["kernel"][...])
-  np.testing.assert_allclose(np.asarray(g2["fc2/kernel"]["b"]),
-                             2.0 * np.asarray(lp2["fc2/kernel"]["a"]).T @ g_fc2,
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(g2["fc2/kernel"]["b"]),
+      2.0 * np.asarray(lp2["fc2/kernel"]["a"]).T @ g_fc2,
+      rtol=1e-4,
+      atol=1e-6,
+  )
   # The base is an input, not something the merge modifies.
   before = jax.tree.map(np.asarray, params)
   lora.merge_lora(params, lp2)
@@ -120,5 +131,6 @@ def test_works_on_plain_dicts():
   assert set(lp) == {"dense/kernel"}
   lp = {"dense/kernel": {"a": jnp.array([[1.0], [2.0], [3.0]]), "b": jnp.array([[1.0, -1.0]])}}
   merged = lora.merge_lora(params, lp, alpha=2.0)
-  np.testing.assert_allclose(merged["dense"]["kernel"],
-                             1.0 + 2.0 * np.array([[1, -1], [2, -2], [3, -3]]))
+  np.testing.assert_allclose(
+      merged["dense"]["kernel"], 1.0 + 2.0 * np.array([[1, -1], [2, -2], [3, -3]])
+  )

@@ -1,4 +1,5 @@
 """Tests of model directory I/O (alignjax.models.io)."""
+
 import json
 import os
 
@@ -101,16 +102,19 @@ def test_weight_key_shape_dtype_errors(tmp_path, saved):
   d, path = _edit_weights(src, str(tmp_path / "m"), lambda t: t.pop("conv_in.kernel"))
   with pytest.raises(io.ModelIOError, match=r"model.safetensors: missing.*'conv_in.kernel'"):
     io.load_model(d, UNet, UNetConfig)
-  d, path = _edit_weights(src, str(tmp_path / "u"),
-                          lambda t: t.update({"extra.kernel": np.zeros(2, np.float32)}))
+  d, path = _edit_weights(
+      src, str(tmp_path / "u"), lambda t: t.update({"extra.kernel": np.zeros(2, np.float32)})
+  )
   with pytest.raises(io.ModelIOError, match=r"model.safetensors: unexpected.*'extra.kernel'"):
     io.load_model(d, UNet, UNetConfig)
-  d, path = _edit_weights(src, str(tmp_path / "s"),
-                          lambda t: t.update({"conv_out.bias": np.zeros(3, np.float32)}))
+  d, path = _edit_weights(
+      src, str(tmp_path / "s"), lambda t: t.update({"conv_out.bias": np.zeros(3, np.float32)})
+  )
   with pytest.raises(io.ModelIOError, match=r"key 'conv_out.bias' has shape \(3,\).*\(1,\)"):
     io.load_model(d, UNet, UNetConfig)
-  d, path = _edit_weights(src, str(tmp_path / "t"),
-                          lambda t: t.update({"conv_out.bias": np.zeros(1, np.float16)}))
+  d, path = _edit_weights(
+      src, str(tmp_path / "t"), lambda t: t.update({"conv_out.bias": np.zeros(1, np.float16)})
+  )
   with pytest.raises(io.ModelIOError, match=r"key 'conv_out.bias' has dtype float16.*float32"):
     io.load_model(d, UNet, UNetConfig)
 
@@ -131,5 +135,9 @@ def test_load_into_shardings(saved):
   assert kernel.sharding == NamedSharding(mesh, P(None, None, None, "data"))
   np.testing.assert_array_equal(np.asarray(kernel), np.asarray(model.down[0].conv1.kernel[...]))
   with pytest.raises(io.ModelIOError, match="shardings lack entries"):
-    io.load_model(directory, UNet, UNetConfig, shardings={"conv_in": {"kernel": spec(
-        jnp.zeros((3, 3, 1, 8)))}})
+    io.load_model(
+        directory,
+        UNet,
+        UNetConfig,
+        shardings={"conv_in": {"kernel": spec(jnp.zeros((3, 3, 1, 8)))}},
+    )

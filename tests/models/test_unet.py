@@ -1,4 +1,5 @@
 """Tests of the class-conditional digits UNet (alignjax.models.unet)."""
+
 import math
 
 import jax
@@ -33,7 +34,7 @@ def _np_conv_same(x, kernel, bias):
   out = np.zeros((b, h, w, cout))
   for i in range(kh):
     for j in range(kw):
-      out += np.einsum("bhwc,cd->bhwd", xp[:, i:i + h, j:j + w, :], kernel[i, j])
+      out += np.einsum("bhwc,cd->bhwd", xp[:, i : i + h, j : j + w, :], kernel[i, j])
   return out + bias
 
 
@@ -49,8 +50,10 @@ def test_timestep_embedding_matches_formula():
   t = jnp.array([0, 1, 17, 999], jnp.int32)
   got = np.asarray(unet_lib.timestep_embedding(t, 8, 10000.0))
   freqs = [math.exp(-math.log(10000.0) * i / 4) for i in range(4)]  # eq. 1
-  want = [[math.cos(tt * f) for f in freqs] + [math.sin(tt * f) for f in freqs]
-          for tt in [0, 1, 17, 999]]  # eq. 2
+  want = [
+      [math.cos(tt * f) for f in freqs] + [math.sin(tt * f) for f in freqs]
+      for tt in [0, 1, 17, 999]
+  ]  # eq. 2
   np.testing.assert_allclose(got, want, atol=2e-4)
 
 
@@ -60,11 +63,17 @@ def test_resblock_matches_numpy():
   emb = np.random.default_rng(1).normal(size=(2, 6)).astype(np.float32)
   got = np.asarray(block(jnp.asarray(x), jnp.asarray(emb)))
   p = jax.tree.map(_np, nnx.to_pure_dict(nnx.state(block)))
-  h = _np_conv_same(_np_silu(_np_group_norm(_np(x), p["norm1"]["scale"], p["norm1"]["bias"], 2)),
-                    p["conv1"]["kernel"], p["conv1"]["bias"])
+  h = _np_conv_same(
+      _np_silu(_np_group_norm(_np(x), p["norm1"]["scale"], p["norm1"]["bias"], 2)),
+      p["conv1"]["kernel"],
+      p["conv1"]["bias"],
+  )
   h = h + (_np_silu(_np(emb)) @ p["emb_proj"]["kernel"] + p["emb_proj"]["bias"])[:, None, None]
-  h = _np_conv_same(_np_silu(_np_group_norm(h, p["norm2"]["scale"], p["norm2"]["bias"], 2)),
-                    p["conv2"]["kernel"], p["conv2"]["bias"])
+  h = _np_conv_same(
+      _np_silu(_np_group_norm(h, p["norm2"]["scale"], p["norm2"]["bias"], 2)),
+      p["conv2"]["kernel"],
+      p["conv2"]["bias"],
+  )
   skip = _np(x) @ p["skip"]["kernel"][0, 0] + p["skip"]["bias"]
   np.testing.assert_allclose(got, skip + h, rtol=1e-4, atol=1e-4)  # eqs. 4-5
 
@@ -79,12 +88,12 @@ def test_attention_block_matches_numpy():
   out = np.zeros((3, 4, 8))
   for b in range(3):
     for head in range(2):
-      sl = lambda k: qkv[b, :, k * 8 + head * 4: k * 8 + head * 4 + 4]
+      sl = lambda k: qkv[b, :, k * 8 + head * 4 : k * 8 + head * 4 + 4]
       q, k, v = sl(0), sl(1), sl(2)
       logits = q @ k.T / 2.0
       w = np.exp(logits - logits.max(-1, keepdims=True))
       w /= w.sum(-1, keepdims=True)
-      out[b, :, head * 4:(head + 1) * 4] = w @ v
+      out[b, :, head * 4 : (head + 1) * 4] = w @ v
   want = _np(x) + (out @ p["out"]["kernel"] + p["out"]["bias"]).reshape(3, 2, 2, 8)  # eq. 6
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -103,14 +112,19 @@ def test_default_unet_size_structure_and_zero_output_conv():
   # unused initialisers of the other parameters, so this compiles quickly).
   conv_out = jax.jit(lambda: nnx.state(unet_lib.UNet(cfg, rngs=nnx.Rngs(0)))["conv_out"])()
   assert not np.any(np.asarray(conv_out["kernel"][...])) and not np.any(
-      np.asarray(conv_out["bias"][...]))
+      np.asarray(conv_out["bias"][...])
+  )
 
 
 def test_full_size_unet_eval_shape():
   cfg = unet_lib.UNetConfig(channels=(64, 128, 256), num_res_blocks=2)
   abstract = nnx.eval_shape(lambda: unet_lib.UNet(cfg, rngs=nnx.Rngs(0)))
-  out = jax.eval_shape(lambda m: m(jnp.zeros((16, 8, 8, 1)), jnp.zeros((16,), jnp.int32),
-                                   jnp.zeros((16,), jnp.int32)), abstract)
+  out = jax.eval_shape(
+      lambda m: m(
+          jnp.zeros((16, 8, 8, 1)), jnp.zeros((16,), jnp.int32), jnp.zeros((16,), jnp.int32)
+      ),
+      abstract,
+  )
   assert out.shape == (16, 8, 8, 1)
 
 
@@ -121,7 +135,7 @@ def test_examples_are_independent_of_the_batch():
   c = jnp.array([0, 4, 9, 10, 2], jnp.int32)
   full = np.asarray(_apply(model, x, t, c))
   for i in (0, 3):
-    single = np.asarray(_apply(model, x[i:i + 1], t[i:i + 1], c[i:i + 1]))
+    single = np.asarray(_apply(model, x[i : i + 1], t[i : i + 1], c[i : i + 1]))
     np.testing.assert_allclose(single[0], full[i], rtol=1e-5, atol=1e-5)
 
 

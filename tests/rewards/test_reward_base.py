@@ -1,4 +1,5 @@
 """Tests for alignjax.rewards.base: the Reward interface, input checks, evaluate_reward."""
+
 import dataclasses
 
 import jax
@@ -59,7 +60,12 @@ def test_prompt_batch_length_must_match(reward):
   with pytest.raises(ValueError, match="batch length 2"):
     reward(IMAGES, {"ids": np.arange(3), "text": ["a", "b"]})
   # Matching lengths are accepted in every form.
-  for prompts in (None, np.arange(3), ["a", "b", "c"], {"ids": jnp.arange(3), "t": ("a", "b", "c")}):
+  for prompts in (
+      None,
+      np.arange(3),
+      ["a", "b", "c"],
+      {"ids": jnp.arange(3), "t": ("a", "b", "c")},
+  ):
     np.testing.assert_allclose(np.asarray(reward(IMAGES, prompts)), EXPECTED, rtol=1e-6)
 
 

@@ -1,4 +1,5 @@
 """Tests for alignjax.rewards.classifier against an independent numpy log-softmax."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,9 @@ def test_nnx_classifier_with_params_as_step_arguments():
     return jax.value_and_grad(lambda x: reward(x, classes).sum())(images)
 
   value, grad = step(params, IMAGES, CLASSES)
-  logits = IMAGES.reshape(5, -1) @ np.asarray(params["kernel"][...]) + np.asarray(params["bias"][...])
+  logits = IMAGES.reshape(5, -1) @ np.asarray(params["kernel"][...]) + np.asarray(
+      params["bias"][...]
+  )
   expected = jax.nn.log_softmax(logits)[np.arange(5), CLASSES].sum()
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   assert np.all(np.isfinite(grad))
@@ -87,7 +90,9 @@ def test_target_range_follows_num_classes():
 
 def test_bad_prompts_and_logits():
   reward = classifier_log_prob(linear_logits)
-  with pytest.raises(ValueError, match=r"class ids \[-2, 10\] are out of range; valid class ids are 0\.\.9"):
+  with pytest.raises(
+      ValueError, match=r"class ids \[-2, 10\] are out of range; valid class ids are 0\.\.9"
+  ):
     reward(IMAGES, np.array([10, 0, -2, 1, 1]))
   with pytest.raises(ValueError, match="got None"):
     reward(IMAGES, None)
@@ -109,4 +114,6 @@ def test_traced_out_of_range_ids_give_nan():
 
 def test_class_log_prob():
   logits = np.array([[0.0, np.log(3.0)], [2.0, 2.0]], np.float32)
-  np.testing.assert_allclose(class_log_prob(logits, np.array([1, 0])), [np.log(0.75), np.log(0.5)], rtol=1e-6)
+  np.testing.assert_allclose(
+      class_log_prob(logits, np.array([1, 0])), [np.log(0.75), np.log(0.5)], rtol=1e-6
+  )

@@ -1,4 +1,5 @@
 """Tests for alignjax.rewards.host: HostRewardPool runs rewards off the main thread."""
+
 import threading
 
 import jax

@@ -1,4 +1,5 @@
 """Tests for alignjax.rewards.jpeg against sizes computed independently with Pillow."""
+
 import io
 
 import jax.numpy as jnp
@@ -12,7 +13,9 @@ from alignjax.rewards import evaluate_reward, jpeg_compressibility, jpeg_incompr
 def _reference_kb(image, quality, upscale):
   """Independent path: integer levels via putdata, PIL's own NEAREST resize, saved byte count."""
   height, width, channels = image.shape
-  levels = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.int64)  # half up; the one tie, 127.5, is 128 either way
+  levels = (np.clip(image, 0, 1) * 255 + 0.5).astype(
+      np.int64
+  )  # half up; the one tie, 127.5, is 128 either way
   mode = "L" if channels == 1 else "RGB"
   pil = Image.new(mode, (width, height))
   if channels == 1:
@@ -78,14 +81,17 @@ def test_lower_quality_gives_smaller_files_for_noise():
   assert np.all(jpeg_size_kb(noise, quality=30) < jpeg_size_kb(noise, quality=95))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"quality": 0}, "quality must be an integer in 1..100"),
-    ({"quality": 101}, "quality must be an integer in 1..100"),
-    ({"quality": 95.0}, "quality must be an integer in 1..100"),
-    ({"upscale": 0}, "upscale must be an integer >= 1"),
-    ({"upscale": 2.5}, "upscale must be an integer >= 1"),
-    ({"upscale": True}, "upscale must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"quality": 0}, "quality must be an integer in 1..100"),
+        ({"quality": 101}, "quality must be an integer in 1..100"),
+        ({"quality": 95.0}, "quality must be an integer in 1..100"),
+        ({"upscale": 0}, "upscale must be an integer >= 1"),
+        ({"upscale": 2.5}, "upscale must be an integer >= 1"),
+        ({"upscale": True}, "upscale must be an integer >= 1"),
+    ],
+)
 def test_bad_settings(kwargs, match):
   for make in (jpeg_compressibility, jpeg_incompressibility):
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
 """Tests for alignjax.rewards.statistics (brightness) with hand-computed values."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

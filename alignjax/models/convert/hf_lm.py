@@ -27,11 +27,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
 from alignjax.models.convert import lm_keys
-from alignjax.models.convert.safetensors_io import (INDEX_FILE, SINGLE_FILE, CheckpointError,
-                                                    SafetensorsCheckpoint, write_checkpoint)
+from alignjax.models.convert.safetensors_io import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    SafetensorsCheckpoint,
+    write_checkpoint,
+)
 from alignjax.models.lm import (LM_SHARDING_RULES, TransformerLM, param_path, spec_for)
-from alignjax.models.lm_config import (HARMLESS_KEYS, LMConfig, lm_config_from_hf,
-                                       lm_config_to_hf)
+from alignjax.models.lm_config import (HARMLESS_KEYS, LMConfig, lm_config_from_hf, lm_config_to_hf)
 
 CONFIG_FILE = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -64,25 +68,32 @@ def _resolve_names(config: LMConfig, table, present: set[str], directory: str) -
   for r in table:
     if r.hf in present:
       names[r.hf] = r.hf
-    elif prefix and r.hf.startswith(prefix) and r.hf[len(prefix):] in present:
-      names[r.hf] = r.hf[len(prefix):]
+    elif prefix and r.hf.startswith(prefix) and r.hf[len(prefix) :] in present:
+      names[r.hf] = r.hf[len(prefix) :]
     else:
       missing.append(r.hf)
   if missing:
-    raise CheckpointError(f"{directory}: checkpoint lacks {len(missing)} tensor(s) the "
-                          f"{config.family} config needs: {missing[:8]}")
+    raise CheckpointError(
+        f"{directory}: checkpoint lacks {len(missing)} tensor(s) the "
+        f"{config.family} config needs: {missing[:8]}"
+    )
   ignored = lm_keys.IGNORED[config.family]
-  unused = sorted(n for n in present - set(names.values())
-                  if not ignored.fullmatch(n)
-                  and not (config.tie_embeddings and n == lm_keys.TIED_COPY))
+  unused = sorted(
+      n
+      for n in present - set(names.values())
+      if not ignored.fullmatch(n) and not (config.tie_embeddings and n == lm_keys.TIED_COPY)
+  )
   if unused:
-    raise CheckpointError(f"{directory}: checkpoint has {len(unused)} tensor(s) this "
-                          f"{config.family} config does not use: {unused[:8]}")
+    raise CheckpointError(
+        f"{directory}: checkpoint has {len(unused)} tensor(s) this "
+        f"{config.family} config does not use: {unused[:8]}"
+    )
   return names
 
 
-def load_hf_lm(directory: str, *, dtype: str = "float32", mesh=None,
-               rules=LM_SHARDING_RULES) -> tuple[TransformerLM, LMConfig]:
+def load_hf_lm(
+    directory: str, *, dtype: str = "float32", mesh=None, rules=LM_SHARDING_RULES
+) -> tuple[TransformerLM, LMConfig]:
   """A `TransformerLM` filled from an HF checkpoint directory, sharded over `mesh` by `rules`
   (all parameters on the default device when `mesh` is None)."""
   config = read_hf_config(directory, dtype=dtype)
@@ -103,23 +114,32 @@ def load_hf_lm(directory: str, *, dtype: str = "float32", mesh=None,
     info = ckpt.tensors[name]
     expected = lm_keys.hf_shape(r.layout, [shapes[p].shape for p in r.ours])
     if tuple(info.shape) != expected:
-      raise CheckpointError(f"{os.path.join(directory, info.file)}: tensor {name!r} has shape "
-                            f"{tuple(info.shape)}, expected {expected} for this config")
+      raise CheckpointError(
+          f"{os.path.join(directory, info.file)}: tensor {name!r} has shape "
+          f"{tuple(info.shape)}, expected {expected} for this config"
+      )
     parts = lm_keys.to_ours(r.layout, ckpt.get(name), [shapes[p].shape for p in r.ours])
     for p, part in zip(r.ours, parts):
       part = part.astype(shapes[p].dtype, copy=False)  # still a memory-map view when possible
-      sharding = device if mesh is None else jax.sharding.NamedSharding(
-          mesh, spec_for(p, part.shape, mesh, rules))
+      sharding = (
+          device
+          if mesh is None
+          else jax.sharding.NamedSharding(mesh, spec_for(p, part.shape, mesh, rules))
+      )
       # Each device gets a private copy of its shard, never an alias of the read-only map.
       values[p] = jax.make_array_from_callback(
-          part.shape, sharding, lambda idx, a=part: np.array(a[idx], copy=True))
+          part.shape, sharding, lambda idx, a=part: np.array(a[idx], copy=True)
+      )
   if config.tie_embeddings and lm_keys.TIED_COPY in ckpt.tensors:
     embed = ckpt.get(names[table[0].hf])
     if not np.array_equal(ckpt.get(lm_keys.TIED_COPY), embed):
-      raise CheckpointError(f"{directory}: tie_word_embeddings is true but "
-                            f"{lm_keys.TIED_COPY!r} differs from {names[table[0].hf]!r}")
-  state = nnx.from_flat_state([(path, var.replace(values[param_path(path)]))
-                               for path, var in nnx.to_flat_state(abstract)])
+      raise CheckpointError(
+          f"{directory}: tie_word_embeddings is true but "
+          f"{lm_keys.TIED_COPY!r} differs from {names[table[0].hf]!r}"
+      )
+  state = nnx.from_flat_state(
+      [(path, var.replace(values[param_path(path)])) for path, var in nnx.to_flat_state(abstract)]
+  )
   return nnx.merge(graphdef, state), config
 
 
@@ -130,9 +150,15 @@ def _to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def save_hf_lm(directory: str, model: TransformerLM, *, dtype: str | None = None,
-               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-               extra_config: Mapping[str, Any] | None = None) -> list[str]:
+def save_hf_lm(
+    directory: str,
+    model: TransformerLM,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    extra_config: Mapping[str, Any] | None = None,
+) -> list[str]:
   """Write config.json + safetensors that transformers loads; returns the files written.
 
   dtype: stored dtype ("float32", "bfloat16", "float16"; default the model's).
@@ -145,25 +171,35 @@ def save_hf_lm(directory: str, model: TransformerLM, *, dtype: str | None = None
   extra = dict(extra_config or {})
   refused = sorted(set(extra) - HARMLESS_KEYS)
   if refused:
-    raise ValueError(f"save_hf_lm: extra_config keys {refused} are not harmless metadata; "
-                     f"allowed: {sorted(HARMLESS_KEYS)}")
-  hf_config.update({k: v for k, v in extra.items()
-                    if k not in hf_config and k not in ("dtype", "torch_dtype")})
+    raise ValueError(
+        f"save_hf_lm: extra_config keys {refused} are not harmless metadata; "
+        f"allowed: {sorted(HARMLESS_KEYS)}"
+    )
+  hf_config.update(
+      {k: v for k, v in extra.items() if k not in hf_config and k not in ("dtype", "torch_dtype")}
+  )
   os.makedirs(directory, exist_ok=True)
-  stale = [f for f in os.listdir(directory)
-           if f in (SINGLE_FILE, INDEX_FILE, CONFIG_FILE)
-           or (f.startswith("model-") and f.endswith(".safetensors"))]
+  stale = [
+      f
+      for f in os.listdir(directory)
+      if f in (SINGLE_FILE, INDEX_FILE, CONFIG_FILE)
+      or (f.startswith("model-") and f.endswith(".safetensors"))
+  ]
   if stale and not overwrite:
     raise FileExistsError(f"{directory}: already holds {sorted(stale)}; pass overwrite=True")
   for f in stale:
     os.remove(os.path.join(directory, f))
 
-  params = {param_path(path): var.get_value()
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  params = {
+      param_path(path): var.get_value()
+      for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
   np_dtype = np.dtype(jax.numpy.dtype(out_dtype))
   rules = {r.hf: r for r in lm_keys.key_table(config)}
-  entries = [(k, np_dtype, lm_keys.hf_shape(r.layout, [params[p].shape for p in r.ours]))
-             for k, r in rules.items()]
+  entries = [
+      (k, np_dtype, lm_keys.hf_shape(r.layout, [params[p].shape for p in r.ours]))
+      for k, r in rules.items()
+  ]
 
   def produce(key):
     r = rules[key]

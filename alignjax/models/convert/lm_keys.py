@@ -78,39 +78,49 @@ def hf_shape(layout: str, shapes) -> tuple[int, ...]:
 
 
 def _llama_like() -> tuple[list[Rule], list[Rule]]:
-  top = [Rule("model.embed_tokens.weight", ("embed/embedding",)),
-         Rule("model.norm.weight", ("final_norm/scale",)),
-         Rule("lm_head.weight", ("lm_head/kernel",), "linear", "!tie_embeddings")]
+  top = [
+      Rule("model.embed_tokens.weight", ("embed/embedding",)),
+      Rule("model.norm.weight", ("final_norm/scale",)),
+      Rule("lm_head.weight", ("lm_head/kernel",), "linear", "!tie_embeddings"),
+  ]
   hf, us = "model.layers.{i}.", "layers/{i}/"
   layer = [
       Rule(hf + "input_layernorm.weight", (us + "attn_norm/scale",)),
       Rule(hf + "post_attention_layernorm.weight", (us + "mlp_norm/scale",), when="!post_norms"),
-      Rule(hf + "post_attention_layernorm.weight", (us + "post_attn_norm/scale",),
-           when="post_norms"),
+      Rule(
+          hf + "post_attention_layernorm.weight", (us + "post_attn_norm/scale",), when="post_norms"
+      ),
       Rule(hf + "pre_feedforward_layernorm.weight", (us + "mlp_norm/scale",), when="post_norms"),
-      Rule(hf + "post_feedforward_layernorm.weight", (us + "post_mlp_norm/scale",),
-           when="post_norms"),
+      Rule(
+          hf + "post_feedforward_layernorm.weight", (us + "post_mlp_norm/scale",), when="post_norms"
+      ),
       Rule(hf + "self_attn.o_proj.weight", (us + "attn/o/kernel",), "linear_in2"),
       Rule(hf + "self_attn.o_proj.bias", (us + "attn/o/bias",), when="o_bias"),
       Rule(hf + "self_attn.q_norm.weight", (us + "attn/q_norm/scale",), when="qk_norm"),
       Rule(hf + "self_attn.k_norm.weight", (us + "attn/k_norm/scale",), when="qk_norm"),
   ]
   for n in ("q", "k", "v"):
-    layer += [Rule(hf + f"self_attn.{n}_proj.weight", (us + f"attn/{n}/kernel",), "linear"),
-              Rule(hf + f"self_attn.{n}_proj.bias", (us + f"attn/{n}/bias",), "flat", "qkv_bias")]
+    layer += [
+        Rule(hf + f"self_attn.{n}_proj.weight", (us + f"attn/{n}/kernel",), "linear"),
+        Rule(hf + f"self_attn.{n}_proj.bias", (us + f"attn/{n}/bias",), "flat", "qkv_bias"),
+    ]
   for n in ("gate", "up", "down"):
-    layer += [Rule(hf + f"mlp.{n}_proj.weight", (us + f"mlp/{n}/kernel",), "linear"),
-              Rule(hf + f"mlp.{n}_proj.bias", (us + f"mlp/{n}/bias",), "same", "mlp_bias")]
+    layer += [
+        Rule(hf + f"mlp.{n}_proj.weight", (us + f"mlp/{n}/kernel",), "linear"),
+        Rule(hf + f"mlp.{n}_proj.bias", (us + f"mlp/{n}/bias",), "same", "mlp_bias"),
+    ]
   return top, layer
 
 
 def _gpt2() -> tuple[list[Rule], list[Rule]]:
   t = "transformer."
-  top = [Rule(t + "wte.weight", ("embed/embedding",)),
-         Rule(t + "wpe.weight", ("pos_embed/embedding",)),
-         Rule(t + "ln_f.weight", ("final_norm/scale",)),
-         Rule(t + "ln_f.bias", ("final_norm/bias",)),
-         Rule("lm_head.weight", ("lm_head/kernel",), "linear", "!tie_embeddings")]
+  top = [
+      Rule(t + "wte.weight", ("embed/embedding",)),
+      Rule(t + "wpe.weight", ("pos_embed/embedding",)),
+      Rule(t + "ln_f.weight", ("final_norm/scale",)),
+      Rule(t + "ln_f.bias", ("final_norm/bias",)),
+      Rule("lm_head.weight", ("lm_head/kernel",), "linear", "!tie_embeddings"),
+  ]
   hf, us = t + "h.{i}.", "layers/{i}/"
   qkv = tuple(us + f"attn/{n}/" for n in "qkv")
   layer = [
@@ -130,14 +140,22 @@ def _gpt2() -> tuple[list[Rule], list[Rule]]:
   return top, layer
 
 
-TABLES = {"llama": _llama_like(), "qwen2": _llama_like(), "qwen3": _llama_like(),
-          "gemma": _llama_like(), "gemma2": _llama_like(), "gpt2": _gpt2()}
+TABLES = {
+    "llama": _llama_like(),
+    "qwen2": _llama_like(),
+    "qwen3": _llama_like(),
+    "gemma": _llama_like(),
+    "gemma2": _llama_like(),
+    "gpt2": _gpt2(),
+}
 
 # Non-parameter buffers that some checkpoints carry; skipped on load.
 IGNORED = {
     "gpt2": re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)"),
-    **{f: re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-       for f in ("llama", "qwen2", "qwen3", "gemma", "gemma2")},
+    **{
+        f: re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+        for f in ("llama", "qwen2", "qwen3", "gemma", "gemma2")
+    },
 }
 # Older GPT-2 checkpoints (e.g. the original release) name tensors without this prefix.
 OPTIONAL_PREFIX = {"gpt2": "transformer."}
@@ -157,6 +175,9 @@ def key_table(c: LMConfig) -> list[Rule]:
   top, layer = TABLES[c.family]
   rules = [r for r in top[:1] if _applies(r, c)]
   for i in range(c.num_layers):
-    rules += [Rule(r.hf.format(i=i), tuple(p.format(i=i) for p in r.ours), r.layout, r.when)
-              for r in layer if _applies(r, c)]
+    rules += [
+        Rule(r.hf.format(i=i), tuple(p.format(i=i) for p in r.ours), r.layout, r.when)
+        for r in layer
+        if _applies(r, c)
+    ]
   return rules + [r for r in top[1:] if _applies(r, c)]

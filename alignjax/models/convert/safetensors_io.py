@@ -24,9 +24,18 @@ import numpy as np
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-           "BF16": jnp.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": jnp.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
@@ -69,11 +78,13 @@ class SafetensorsCheckpoint:
     else:
       raise CheckpointError(
           f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are "
-          f"supported; found {sorted(os.listdir(directory)) if os.path.isdir(directory) else []})")
+          f"supported; found {sorted(os.listdir(directory)) if os.path.isdir(directory) else []})"
+      )
     missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
     if missing:
-      raise CheckpointError(f"{index}: shard file(s) {missing} listed in the index are missing "
-                            f"from {directory}")
+      raise CheckpointError(
+          f"{index}: shard file(s) {missing} listed in the index are missing " f"from {directory}"
+      )
     self.tensors: dict[str, TensorInfo] = {}
     self._offsets: dict[str, tuple[int, int]] = {}
     self._maps: dict[str, np.memmap] = {}
@@ -89,15 +100,19 @@ class SafetensorsCheckpoint:
         dtype, shape = np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"])
         begin, end = info["data_offsets"]
         if end - begin != int(np.prod(shape)) * dtype.itemsize:
-          raise CheckpointError(f"{path}: tensor {key!r} data size {end - begin} does not match "
-                                f"shape {shape} and dtype {info['dtype']}")
+          raise CheckpointError(
+              f"{path}: tensor {key!r} data size {end - begin} does not match "
+              f"shape {shape} and dtype {info['dtype']}"
+          )
         self.tensors[key] = TensorInfo((name, dtype, shape))
         self._offsets[key] = (data_start + begin, data_start + end)
     if weight_map is not None:
       absent = sorted(set(weight_map) - set(self.tensors))
       if absent:
-        raise CheckpointError(f"{index} lists tensor(s) {absent[:5]} (of {len(absent)}) that "
-                              f"their shard files do not contain")
+        raise CheckpointError(
+            f"{index} lists tensor(s) {absent[:5]} (of {len(absent)}) that "
+            f"their shard files do not contain"
+        )
 
   def get(self, key: str) -> np.ndarray:
     """The tensor as a read-only memory-mapped numpy array."""
@@ -112,8 +127,11 @@ def _header_bytes(entries: list[tuple[str, np.dtype, tuple]]) -> tuple[bytes, li
   header, offset, sizes = {"__metadata__": {"format": "pt"}}, 0, []
   for key, dtype, shape in entries:
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    header[key] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape),
-                   "data_offsets": [offset, offset + size]}
+    header[key] = {
+        "dtype": _NAMES[np.dtype(dtype)],
+        "shape": list(shape),
+        "data_offsets": [offset, offset + size],
+    }
     offset += size
     sizes.append(size)
   raw = json.dumps(header, separators=(",", ":")).encode()
@@ -121,8 +139,13 @@ def _header_bytes(entries: list[tuple[str, np.dtype, tuple]]) -> tuple[bytes, li
   return struct.pack("<Q", len(raw)) + raw, sizes
 
 
-def write_checkpoint(directory: str, entries: list[tuple[str, np.dtype, tuple]],
-                     produce: Callable[[str], np.ndarray], *, max_shard_bytes: int) -> list[str]:
+def write_checkpoint(
+    directory: str,
+    entries: list[tuple[str, np.dtype, tuple]],
+    produce: Callable[[str], np.ndarray],
+    *,
+    max_shard_bytes: int,
+) -> list[str]:
   """Write tensors `entries` = [(name, dtype, shape)], each made by `produce(name)` only when
   it is written; returns the files written (one file, or shards plus the index)."""
   if max_shard_bytes <= 0:
@@ -137,8 +160,9 @@ def write_checkpoint(directory: str, entries: list[tuple[str, np.dtype, tuple]],
     shards[-1].append(entry)
     used += size
   n = len(shards)
-  names = [SINGLE_FILE] if n == 1 else [
-      f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+  names = (
+      [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+  )
   os.makedirs(directory, exist_ok=True)
   weight_map, total = {}, 0
   for name, shard in zip(names, shards):
@@ -149,8 +173,10 @@ def write_checkpoint(directory: str, entries: list[tuple[str, np.dtype, tuple]],
       for (key, dtype, shape), size in zip(shard, sizes):
         arr = np.ascontiguousarray(produce(key))
         if arr.dtype != np.dtype(dtype) or arr.shape != tuple(shape):
-          raise ValueError(f"write_checkpoint: {key} produced {arr.dtype}{arr.shape}, "
-                           f"declared {np.dtype(dtype)}{tuple(shape)}")
+          raise ValueError(
+              f"write_checkpoint: {key} produced {arr.dtype}{arr.shape}, "
+              f"declared {np.dtype(dtype)}{tuple(shape)}"
+          )
         f.write(arr.tobytes())
         weight_map[key] = name
         total += size
@@ -160,4 +186,3 @@ def write_checkpoint(directory: str, entries: list[tuple[str, np.dtype, tuple]],
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     names.append(INDEX_FILE)
   return names
-

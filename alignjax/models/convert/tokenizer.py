@@ -15,38 +15,59 @@ from typing import Sequence
 
 import numpy as np
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 def load_tokenizer(directory: str):
   """transformers tokenizer from a local checkpoint directory (never downloads)."""
   present = [f for f in TOKENIZER_FILES[:6] if os.path.exists(os.path.join(directory, f))]
   if not present:
-    raise FileNotFoundError(f"{directory}: no tokenizer files (expected one of "
-                            f"{list(TOKENIZER_FILES[:6])})")
+    raise FileNotFoundError(
+        f"{directory}: no tokenizer files (expected one of " f"{list(TOKENIZER_FILES[:6])})"
+    )
   try:
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError("load_tokenizer needs the `transformers` and `tokenizers` packages "
-                      "(pip install transformers tokenizers)") from e
+    raise ImportError(
+        "load_tokenizer needs the `transformers` and `tokenizers` packages "
+        "(pip install transformers tokenizers)"
+    ) from e
   return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
-def apply_chat_template(tokenizer, messages: Sequence[dict], *,
-                        add_generation_prompt: bool = True) -> list[int]:
+def apply_chat_template(
+    tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = True
+) -> list[int]:
   """Token ids of a conversation [{"role", "content"}, ...] under the tokenizer's template."""
   if not getattr(tokenizer, "chat_template", None):
-    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
-                     "template; encode plain text with tokenizer.encode instead")
-  text = tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                       add_generation_prompt=add_generation_prompt)
+    raise ValueError(
+        f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
+        "template; encode plain text with tokenizer.encode instead"
+    )
+  text = tokenizer.apply_chat_template(
+      list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+  )
   return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def pad_left(sequences: Sequence[Sequence[int]], *, max_length: int,
-             pad_id: int = 0, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pad_left(
+    sequences: Sequence[Sequence[int]],
+    *,
+    max_length: int,
+    pad_id: int = 0,
+    length: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Left-pad token id lists (eq. 1) -> (tokens int32 [B, L], valid bool [B, L]).
 
   L is `length` if given, else the longest sequence. A sequence longer than `max_length`
@@ -54,8 +75,10 @@ def pad_left(sequences: Sequence[Sequence[int]], *, max_length: int,
   """
   too_long = [(i, len(s)) for i, s in enumerate(sequences) if len(s) > max_length]
   if too_long:
-    raise ValueError(f"pad_left: sequence(s) (index, length) {too_long[:5]} exceed the "
-                     f"maximum prompt length {max_length}")
+    raise ValueError(
+        f"pad_left: sequence(s) (index, length) {too_long[:5]} exceed the "
+        f"maximum prompt length {max_length}"
+    )
   longest = max((len(s) for s in sequences), default=0)
   length = longest if length is None else length
   if length < longest:
@@ -64,13 +87,14 @@ def pad_left(sequences: Sequence[Sequence[int]], *, max_length: int,
   valid = np.zeros((len(sequences), length), bool)
   for i, s in enumerate(sequences):
     if len(s):
-      tokens[i, length - len(s):] = s
-      valid[i, length - len(s):] = True
+      tokens[i, length - len(s) :] = s
+      valid[i, length - len(s) :] = True
   return tokens, valid
 
 
-def encode_batch(tokenizer, texts: Sequence[str], *, max_length: int,
-                 length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def encode_batch(
+    tokenizer, texts: Sequence[str], *, max_length: int, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded (tokens, valid) for plain-text prompts (special tokens as the tokenizer adds)."""
   pad = tokenizer.pad_token_id
   pad = tokenizer.eos_token_id if pad is None else pad

@@ -43,23 +43,29 @@ def get_config(arg=None):
   # (pretraining if needed) from cache_dir ("" = the default cache, $ALIGNJAX_CACHE or
   # ~/.cache/alignjax/digits; the flow model lives in its flow/), "random" initialises a UNet
   # of size `random_preset` ("tiny") with `seed` — used by tests.
-  c.model = dict(kind=arg.model, init="random" if arg.tiny else "pretrained", cache_dir="",
-                 random_preset="tiny")
+  c.model = dict(
+      kind=arg.model,
+      init="random" if arg.tiny else "pretrained",
+      cache_dir="",
+      random_preset="tiny",
+  )
 
   c.reward = dict(name=arg.reward, target=-1, jpeg_quality=95, jpeg_upscale=4)
 
   # The memoryless sampler used for training and evaluation. eta and clip_sample (x̂_0 clip,
   # 0 = off) concern the eps model only; guidance_scale 1 is the plain conditional model.
-  c.sampling = ml_collections.ConfigDict(dict(
-      num_steps=20, eta=1.0, clip_sample=1.0, guidance_scale=1.0, batch_size=32))
+  c.sampling = ml_collections.ConfigDict(
+      dict(num_steps=20, eta=1.0, clip_sample=1.0, guidance_scale=1.0, batch_size=32)
+  )
 
   # lam: the reward multiplier λ; num_timesteps: steps per trajectory in the loss (of
   # num_steps); loss_clip: per-(sample, step) clip of the loss (inf = off).
   c.am = ml_collections.ConfigDict(dict(lam=10.0, num_timesteps=10, loss_clip=float("inf")))
 
   c.finetune = dict(mode=arg.finetune, lora_rank=8, lora_alpha=8.0)
-  c.optimizer = dict(learning_rate=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                     max_grad_norm=1.0)
+  c.optimizer = dict(
+      learning_rate=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
+  )
 
   # XLA compiler options of the jitted sampler and training step (jax.jit(compiler_options=)).
   c.compiler_options = {}

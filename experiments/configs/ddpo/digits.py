@@ -43,17 +43,34 @@ def get_config(arg=None):
 
   c.reward = dict(name=arg.reward, target=-1, jpeg_quality=95, jpeg_upscale=4)
 
-  c.sampling = ml_collections.ConfigDict(dict(
-      num_steps=10, eta=1.0, guidance_scale=1.0, batch_size=32, batches_per_round=4,
-      clip_sample=1.0))
+  c.sampling = ml_collections.ConfigDict(
+      dict(
+          num_steps=10,
+          eta=1.0,
+          guidance_scale=1.0,
+          batch_size=32,
+          batches_per_round=4,
+          clip_sample=1.0,
+      )
+  )
 
-  c.ddpo = ml_collections.ConfigDict(dict(
-      objective="clipped", clip_range=1e-2, adv_clip_max=5.0, inner_epochs=1,
-      num_minibatches=2, num_microbatches=1, timestep_fraction=0.5,
-      per_prompt_stat_tracking=True, buffer_size=64, min_count=16,
-      # alignjax.algorithms.ddpo.make_epoch_fn: "unrolled" minibatch steps run fastest on
-      # XLA:CPU; "scan" compiles a program that does not grow with num_minibatches.
-      minibatch_loop="unrolled"))
+  c.ddpo = ml_collections.ConfigDict(
+      dict(
+          objective="clipped",
+          clip_range=1e-2,
+          adv_clip_max=5.0,
+          inner_epochs=1,
+          num_minibatches=2,
+          num_microbatches=1,
+          timestep_fraction=0.5,
+          per_prompt_stat_tracking=True,
+          buffer_size=64,
+          min_count=16,
+          # alignjax.algorithms.ddpo.make_epoch_fn: "unrolled" minibatch steps run fastest on
+          # XLA:CPU; "scan" compiles a program that does not grow with num_minibatches.
+          minibatch_loop="unrolled",
+      )
+  )
   if arg.variant == "sf":
     c.ddpo.objective = "score_function"
     c.ddpo.num_minibatches = 1
@@ -62,8 +79,9 @@ def get_config(arg=None):
     raise configs.ConfigError(f"variant={arg.variant!r}: valid choices are ('is', 'sf')")
 
   c.finetune = dict(mode=arg.finetune, lora_rank=8, lora_alpha=8.0)
-  c.optimizer = dict(learning_rate=1.5e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                     max_grad_norm=1.0)
+  c.optimizer = dict(
+      learning_rate=1.5e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
+  )
 
   # XLA compiler options of the jitted sampler and training step (jax.jit(compiler_options=)).
   c.compiler_options = {}

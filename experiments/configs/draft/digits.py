@@ -29,8 +29,7 @@ VARIANTS = ("full", "k", "1", "lv")
 
 
 def get_config(arg=None):
-  arg = configs.parse_arg(arg, variant="full", finetune="full", reward="classifier",
-                          tiny=False)
+  arg = configs.parse_arg(arg, variant="full", finetune="full", reward="classifier", tiny=False)
   if arg.variant not in VARIANTS:
     raise configs.ConfigError(f"variant={arg.variant!r}: valid choices are {VARIANTS}")
   c = ml_collections.ConfigDict()
@@ -49,20 +48,29 @@ def get_config(arg=None):
   c.reward = dict(name=arg.reward, target=-1, jpeg_quality=95, jpeg_upscale=4)
 
   # The chain that is differentiated (and the evaluation sampler): DDIM, eta = 0.
-  c.sampling = ml_collections.ConfigDict(dict(
-      num_steps=10, eta=0.0, guidance_scale=1.0, batch_size=32, clip_sample=1.0))
+  c.sampling = ml_collections.ConfigDict(
+      dict(num_steps=10, eta=0.0, guidance_scale=1.0, batch_size=32, clip_sample=1.0)
+  )
 
   # remat_policy: per-step gradient checkpointing of the differentiated steps, one of
   # alignjax.algorithms.draft.REMAT_POLICIES ("full": store only each step's input).
   # reward_scale λ_r and kl_weight λ_KL of draft eq. 2 (kl_weight > 0: the eq. 5 penalty
   # toward the frozen base model's noise prediction).
-  c.draft = ml_collections.ConfigDict(dict(
-      variant=arg.variant, truncation_k=5, lv_samples=2, remat_policy="full",
-      reward_scale=1.0, kl_weight=0.0))
+  c.draft = ml_collections.ConfigDict(
+      dict(
+          variant=arg.variant,
+          truncation_k=5,
+          lv_samples=2,
+          remat_policy="full",
+          reward_scale=1.0,
+          kl_weight=0.0,
+      )
+  )
 
   c.finetune = dict(mode=arg.finetune, lora_rank=8, lora_alpha=8.0)
-  c.optimizer = dict(learning_rate=5e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                     max_grad_norm=1.0)
+  c.optimizer = dict(
+      learning_rate=5e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
+  )
   if arg.finetune == "lora":
     c.optimizer.learning_rate = 1e-3
 

@@ -35,8 +35,9 @@ def get_config(arg=None):
   c.objective = "flow"
   del c["schedule"]  # the flow path has no noise schedule
   c.flow = dict(time_scale=1000.0)
-  c.sample = ml_collections.ConfigDict(dict(
-      per_class=100, num_steps=20, sampler="ode", guidance_scales=(2.0, 1.0), batch_size=500))
+  c.sample = ml_collections.ConfigDict(
+      dict(per_class=100, num_steps=20, sampler="ode", guidance_scales=(2.0, 1.0), batch_size=500)
+  )
   if arg.tiny:
     c.sample.update(per_class=2, num_steps=3, guidance_scales=(2.0,), batch_size=20)
   return c
