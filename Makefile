@@ -1,15 +1,16 @@
-# The two commands of the README: `make demo` and `make test`.
+# The commands of the README: `make demo`, `make test` (lint, then the suite), `make lint`,
+# `make format`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint format install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -17,7 +18,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m experiments.ddpo --config=experiments/configs/ddpo/digits.py --workdir=runs/demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/pyink --check --diff --quiet .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/pyink --quiet .
+	$(VENV)/bin/ruff check --fix --quiet .
+
+test: lint
 	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 clean:

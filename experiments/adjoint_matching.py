@@ -221,10 +221,14 @@ def run(config, workdir: str, *, devices=None) -> dict:
       )
       return lambda x, t: vel(x, t, cond)
 
+    def reward_of(frozen, cond):
+      reward_fn = reward_fn_builder(frozen)
+      return lambda x: reward_fn(x, cond)
+
     update = am_flow.make_conditional_update_fn(
         lambda trainable, frozen, cond: velocity(finetune.params(trainable, frozen["base"]), cond),
         lambda frozen, cond: velocity(frozen["base"], cond),
-        lambda frozen, cond: (lambda x, r=reward_fn_builder(frozen): r(x, cond)),
+        reward_of,
         optimizer,
         lam=am_cfg.lam,
         num_steps=sample_cfg.num_steps,

@@ -22,7 +22,7 @@ from flax import nnx
 
 from alignjax import checkpoint, configs, metrics, parallel, training
 from alignjax.algorithms import ddpo
-from alignjax.diffusion import samplers, schedules
+from alignjax.diffusion import samplers
 from experiments import common
 
 # ============================================================================ validation

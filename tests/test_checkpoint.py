@@ -2,11 +2,9 @@
 
 import glob
 import hashlib
-import json
 import logging
 import os
 import signal
-import sys
 import textwrap
 import time
 

@@ -1,8 +1,6 @@
 """Tests for alignjax.parallel on 8 fake CPU devices, plus a 2-process gloo run."""
 
-import json
 import os
-import sys
 import textwrap
 
 import jax

@@ -55,7 +55,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alignjax import metrics
 from alignjax.algorithms import adjoint_matching as am
 from alignjax.diffusion import flow
 from alignjax.models import toy

@@ -14,7 +14,6 @@ import pytest
 from flax import nnx
 
 from alignjax import configs, metrics, testing
-from alignjax.models import io as model_io
 from experiments import ddpo as ddpo_script
 from experiments.configs.ddpo import digits
 
