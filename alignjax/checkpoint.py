@@ -25,20 +25,45 @@ Atomicity and what restore does with damage (the behaviour we chose):
     complete. A save that dies half-way (preemption, crash, full disk) leaves only such a
     temporary directory, which is not a step: `latest_step()` and `restore()` use the
     previous complete step, and the temporary directory is left alone.
+  * Every saved step is verified on restore. Orbax's array format carries no checksum over
+    the data, so the metadata item of each step records, for every array of the train
+    state, two 32-bit sums of its raw bits (eq. 1), and the sha256 of the host state's JSON;
+    restore recomputes both over what it read and compares. The sums are computed on the
+    device when the step is saved (one small program, exact integer arithmetic, so any
+    sharding gives the same sums) and are written in the same atomic step directory as the
+    arrays: there is no moment at which a step exists without its checksums.
+
+        (1)  s₁ = Σᵢ bᵢ  mod 2³²,   s₂ = Σᵢ bᵢ · (2654435761 · i + 1)  mod 2³²
+
+    where bᵢ are the array's elements reinterpreted as unsigned integers (of their own width,
+    widened to 32 bits; 64-bit elements as two 32-bit words) and i is the element's
+    row-major position. Any single flipped bit changes s₁; s₂ also catches permutations.
   * A *finalised* step that cannot be read (truncated or missing files, garbage in a step
-    directory) raises CheckpointError naming the directory, the step, the error and the
-    other available steps. Nothing is deleted and there is no silent fallback or fresh
-    start: pass `restore(..., step=<older>)` or move the damaged step aside.
+    directory) or whose checksums do not match raises CheckpointDamagedError naming the
+    directory, the step, the damaged arrays and the other available steps. Nothing is
+    deleted and there is no silent fresh start. With `on_damage="fallback"` restore instead
+    takes the newest intact step, warns naming the damaged ones, and moves each damaged step
+    newer than it aside to `<step>.damaged` (kept for inspection; the run will save that step
+    number again).
+  * Non-finite state is never saved: `maybe_save` raises CheckpointError naming the leaves
+    with NaN or infinite values (`check_finite=True`, the default); the same device program
+    computes the sums and this check.
   * An *incompatible* checkpoint raises CheckpointError listing what differs: leaves
     missing or unexpected, shapes, dtypes (Orbax would otherwise cast silently), PRNG key
-    implementations, or metadata. Metadata is compared key by key; keys in
-    `lenient_metadata_keys` (default: "config", which legitimately changes on resume, e.g.
-    a longer schedule) only log a warning.
+    implementations, or metadata.
+  * Run identity. The metadata names the run: the script that wrote it (`run_metadata`:
+    "script", e.g. "experiments.ddpo"), the frozen models' identity and the full config.
+    Metadata is compared key by key and any difference is refused, listing the differing
+    keys, except config fields that only change how the run is operated, not what it
+    computes: `OPERATIONAL_CONFIG_KEYS` (the number of rounds/updates, checkpoint, logging
+    and evaluation-image intervals, the mesh shape and multi-host settings, compiler options,
+    the finite-check policy), which log a warning.
 
 Typical use in a training script:
 
     ckpt = Checkpointer(workdir / "checkpoints", save_every=cfg.ckpt_every, keep=3,
-                        metadata={"base_model": frozen_model_metadata(path), "config": cfg})
+                        metadata=run_metadata("experiments.x", cfg,
+                                              base_model=frozen_model_metadata(path)))
     ckpt.install_preemption_handler()
     restored = ckpt.maybe_restore(abstract_state)        # None on a fresh start
     ...
@@ -64,20 +89,28 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
+import json
+import shutil
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from alignjax import parallel
+from alignjax import checksums, parallel, run_identity
+from alignjax.run_identity import run_metadata  # noqa: F401  (re-exported for scripts)
 
 log = logging.getLogger(__name__)
 
 STATE, HOST, META = "train_state", "host_state", "metadata"
-_MISSING = "<missing>"
+ON_DAMAGE = ("error", "fallback")
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint cannot be saved or restored; the message says where and why."""
+
+
+class CheckpointDamagedError(CheckpointError):
+  """A finalised step cannot be read or does not match its checksums."""
 
 
 # --------------------------------------------------------------------------- JSON helpers
@@ -150,15 +183,6 @@ def frozen_model_metadata(path: str | os.PathLike) -> dict:
   return {"path": os.path.abspath(os.fspath(path)), "hash": content_hash(path)}
 
 
-def _diff(stored: Any, current: Any, prefix: str) -> list[str]:
-  if isinstance(stored, dict) and isinstance(current, dict):
-    out = []
-    for k in sorted(set(stored) | set(current)):
-      out += _diff(stored.get(k, _MISSING), current.get(k, _MISSING), f"{prefix}.{k}")
-    return out
-  return [] if stored == current else [f"{prefix}: checkpoint {stored!r}, now {current!r}"]
-
-
 # --------------------------------------------------------------------------- tree helpers
 def _escape(part: str) -> str:
   # Orbax joins nested keys with "." in its storage names; keep parts unambiguous.
@@ -224,6 +248,27 @@ def abstract_like(tree: Any) -> Any:
   )
 
 
+def _json_sha256(value: Any) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _verify(meta: dict, names: list[str], leaves: list, host: Any) -> str | None:
+  """What does not match the step's recorded checksums (None: everything matches)."""
+  stored = meta.get("checksums")
+  if not isinstance(stored, dict):
+    return "records no checksums (written by an older alignjax?), so it cannot be verified"
+  sums, _ = checksums.tree_checksums_and_finite(leaves)
+  bad = [name for name, got in zip(names, sums) if stored.get(name) != got]
+  if bad:
+    return (
+        f"is corrupt: {len(bad)} array(s) do not match the checksums recorded when the step "
+        f"was saved ({', '.join(bad[:5])})"
+    )
+  if meta.get("host_state_sha256") != _json_sha256(host):
+    return "is corrupt: its host_state does not match the sha256 recorded when it was saved"
+  return None
+
+
 # --------------------------------------------------------------------------- checkpointer
 class Checkpointer:
   """Saves/restores (train_state, host_state) with metadata checks; see module docstring.
@@ -232,10 +277,14 @@ class Checkpointer:
     directory: where step directories live (created if missing).
     save_every: save when step % save_every == 0 (None: only forced/preemption saves).
     keep: number of most recent checkpoints to keep (None: keep all).
-    metadata: JSON-able dict describing the run (e.g. {"base_model":
-      frozen_model_metadata(path), "config": config}); checked on restore (None: the
-      check is skipped).
-    lenient_metadata_keys: metadata keys whose differences only warn.
+    metadata: JSON-able dict describing the run (`run_metadata(script, config,
+      base_model=frozen_model_metadata(path))`); checked on restore (None: the check is
+      skipped).
+    operational_config_keys: config fields that may differ on resume (a warning); every
+      other metadata difference is refused (alignjax.run_identity).
+    on_damage: "error" (a damaged step raises CheckpointDamagedError) or "fallback" (the
+      newest intact step is restored, the damaged newer ones are moved aside).
+    check_finite: refuse to save a train state with NaN or infinite values.
     async_save: write in a background thread (arrays are copied before `maybe_save`
       returns, so the caller may donate or delete them right away).
   """
@@ -247,7 +296,9 @@ class Checkpointer:
       save_every: int | None,
       keep: int | None,
       metadata: Mapping | None = None,
-      lenient_metadata_keys: tuple[str, ...] = ("config",),
+      operational_config_keys: tuple[str, ...] = run_identity.OPERATIONAL_CONFIG_KEYS,
+      on_damage: str = "error",
+      check_finite: bool = True,
       async_save: bool = True,
   ):
     for name, value in (("save_every", save_every), ("keep", keep)):
@@ -257,7 +308,11 @@ class Checkpointer:
     self.save_every = save_every
     self.keep = keep
     self.metadata = None if metadata is None else _jsonable(metadata, "metadata", False)
-    self.lenient_metadata_keys = tuple(lenient_metadata_keys)
+    if on_damage not in ON_DAMAGE:
+      raise CheckpointError(f"Checkpointer on_damage={on_damage!r}: valid choices are {ON_DAMAGE}")
+    self.operational_config_keys = tuple(operational_config_keys)
+    self.on_damage = on_damage
+    self.check_finite = check_finite
     self._preempted = False
     self._previous_handlers: dict[int, Any] = {}
     self._known_steps: set[int] = set()
@@ -293,6 +348,13 @@ class Checkpointer:
     """Newest finalised step, or None if the directory holds no checkpoint."""
     steps = self.all_steps()
     return steps[-1] if steps else None
+
+  def last_good(self) -> str:
+    """The newest saved step directory (saved steps are finite by construction), or 'none'."""
+    step = self.latest_step()
+    if step is None:
+      return f"none (no step saved yet in {self.directory})"
+    return f"step {step} in {os.path.join(self.directory, str(step))}"
 
   # ----------------------------------------------------------------- preemption
   def install_preemption_handler(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
@@ -357,8 +419,21 @@ class Checkpointer:
         key_impls["/".join(parts)] = str(jax.random.key_impl(leaf))
         leaf = jax.random.key_data(leaf)
       saveable.append((parts, leaf))
-    meta = {"metadata": self.metadata, "prng_keys": key_impls}
+    sums, finite = checksums.tree_checksums_and_finite([leaf for _, leaf in saveable])
+    names = ["/".join(parts) for parts, _ in saveable]
+    bad = [name for name, ok in zip(names, finite) if not ok]
+    if self.check_finite and bad:
+      raise CheckpointError(
+          f"refusing to save step {step} to {self.directory}: non-finite values in "
+          f"{len(bad)} leaves of the train state ({', '.join(bad[:5])})"
+      )
     host = _jsonable(host_state, "host_state", True)
+    meta = {
+        "metadata": self.metadata,
+        "prng_keys": key_impls,
+        "checksums": dict(zip(names, sums)),  # eqs. 1-2 of alignjax.checksums
+        "host_state_sha256": _json_sha256(host),
+    }
     args = ocp.args.Composite(
         **{
             STATE: ocp.args.StandardSave(_nest(saveable)),
@@ -396,28 +471,42 @@ class Checkpointer:
       self.uninstall_preemption_handler()
 
   # ----------------------------------------------------------------- restore
-  def _fail(self, step: int, what: str) -> CheckpointError:
+  def _fail(self, step: int, what: str, error=CheckpointError) -> CheckpointError:
     others = [s for s in self.all_steps() if s != step]
-    return CheckpointError(
+    return error(
         f"checkpoint {os.path.join(self.directory, str(step))} (step {step}) {what}. "
         f"Other steps in {self.directory}: {others or 'none'}. Nothing was deleted; "
         "restore another step with restore(..., step=N) or move this one aside."
     )
 
   def _check_metadata(self, step: int, stored: Any) -> None:
+    """Run identity (alignjax.run_identity): refuses another run's checkpoint, listing keys."""
     if self.metadata is None:
       return
     stored = stored if isinstance(stored, dict) else {}
-    strict, lenient = [], []
-    for key in sorted(set(stored) | set(self.metadata)):
-      diffs = _diff(stored.get(key, _MISSING), self.metadata.get(key, _MISSING), f"metadata.{key}")
-      (lenient if key in self.lenient_metadata_keys else strict).extend(diffs)
-    if lenient:
-      log.warning(
-          "resuming step %d of %s with different %s", step, self.directory, "; ".join(lenient[:10])
+    was, now = stored.get("script"), self.metadata.get("script")
+    if was != now:
+      raise self._fail(
+          step,
+          f"was written by {was or 'an unnamed script'}, but this run is "
+          f"{now or 'an unnamed script'}: it is another run's checkpoint. Use another "
+          "workdir (nothing was changed)",
       )
-    if strict:
-      raise self._fail(step, "does not match this run's metadata: " + "; ".join(strict[:10]))
+    refused, allowed = run_identity.compare(stored, self.metadata, self.operational_config_keys)
+    if allowed:
+      log.warning(
+          "resuming step %d of %s with different operational settings: %s",
+          step,
+          self.directory,
+          "; ".join(allowed[:10]),
+      )
+    if refused:
+      raise self._fail(
+          step,
+          f"belongs to another run: {len(refused)} setting(s) that change what the run computes "
+          f"differ: {'; '.join(refused[:10])}. Use another workdir, or resume with the "
+          "checkpoint's settings (nothing was changed)",
+      )
 
   def _check_structure(self, step: int, target: dict, tree_meta: Any) -> None:
     saved = {k: v for k, v in _flatten_nested(tree_meta).items()}
@@ -449,38 +538,79 @@ class Checkpointer:
 
     `abstract_train_state` has the structure of the train state, with arrays or
     ShapeDtypeStructs (shape, dtype, sharding) as leaves. Raises CheckpointError when
-    there is no such checkpoint, it is damaged, or it is incompatible.
+    there is no such checkpoint or it is incompatible, CheckpointDamagedError when it is
+    damaged (unless `on_damage="fallback"` and no `step` is given: then the newest intact
+    step is restored, see the module docstring).
     """
     self.wait_until_finished()
     steps = self.all_steps()
-    if step is None:
-      if not steps:
+    if step is not None or self.on_damage == "error":
+      if step is None and not steps:
         raise CheckpointError(f"no checkpoint in {self.directory}")
-      step = steps[-1]
+      return self._restore_step(abstract_train_state, steps[-1] if step is None else step)
+    damaged = []
+    for candidate in reversed(steps):
+      try:
+        restored = self._restore_step(abstract_train_state, candidate)
+      except CheckpointDamagedError as e:
+        log.warning("checkpoint step %d is damaged, trying an older one: %s", candidate, e)
+        damaged.append(candidate)
+        continue
+      self._move_aside(damaged)
+      if damaged:
+        log.warning(
+            "restored step %d of %s: the newer step(s) %s are damaged and were moved aside to "
+            "<step>.damaged",
+            candidate,
+            self.directory,
+            damaged,
+        )
+      return restored
+    raise CheckpointDamagedError(
+        f"no intact checkpoint in {self.directory}: steps {damaged or 'none'} are damaged; "
+        "nothing was deleted"
+    )
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Renames damaged step directories to <step>.damaged (process 0), keeping them."""
+    if steps and jax.process_index() == 0:
+      for step in steps:
+        source = os.path.join(self.directory, str(step))
+        target, n = source + ".damaged", 1
+        while os.path.exists(target):
+          target, n = f"{source}.damaged-{n}", n + 1
+        shutil.move(source, target)
+    if steps and jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("alignjax.checkpoint.move_aside")
+    if steps:
+      self._manager.reload()
+
+  def _restore_step(self, abstract_train_state: Any, step: int) -> tuple[Any, Any]:
+    steps = self.all_steps()
     step = int(step)
     if step not in steps:
       raise CheckpointError(
           f"no checkpoint for step {step} in {self.directory}; "
           f"available steps: {steps or 'none'}"
       )
+    damaged = lambda what: self._fail(step, what, CheckpointDamagedError)
+    unreadable = lambda e: damaged(
+        f"cannot be read ({type(e).__name__}: {str(e)[:400]}); it may be truncated or corrupt"
+    )
     step_dir = os.path.join(self.directory, str(step))
     missing = [i for i in (STATE, HOST, META) if not os.path.isdir(os.path.join(step_dir, i))]
     if missing:
-      raise self._fail(step, f"is incomplete: item(s) {', '.join(missing)} missing")
+      raise damaged(f"is incomplete: item(s) {', '.join(missing)} missing")
     try:
-      meta = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[
-          META
-      ]
+      meta = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+      meta = meta[META]
       tree_meta = self._manager.item_metadata(step)[STATE]
     except Exception as e:
-      raise self._fail(
-          step,
-          f"cannot be read ({type(e).__name__}: {str(e)[:400]}); " "it may be truncated or corrupt",
-      ) from e
+      raise unreadable(e) from e
     if not isinstance(meta, dict) or tree_meta is None:
-      raise self._fail(
-          step, "is incomplete: its metadata or train_state metadata is " "missing or unreadable"
-      )
+      raise damaged("is incomplete: its metadata or train_state metadata is missing or unreadable")
     self._check_metadata(step, meta.get("metadata"))
 
     pairs, treedef = _flat(abstract_train_state)
@@ -502,20 +632,20 @@ class Checkpointer:
           ),
       )
     except Exception as e:
-      raise self._fail(
-          step,
-          f"cannot be read ({type(e).__name__}: {str(e)[:400]}); " "it may be truncated or corrupt",
-      ) from e
+      raise unreadable(e) from e
     flat = _flatten_nested(restored[STATE])
+    names = ["/".join(parts) for parts, _ in pairs]
+    problem = _verify(meta, names, [flat[parts] for parts, _ in pairs], restored[HOST])
+    if problem:
+      raise damaged(problem)
     leaves = []
-    for parts, _ in pairs:
+    for parts, name in zip((p for p, _ in pairs), names):
       value = flat[parts]
-      name = "/".join(parts)
       if name in saved_keys:
         value = jax.random.wrap_key_data(value, impl=saved_keys[name])
       leaves.append(value)
     self._known_steps.add(step)
-    log.info("restored step %d from %s", step, self.directory)
+    log.info("restored step %d from %s (checksums verified)", step, self.directory)
     return jax.tree_util.tree_unflatten(treedef, leaves), restored[HOST]
 
   def maybe_restore(self, abstract_train_state: Any) -> tuple[Any, Any] | None:

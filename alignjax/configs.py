@@ -80,30 +80,51 @@ def get_field(config: Any, path: str) -> Any:
   return node
 
 
-def _number(config: Any, path: str) -> float:
+def _number(config: Any, path: str, allow_inf: bool = False) -> float:
   value = get_field(config, path)
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise ConfigError(f"config.{path}={value!r}: must be a number, " f"got {type(value).__name__}")
   if isinstance(value, float) and math.isnan(value):
     raise ConfigError(f"config.{path}=nan: must be a number, not NaN")
+  if isinstance(value, float) and math.isinf(value) and not allow_inf:
+    raise ConfigError(f"config.{path}={value}: must be a finite number")
   return value
 
 
 # --------------------------------------------------------------------------- validators
-def check_positive(config: Any, *paths: str) -> None:
-  """Each `config.<path>` is a number > 0."""
+def check_positive(config: Any, *paths: str, allow_inf: bool = False) -> None:
+  """Each `config.<path>` is a finite number > 0 (+inf too where `allow_inf`)."""
   for path in paths:
-    value = _number(config, path)
+    value = _number(config, path, allow_inf)
     if not value > 0:
       raise ConfigError(f"config.{path}={value!r}: must be > 0")
 
 
-def check_nonnegative(config: Any, *paths: str) -> None:
-  """Each `config.<path>` is a number >= 0."""
+def check_nonnegative(config: Any, *paths: str, allow_inf: bool = False) -> None:
+  """Each `config.<path>` is a finite number >= 0 (+inf too where `allow_inf`)."""
   for path in paths:
-    value = _number(config, path)
+    value = _number(config, path, allow_inf)
     if not value >= 0:
       raise ConfigError(f"config.{path}={value!r}: must be >= 0")
+
+
+def check_finite(config: Any, *paths: str) -> None:
+  """Each `config.<path>` is a finite number (any sign)."""
+  for path in paths:
+    _number(config, path)
+
+
+def check_optimizer(config: Any, path: str = "optimizer") -> None:
+  """`config.<path>` of `alignjax.training.make_optimizer`: every field finite and in range.
+
+  learning_rate > 0, 0 <= b1, b2 < 1, eps > 0, weight_decay >= 0, max_grad_norm finite
+  (<= 0 disables clipping).
+  """
+  check_positive(config, f"{path}.learning_rate", f"{path}.eps")
+  for beta in ("b1", "b2"):
+    check_range(config, f"{path}.{beta}", 0.0, 1.0, inclusive=(True, False))
+  check_nonnegative(config, f"{path}.weight_decay")
+  check_finite(config, f"{path}.max_grad_norm")
 
 
 def check_integer(config: Any, *paths: str) -> None:

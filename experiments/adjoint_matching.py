@@ -30,13 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alignjax import checkpoint, configs, metrics, parallel, testing, training
+from alignjax import checkpoint, configs, finite, metrics, parallel, scripts, testing, training
+from alignjax import workdir as workdir_lib
 from alignjax.algorithms import adjoint_matching as am_flow
 from alignjax.algorithms import adjoint_matching_ddpm as am_ddpm
 from alignjax.diffusion import samplers
 from alignjax.models import classifier as classifier_lib
 from alignjax.models import io as model_io
 from alignjax.models import unet as unet_lib
+
+scripts.make_importable(__file__, __package__)
+
 from experiments import common
 from experiments import pretrain_diffusion as pd
 
@@ -56,7 +60,6 @@ def validate(config, num_devices: int) -> None:
       "sampling.batch_size",
       "am.lam",
       "am.num_timesteps",
-      "am.loss_clip",
       "optimizer.learning_rate",
       "checkpoint.every",
       "checkpoint.keep",
@@ -64,6 +67,7 @@ def validate(config, num_devices: int) -> None:
       "log.num_images",
       "eval.num_samples",
   )
+  configs.check_positive(config, "am.loss_clip", allow_inf=True)  # inf: no clipping
   configs.check_integer(
       config,
       "num_iterations",
@@ -93,6 +97,7 @@ def validate(config, num_devices: int) -> None:
         f"config.sampling.num_steps={config.sampling.num_steps} (steps drawn per trajectory)"
     )
   common.check_eval_batches(config)
+  common.validate_run_safety(config)
   configs.check_mesh_and_batch(
       config.mesh, num_devices, {"sampling.batch_size": config.sampling.batch_size}
   )
@@ -152,11 +157,15 @@ def run(config, workdir: str, *, devices=None) -> dict:
   parallel.initialize_distributed(config)
   devices = jax.devices() if devices is None else devices
   validate(config, len(devices))
+  with workdir_lib.exclusive(workdir) as workdir:  # one run per workdir, from here on
+    return train(config, workdir, devices)
+
+
+def train(config, workdir: str, devices) -> dict:
+  """`run` after validation, inside the workdir lock."""
   mesh = parallel.make_mesh(config.mesh, devices=devices)
   batch_sharding = parallel.batch_sharding(mesh)
   replicated = parallel.replicated(mesh)
-  os.makedirs(workdir, exist_ok=True)
-  writer = metrics.MetricWriter(workdir)
 
   # ---------------------------------------------------------------- models and reward
   models, time_scale = load_models(config, mesh)
@@ -261,9 +270,9 @@ def run(config, workdir: str, *, devices=None) -> dict:
   # ---------------------------------------------------------------- jitted functions
   compiler_options = dict(config.compiler_options) or None
   update_fn = jax.jit(
-      update,
+      finite.guard(update, config.finite.policy),
       donate_argnums=0,
-      out_shardings=(state_shardings, replicated),
+      out_shardings=(state_shardings, replicated, replicated),
       compiler_options=compiler_options,
   )
   sample_fn = jax.jit(sample_final, out_shardings=batch_sharding, compiler_options=compiler_options)
@@ -302,17 +311,16 @@ def run(config, workdir: str, *, devices=None) -> dict:
     return result, grid
 
   # ---------------------------------------------------------------- restore or start
-  ckpt = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"),
-      save_every=config.checkpoint.every,
-      keep=config.checkpoint.keep,
-      metadata=common.checkpoint_metadata(config, models),
-  )
-  ckpt.install_preemption_handler()
+  ckpt = common.make_checkpointer(config, workdir, "experiments.adjoint_matching", models)
   host = {"iteration": 0, "base": None, "history": []}
   if ckpt.latest_step() is not None:
     state, host = ckpt.restore(state)
     logging.info("Resumed from iteration %d in %s", host["iteration"], workdir)
+  ckpt.install_preemption_handler()
+  writer = metrics.MetricWriter(workdir)  # after the checkpoint proved to be this run's
+  monitor = finite.Monitor.from_config(
+      config.finite, host, unit="iteration", last_good=ckpt.last_good
+  )
   if host["base"] is None:
     host["base"], base_images = evaluate(state.params)
     writer.write_images(0, "eval_base", base_images[: config.log.num_images])
@@ -327,16 +335,18 @@ def run(config, workdir: str, *, devices=None) -> dict:
     t0 = time.perf_counter()
     key = jax.random.fold_in(train_key, it)
     cond = draw_prompts(jax.random.fold_in(key, 1), sample_cfg.batch_size)
-    state, step_metrics = update_fn(state, frozen, jax.random.fold_in(key, 2), cond)
+    state, step_metrics, nonfinite = update_fn(state, frozen, jax.random.fold_in(key, 2), cond)
+    common.check_finite(monitor, it + 1, nonfinite, ckpt, writer)
     scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     scalars["seconds_iteration"] = time.perf_counter() - t0
+    scalars["finite/skipped_iterations"] = monitor.skipped
     writer.write_scalars(it + 1, scalars)
     host["history"].append([it + 1, scalars["reward"]])
     if (it + 1) % config.log.image_every == 0:
       x = sample_fn(state.params, frozen, jax.random.fold_in(key, 3), cond)
       writer.write_images(it + 1, "train", common.to_host(decode_fn(x)))
 
-    host["iteration"] = it + 1
+    host.update(iteration=it + 1, finite=monitor.state_dict())
     ckpt.maybe_save(it + 1, state, host, force=it + 1 == config.num_iterations)
     if ckpt.preemption_requested:
       logging.warning("Preemption requested: checkpoint saved at iteration %d, exiting.", it + 1)

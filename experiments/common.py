@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 from concurrent import futures
 
 import jax
@@ -15,7 +16,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 
-from alignjax import checkpoint, configs, metrics, parallel, rewards, testing, training
+from alignjax import checkpoint, configs, finite, metrics, parallel, rewards, testing, training
+from alignjax import workdir as workdir_lib
 from alignjax.diffusion import schedules
 from alignjax.models import classifier as classifier_lib
 from alignjax.models import io as model_io
@@ -132,7 +134,11 @@ def to_host_tree(tree):
 def export_finetuned(
     workdir: str, graphdef, model_config, trainable, frozen, finetune: training.Finetune
 ):
-  """Saves the trainable leaves (final_params.npz) and the merged model (final_model/)."""
+  """Saves the trainable leaves (final_params.npz) and the merged model (final_model/).
+
+  Raises NonFiniteError, writing nothing, if any value is NaN or infinite.
+  """
+  finite.check_host_tree(trainable, "export of the fine-tuned parameters")
   leaves, _ = parallel.flatten_with_paths(trainable)
   np.savez(os.path.join(workdir, "final_params.npz"), **dict(leaves))
   model = nnx.merge(graphdef, finetune.params(trainable, frozen))
@@ -187,8 +193,37 @@ def sharding_rules(config):
   return [tuple(rule) for rule in rules] if rules else None
 
 
-def checkpoint_metadata(config, models: DiffusionModels) -> dict:
-  return {"base_model": models.base, "finetune": config.finetune.to_dict()}
+def validate_run_safety(config) -> None:
+  """The optimizer's numbers are finite and in range; the finite-check and damage policies."""
+  configs.check_optimizer(config)
+  finite.validate_config(config)
+  configs.check_choice(config, "checkpoint.on_damage", checkpoint.ON_DAMAGE)
+
+
+def make_checkpointer(config, workdir: str, script: str, models: DiffusionModels):
+  """The run's Checkpointer: run identity = the script, the full config and the base model.
+
+  The caller installs the preemption handler once the checkpoint (if any) is restored.
+  """
+  ckpt = checkpoint.Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      save_every=config.checkpoint.every,
+      keep=config.checkpoint.keep,
+      metadata=checkpoint.run_metadata(script, config, base_model=models.base),
+      on_damage=config.checkpoint.on_damage,
+  )
+  return ckpt
+
+
+def check_finite(monitor: finite.Monitor, step: int, mask, ckpt, writer) -> bool:
+  """`monitor.check(step, mask)`; before a NonFiniteError propagates, the checkpointer is
+  closed (pending saves finish, signal handlers are restored) and the writer flushed."""
+  try:
+    return monitor.check(step, mask)
+  except finite.NonFiniteError:
+    ckpt.close()
+    writer.close()
+    raise
 
 
 def write_summary(workdir: str, reward_name: str, host: dict, final_reward: float, config) -> str:
@@ -225,6 +260,15 @@ def write_summary(workdir: str, reward_name: str, host: dict, final_reward: floa
   return table
 
 
+# Errors whose message names the problem and what to do; the command line prints just that.
+RUN_ERRORS = (
+    configs.ConfigError,
+    checkpoint.CheckpointError,
+    finite.NonFiniteError,
+    workdir_lib.WorkdirError,
+)
+
+
 def run_experiment_cli(run_fn) -> None:
   """The command line of an experiment script: `run_fn(config, workdir)` under absl.
 
@@ -247,7 +291,15 @@ def run_experiment_cli(run_fn) -> None:
       raise app.UsageError("--config is required (an experiments/configs/<family>/<name>.py)")
     if workdir_flag.value is None:
       raise app.UsageError("--workdir is required (checkpoints, logs and images go there)")
-    run_fn(config_flag.value, workdir_flag.value)
+    if not workdir_flag.value.strip():
+      raise app.UsageError(
+          "--workdir is empty: give the directory for checkpoints, logs and images"
+      )
+    try:
+      run_fn(config_flag.value, workdir_flag.value)
+    except RUN_ERRORS as error:  # the message says it all: no traceback, exit status 1
+      sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")
+      sys.exit(1)
 
   app.run(main, flags_parser=configs.flags_parser)
 

@@ -10,7 +10,6 @@ in alignjax/algorithms/ddpo.py.
 
 from __future__ import annotations
 
-import os
 import time
 
 from absl import logging
@@ -20,9 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alignjax import checkpoint, configs, metrics, parallel, training
+from alignjax import configs, finite, metrics, parallel, scripts, training
+from alignjax import workdir as workdir_lib
 from alignjax.algorithms import ddpo
 from alignjax.diffusion import samplers
+
+scripts.make_importable(__file__, __package__)
+
 from experiments import common
 
 # ============================================================================ validation
@@ -58,6 +61,7 @@ def validate(config, num_devices: int) -> None:
   if config.finetune.mode == "lora":
     configs.check_positive(config, "finetune.lora_rank")
   common.validate_model_and_reward(config)
+  common.validate_run_safety(config)
   round_batch = config.sampling.batch_size * config.sampling.batches_per_round
   if round_batch % config.ddpo.num_minibatches:
     raise configs.ConfigError(
@@ -93,11 +97,15 @@ def run(config, workdir: str, *, devices=None) -> dict:
   parallel.initialize_distributed(config)
   devices = jax.devices() if devices is None else devices
   validate(config, len(devices))
+  with workdir_lib.exclusive(workdir) as workdir:  # one run per workdir, from here on
+    return train(config, workdir, devices)
+
+
+def train(config, workdir: str, devices) -> dict:
+  """`run` after validation, inside the workdir lock."""
   mesh = parallel.make_mesh(config.mesh, devices=devices)
   batch_sharding = parallel.batch_sharding(mesh)
   replicated = parallel.replicated(mesh)
-  os.makedirs(workdir, exist_ok=True)
-  writer = metrics.MetricWriter(workdir)
 
   # ---------------------------------------------------------------- models and reward
   models = common.load_diffusion_models(config, mesh)
@@ -160,25 +168,28 @@ def run(config, workdir: str, *, devices=None) -> dict:
   sample_fn = jax.jit(sample_batch, out_shardings=traj_sharding, compiler_options=compiler_options)
   decode_fn = jax.jit(common.images_from, out_shardings=batch_sharding)
   epoch_fn = jax.jit(
-      ddpo.make_epoch_fn(
-          eps_fn_builder,
-          schedule,
-          optimizer,
-          objective=config.ddpo.objective,
-          clip_range=config.ddpo.clip_range,
-          eta=sample_cfg.eta,
-          guidance_scale=sample_cfg.guidance_scale,
-          null_cond=null_cond,
-          timestep_fraction=config.ddpo.timestep_fraction,
-          num_minibatches=config.ddpo.num_minibatches,
-          num_microbatches=config.ddpo.num_microbatches,
-          clip_sample=sample_cfg.clip_sample,
-          mesh=mesh,
-          data_axes=parallel.DATA_AXES,
-          minibatch_loop=config.ddpo.minibatch_loop,
+      finite.guard(
+          ddpo.make_epoch_fn(
+              eps_fn_builder,
+              schedule,
+              optimizer,
+              objective=config.ddpo.objective,
+              clip_range=config.ddpo.clip_range,
+              eta=sample_cfg.eta,
+              guidance_scale=sample_cfg.guidance_scale,
+              null_cond=null_cond,
+              timestep_fraction=config.ddpo.timestep_fraction,
+              num_minibatches=config.ddpo.num_minibatches,
+              num_microbatches=config.ddpo.num_microbatches,
+              clip_sample=sample_cfg.clip_sample,
+              mesh=mesh,
+              data_axes=parallel.DATA_AXES,
+              minibatch_loop=config.ddpo.minibatch_loop,
+          ),
+          config.finite.policy,
       ),
       donate_argnums=0,
-      out_shardings=(state_shardings, replicated),
+      out_shardings=(state_shardings, replicated, replicated),
       compiler_options=compiler_options,
   )
   rewards_fn = common.RewardEvaluator(reward, mesh)
@@ -205,17 +216,14 @@ def run(config, workdir: str, *, devices=None) -> dict:
     return float(np.mean(np.concatenate(rewards_))), diversity, images
 
   # ---------------------------------------------------------------- restore or start
-  ckpt = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"),
-      save_every=config.checkpoint.every,
-      keep=config.checkpoint.keep,
-      metadata=common.checkpoint_metadata(config, models),
-  )
-  ckpt.install_preemption_handler()
+  ckpt = common.make_checkpointer(config, workdir, "experiments.ddpo", models)
   host = {"round": 0, "tracker": None, "base_reward": None, "base_diversity": None, "history": []}
   if ckpt.latest_step() is not None:
     state, host = ckpt.restore(state)
     logging.info("Resumed from round %d in %s", host["round"], workdir)
+  ckpt.install_preemption_handler()
+  writer = metrics.MetricWriter(workdir)  # after the checkpoint proved to be this run's
+  monitor = finite.Monitor.from_config(config.finite, host, unit="round", last_good=ckpt.last_good)
   tracker = (
       ddpo.PerPromptStatTracker.from_state_dict(host["tracker"])
       if host["tracker"]
@@ -262,7 +270,8 @@ def run(config, workdir: str, *, devices=None) -> dict:
     t_sample = time.perf_counter() - t0
 
     for _ in range(config.ddpo.inner_epochs):
-      state, epoch_metrics = epoch_fn(state, frozen, traj, advantages)
+      state, epoch_metrics, nonfinite = epoch_fn(state, frozen, traj, advantages)
+      common.check_finite(monitor, round_ + 1, nonfinite, ckpt, writer)
     epoch_metrics = jax.device_get(epoch_metrics)
     scalars = {
         "reward_mean": float(rewards.mean()),
@@ -270,6 +279,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
         **{k: float(np.mean(v)) for k, v in epoch_metrics.items()},
         "seconds_sampling": t_sample,
         "seconds_round": time.perf_counter() - t0,
+        "finite/skipped_rounds": monitor.skipped,
     }
     scalars["ratio_min"] = float(np.min(epoch_metrics["ratio_min"]))
     scalars["ratio_max"] = float(np.max(epoch_metrics["ratio_max"]))
@@ -283,7 +293,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
       images = common.to_host(decode_fn(traj.final))
       writer.write_images(round_ + 1, "train", images[: config.log.num_images])
 
-    host.update(round=round_ + 1, tracker=tracker.state_dict())
+    host.update(round=round_ + 1, tracker=tracker.state_dict(), finite=monitor.state_dict())
     ckpt.maybe_save(round_ + 1, state, host, force=round_ + 1 == config.num_rounds)
     if ckpt.preemption_requested:
       logging.warning("Preemption requested: checkpoint saved at round %d, exiting.", round_ + 1)

@@ -23,9 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alignjax import checkpoint, configs, metrics, parallel, training
+from alignjax import configs, finite, metrics, parallel, scripts, training
+from alignjax import workdir as workdir_lib
 from alignjax.algorithms import draft
 from alignjax.diffusion import samplers
+
+scripts.make_importable(__file__, __package__)
+
 from experiments import common
 from experiments.configs.draft.digits import VARIANTS
 
@@ -87,6 +91,7 @@ def validate(config, num_devices: int) -> None:
       num_processes=config.distributed.num_processes,
   )
   common.check_eval_batches(config)
+  common.validate_run_safety(config)
 
 
 def draft_options(config) -> dict:
@@ -114,11 +119,15 @@ def run(config, workdir: str, *, devices=None) -> dict:
   parallel.initialize_distributed(config)
   devices = jax.devices() if devices is None else devices
   validate(config, len(devices))
+  with workdir_lib.exclusive(workdir) as workdir:  # one run per workdir, from here on
+    return train(config, workdir, devices)
+
+
+def train(config, workdir: str, devices) -> dict:
+  """`run` after validation, inside the workdir lock."""
   mesh = parallel.make_mesh(config.mesh, devices=devices)
   batch_sharding = parallel.batch_sharding(mesh)
   replicated = parallel.replicated(mesh)
-  os.makedirs(workdir, exist_ok=True)
-  writer = metrics.MetricWriter(workdir)
 
   # ---------------------------------------------------------------- models and reward
   models = common.load_diffusion_models(config, mesh)
@@ -186,10 +195,10 @@ def run(config, workdir: str, *, devices=None) -> dict:
   compiler_options = dict(config.compiler_options) or None
   # metrics (scalars and the batch's samples, small) come back replicated
   update_fn = jax.jit(
-      update,
+      finite.guard(update, config.finite.policy),
       donate_argnums=0,
       compiler_options=compiler_options,
-      out_shardings=(state_shardings, replicated),
+      out_shardings=(state_shardings, replicated, replicated),
   )
   queries_per_update = sample_cfg.batch_size * max(1, options["lv_samples"])
 
@@ -231,17 +240,14 @@ def run(config, workdir: str, *, devices=None) -> dict:
     }, images
 
   # ---------------------------------------------------------------- restore or start
-  ckpt = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"),
-      save_every=config.checkpoint.every,
-      keep=config.checkpoint.keep,
-      metadata=common.checkpoint_metadata(config, models),
-  )
-  ckpt.install_preemption_handler()
+  ckpt = common.make_checkpointer(config, workdir, "experiments.draft", models)
   host = {"step": 0, "base": None, "history": []}
   if ckpt.latest_step() is not None:
     state, host = ckpt.restore(state)
     logging.info("Resumed from step %d in %s", host["step"], workdir)
+  ckpt.install_preemption_handler()
+  writer = metrics.MetricWriter(workdir)  # after the checkpoint proved to be this run's
+  monitor = finite.Monitor.from_config(config.finite, host, unit="update", last_good=ckpt.last_good)
   if host["base"] is None:
     host["base"], base_images = evaluate(state.params)
     writer.write_images(0, "eval_base", base_images[: config.log.num_images], scale=4)
@@ -258,18 +264,20 @@ def run(config, workdir: str, *, devices=None) -> dict:
     seed = int(jax.random.randint(jax.random.fold_in(step_key, 1), (), 0, 2**31 - 1))
     prompts = balanced_prompts(sample_cfg.batch_size, null_cond, seed)
     cond = common.global_array(prompts, batch_sharding)
-    state, step_metrics = update_fn(state, frozen, cond, step_key)
+    state, step_metrics, nonfinite = update_fn(state, frozen, cond, step_key)
+    common.check_finite(monitor, step + 1, nonfinite, ckpt, writer)
     images = common.to_host(decode_fn(step_metrics.pop("samples")))
     scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     scalars["diversity"] = metrics.within_class_diversity(images, prompts)
     scalars["reward_queries"] = (step + 1) * queries_per_update
     scalars["seconds_update"] = time.perf_counter() - t0
+    scalars["finite/skipped_updates"] = monitor.skipped
     writer.write_scalars(step + 1, scalars)
     host["history"].append([step + 1, scalars["reward_mean"], scalars["diversity"]])
     if (step + 1) % config.log.image_every == 0:
       writer.write_images(step + 1, "train", images[: config.log.num_images], scale=4)
 
-    host["step"] = step + 1
+    host.update(step=step + 1, finite=monitor.state_dict())
     ckpt.maybe_save(step + 1, state, host, force=step + 1 == config.num_updates)
     if ckpt.preemption_requested:
       logging.warning("Preemption requested: checkpoint saved at step %d, exiting.", step + 1)

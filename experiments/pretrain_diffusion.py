@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -60,12 +61,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alignjax import configs, metrics
+from alignjax import configs, finite, metrics, scripts
+from alignjax import workdir as workdir_lib
 from alignjax.data import digits
 from alignjax.diffusion import flow, samplers, schedules
 from alignjax.models import classifier as classifier_lib
 from alignjax.models import io as model_io
 from alignjax.models import unet as unet_lib
+
+scripts.make_importable(__file__, __package__)
 
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 OBJECTIVES = ("eps", "flow")
@@ -127,6 +131,7 @@ def validate(config) -> None:
     configs.check_positive(config, "flow.time_scale")
     configs.check_choice(config, "sample.sampler", FLOW_SAMPLERS)
   configs.check_choice(config, "prng_impl", PRNG_IMPLS)
+  finite.validate_config(config)
   if not len(config.sample.guidance_scales):
     raise configs.ConfigError("config.sample.guidance_scales=(): give at least one scale")
   for i, scale in enumerate(config.sample.guidance_scales):
@@ -267,20 +272,29 @@ def train_unet(config, x_train, y_train, schedule, key, writer=None):
       )
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, ema_update(ema, params, step, tc.ema_decay), loss
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    mask = finite.nonfinite_mask(  # alignjax.finite eqs. 1-3
+        {"loss": loss, "grad_norm": optax.tree.norm(grads)}, new_params, new_opt_state
+    )
+    new = (new_params, new_opt_state, ema_update(ema, new_params, step, tc.ema_decay))
+    if config.finite.policy == "skip":
+      new = finite.select(mask, new, (params, opt_state, ema))
+    return *new, loss, mask
 
   step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2))
-  losses = []
+  monitor = finite.Monitor.from_config(config.finite, unit="UNet step")
+  losses, masks = [], []
   for step in metrics.progress(range(tc.steps), desc="unet"):
-    params, opt_state, ema, loss = step_fn(
+    params, opt_state, ema, loss, mask = step_fn(
         params, opt_state, ema, step, jax.random.fold_in(key, step)
     )
     losses.append(loss)
+    masks.append(mask)
     if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+      monitor.check_steps(step + 2 - len(masks), masks)  # steps are counted from 1
       mean_loss = float(jnp.mean(jnp.stack(losses)))
-      losses = []
+      losses, masks = [], []
       if writer is not None:
         writer.write_scalars(
             step + 1, {"unet/loss": mean_loss, "unet/learning_rate": float(lr(step))}
@@ -388,9 +402,18 @@ def recognition(clf, images, cond) -> tuple[float, list[float]]:
 
 
 def pretrain(config, workdir: str) -> dict:
-  """Runs the whole pretraining into `workdir` and returns the report (also report.json)."""
+  """Runs the whole pretraining into `workdir` and returns the report (also report.json).
+
+  Holds the workdir's lock meanwhile (alignjax.workdir): a second pretraining into the same
+  directory stops at once. Non-finite losses or weights stop the run before anything is saved
+  (alignjax.finite).
+  """
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.exclusive(workdir, this_process_only=True) as workdir:
+    return _pretrain(config, workdir)
+
+
+def _pretrain(config, workdir: str) -> dict:
   report_path = os.path.join(workdir, REPORT_NAME)
   if os.path.exists(report_path):
     os.remove(report_path)  # a stale report would mark a half-rewritten cache as complete
@@ -406,7 +429,7 @@ def pretrain(config, workdir: str) -> dict:
   # ---------------------------------------------------------------- UNet
   t0 = time.time()
   graphdef, ema, final_loss = train_unet(config, x_train, y_train, schedule, unet_key, writer)
-  jax.block_until_ready(ema)
+  finite.check_host_tree(jax.device_get(ema), "the pretrained UNet (EMA weights)")
   unet_time = time.time() - t0
   unet_model = nnx.merge(graphdef, ema)
   model_io.save_model(os.path.join(workdir, UNET_DIR), unet_model, unet_model.config)
@@ -431,6 +454,7 @@ def pretrain(config, workdir: str) -> dict:
   test_acc = classifier_lib.accuracy(clf, digits.to_images(x_test), y_test)
   train_acc = classifier_lib.accuracy(clf, digits.to_images(x_train), y_train)
   classifier_time = time.time() - t0
+  finite.check_host_tree(jax.device_get(nnx.state(clf)), "the trained digits classifier")
   model_io.save_model(os.path.join(workdir, CLASSIFIER_DIR), clf, ccfg)
   writer.write_scalars(
       config.train.steps,
@@ -621,8 +645,16 @@ def main(argv, config_flag, workdir_flag) -> None:
     raise app.UsageError(
         "--config is required, e.g. " "--config=experiments/configs/pretrain_diffusion/digits.py"
     )
-  workdir = workdir_flag.value or default_cache_dir(objective_of(config_flag.value))
-  report = pretrain(config_flag.value, workdir)
+  workdir = workdir_flag.value
+  if workdir is None:
+    workdir = default_cache_dir(objective_of(config_flag.value))
+  if not workdir.strip():
+    raise app.UsageError("--workdir is empty: give the output directory, or leave the flag out")
+  try:
+    report = pretrain(config_flag.value, workdir)
+  except (configs.ConfigError, finite.NonFiniteError, workdir_lib.WorkdirError) as error:
+    sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")
+    sys.exit(1)
   summary = {
       k: report[k]
       for k in ("classifier_test_accuracy", "recognition_rate", "targets_met", "time_s")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -31,12 +32,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alignjax import configs, metrics
+from alignjax import configs, finite, metrics, scripts
+from alignjax import workdir as workdir_lib
 from alignjax.data import synthetic_language as lang
 from alignjax.lm import sampling, scoring
 from alignjax.models import convert
 from alignjax.models.lm import TransformerLM
 from alignjax.models.lm_config import LMConfig
+
+scripts.make_importable(__file__, __package__)
 
 REPORT_NAME = "report.json"
 MODEL_DIR = "model"
@@ -70,6 +74,7 @@ def validate(config) -> None:
       config, "train.warmup_steps", "train.weight_decay", "train.max_grad_norm"
   )
   configs.check_fraction(config, "data.test_fraction")
+  finite.validate_config(config)
   needed = lang.max_sentence_length(config.data.max_operand)
   if config.model.max_position_embeddings < needed:
     raise configs.ConfigError(
@@ -122,18 +127,25 @@ def train(config, tokens, valid, writer=None):
     loss, grads = jax.value_and_grad(lambda p: lm_loss(graphdef, p, tokens[idx], valid[idx]))(
         params
     )
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new = (optax.apply_updates(params, updates), new_opt_state)
+    mask = finite.nonfinite_mask({"loss": loss, "grad_norm": optax.tree.norm(grads)}, *new)
+    if config.finite.policy == "skip":  # alignjax.finite eq. 3
+      new = finite.select(mask, new, (params, opt_state))
+    return *new, loss, mask
 
   step_fn = jax.jit(step_fn, donate_argnums=(0, 1))
   key = jax.random.key(config.seed)
-  losses, mean_loss = [], float("nan")
+  monitor = finite.Monitor.from_config(config.finite, unit="LM step")
+  losses, masks, mean_loss = [], [], float("nan")
   for step in metrics.progress(range(tc.steps), desc="lm"):
-    params, opt_state, loss = step_fn(params, opt_state, jax.random.fold_in(key, step))
+    params, opt_state, loss, mask = step_fn(params, opt_state, jax.random.fold_in(key, step))
     losses.append(loss)
+    masks.append(mask)
     if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+      monitor.check_steps(step + 2 - len(masks), masks)  # steps are counted from 1
       mean_loss = float(jnp.mean(jnp.stack(losses)))
-      losses = []
+      losses, masks = [], []
       if writer is not None:
         writer.write_scalars(step + 1, {"lm/loss": mean_loss, "lm/learning_rate": float(lr(step))})
   return graphdef, params, mean_loss
@@ -173,9 +185,17 @@ def completion_accuracy(graphdef, params, pairs, *, batch_size: int, max_operand
 
 
 def pretrain(config, workdir: str) -> dict:
-  """The whole run into `workdir`; returns the report (also written to report.json)."""
+  """The whole run into `workdir`; returns the report (also written to report.json).
+
+  Holds the workdir's lock meanwhile (alignjax.workdir); non-finite losses or weights stop
+  the run before anything is saved (alignjax.finite).
+  """
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.exclusive(workdir) as workdir:
+    return _pretrain(config, workdir)
+
+
+def _pretrain(config, workdir: str) -> dict:
   t_start = time.time()
   dc = config.data
   split = dict(max_operand=dc.max_operand, test_fraction=dc.test_fraction, seed=dc.split_seed)
@@ -188,7 +208,7 @@ def pretrain(config, workdir: str) -> dict:
 
   t0 = time.time()
   graphdef, params, final_loss = train(config, tokens, valid, writer)
-  jax.block_until_ready(params)
+  finite.check_host_tree(jax.device_get(params), "the pretrained LM")
   train_time = time.time() - t0
 
   t0 = time.time()
@@ -247,7 +267,13 @@ def main(argv, config_flag, workdir_flag) -> None:
         "--config and --workdir are required, e.g. "
         "--config=experiments/configs/pretrain_lm/tiny.py --workdir=runs/lm"
     )
-  report = pretrain(config_flag.value, workdir_flag.value)
+  if not workdir_flag.value.strip():
+    raise app.UsageError("--workdir is empty: give the output directory (model, report, logs)")
+  try:
+    report = pretrain(config_flag.value, workdir_flag.value)
+  except (configs.ConfigError, finite.NonFiniteError, workdir_lib.WorkdirError) as error:
+    sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")
+    sys.exit(1)
   print(
       json.dumps(
           {

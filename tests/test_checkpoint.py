@@ -23,6 +23,7 @@ from alignjax.checkpoint import (
     abstract_like,
     content_hash,
     frozen_model_metadata,
+    run_metadata,
 )
 
 
@@ -334,21 +335,42 @@ def test_incompatible_tree_shape_dtype_raise(tmp_path, mesh, state):
   ckpt.close()
 
 
-def test_metadata_mismatch_raises_and_config_only_warns(tmp_path, caplog):
+def test_metadata_mismatch_raises_and_operational_config_only_warns(tmp_path, caplog):
   model = tmp_path / "base_model"
   model.mkdir()
   (model / "model.safetensors").write_bytes(b"weights-v1")
-  meta = {"base_model": frozen_model_metadata(model), "config": {"lr": 1e-3, "steps": 10}}
+  config = {"lr": 1e-3, "num_rounds": 10, "log": {"image_every": 5}}
+  meta = run_metadata("experiments.x", config, base_model=frozen_model_metadata(model))
   state = {"w": jnp.ones(3)}
   ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=None, metadata=meta)
   ckpt.maybe_save(1, state, {})
   ckpt.close()
 
-  longer = dict(meta, config={"lr": 1e-3, "steps": 20})  # resume, longer run
+  # resume, longer run, other logging interval: operational, only a warning
+  longer = run_metadata(
+      "experiments.x",
+      {"lr": 1e-3, "num_rounds": 20, "log": {"image_every": 1}},
+      base_model=meta["base_model"],
+  )
   ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=None, metadata=longer)
   with caplog.at_level(logging.WARNING, logger="alignjax.checkpoint"):
     ckpt.restore(state)
-  assert "metadata.config.steps: checkpoint 10, now 20" in caplog.text
+  assert "config.num_rounds: checkpoint 10, now 20" in caplog.text
+  assert "config.log.image_every: checkpoint 5, now 1" in caplog.text
+  ckpt.close()
+
+  # another learning rate and another script: refused, naming the key / the scripts
+  other_lr = run_metadata("experiments.x", dict(config, lr=1.0), base_model=meta["base_model"])
+  ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=None, metadata=other_lr)
+  with pytest.raises(CheckpointError, match=r"another run: 1 setting.*config.lr: checkpoint 0.001"):
+    ckpt.restore(state)
+  ckpt.close()
+  other_script = run_metadata("experiments.y", config, base_model=meta["base_model"])
+  ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=None, metadata=other_script)
+  with pytest.raises(
+      CheckpointError, match="written by experiments.x, but this run is experiments.y"
+  ):
+    ckpt.restore(state)
   ckpt.close()
 
   (model / "model.safetensors").write_bytes(b"weights-v2")  # base model changed
@@ -357,7 +379,7 @@ def test_metadata_mismatch_raises_and_config_only_warns(tmp_path, caplog):
   with pytest.raises(CheckpointError) as info:
     ckpt.restore(state)
   msg = str(info.value)
-  assert "does not match this run's metadata: metadata.base_model.hash: checkpoint" in msg
+  assert "base_model.hash: checkpoint" in msg
   assert meta["base_model"]["hash"] in msg and changed["base_model"]["hash"] in msg
   assert "(step 1)" in msg
   ckpt.close()

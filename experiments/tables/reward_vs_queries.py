@@ -107,6 +107,10 @@ from absl import app, flags
 import jax
 import numpy as np
 
+from alignjax import scripts
+
+scripts.make_importable(__file__, __package__)
+
 from experiments import adjoint_matching as am_script
 from experiments import common, tables
 from experiments import ddpo as ddpo_script

@@ -55,10 +55,14 @@ import numpy as np
 import optax
 from flax import nnx
 
+from alignjax import scripts
 from alignjax.algorithms import adjoint_matching as am
 from alignjax.diffusion import flow
 from alignjax.models import toy
 from alignjax.training import TrainState
+
+scripts.make_importable(__file__, __package__)
+
 from experiments import tables
 
 # The problems of tests/algorithms/test_adjoint_matching.py.

@@ -23,7 +23,7 @@ Variants through the argument (`--config=...digits.py:variant=lv,finetune=lora`)
 
 import ml_collections
 
-from alignjax import configs
+from alignjax import configs, finite
 
 VARIANTS = ("full", "k", "1", "lv")
 
@@ -77,7 +77,10 @@ def get_config(arg=None):
   # XLA compiler options of the jitted DRaFT step and sampler (jax.jit(compiler_options=)).
   c.compiler_options = {}
 
-  c.checkpoint = dict(every=10, keep=3)
+  # on_damage: "error" stops on a damaged newest checkpoint; "fallback" resumes from the
+  # newest intact one (alignjax.checkpoint). finite: stop (or skip the update) on NaN/inf.
+  c.checkpoint = dict(every=10, keep=3, on_damage="error")
+  c.finite = finite.config(policy="stop", max_consecutive_skips=3)
   c.log = dict(image_every=10, num_images=50)
   c.eval = dict(num_samples=320, seed=10_000)
 

@@ -14,7 +14,7 @@ Argument (`--config=...digits.py:tiny=True`):
 
 import ml_collections
 
-from alignjax import configs
+from alignjax import configs, finite
 
 
 def get_config(arg=None):
@@ -39,6 +39,8 @@ def get_config(arg=None):
       time_freq_dim=32,
   )
   # Epsilon-prediction training (script eq. 1) with label dropout and an EMA (eq. 2).
+  # Stop on the first NaN/inf loss or parameter (alignjax.finite).
+  c.finite = finite.config(policy="stop", max_consecutive_skips=3)
   c.train = dict(
       steps=1200,
       batch_size=64,

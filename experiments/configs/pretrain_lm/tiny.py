@@ -15,7 +15,7 @@ Argument (`--config=...tiny.py:smoke=True`):
 
 import ml_collections
 
-from alignjax import configs
+from alignjax import configs, finite
 
 
 def get_config(arg=None):
@@ -36,6 +36,8 @@ def get_config(arg=None):
       rope_theta=10000.0,
   )
   # Next-token cross-entropy over whole sentences, AdamW with warm-up + cosine decay.
+  # Stop on the first NaN/inf loss or parameter (alignjax.finite).
+  c.finite = finite.config(policy="stop", max_consecutive_skips=3)
   c.train = dict(
       steps=4000,
       batch_size=128,
