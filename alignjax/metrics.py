@@ -44,6 +44,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -237,19 +238,76 @@ def plot_curves(
 
 
 # --------------------------------------------------------------------------- progress
+class _LogLines:
+  """Stream for tqdm that writes each bar update as one line ending in a newline.
+
+  tqdm redraws a bar in place: '\\r' + bar + spaces (to cover a longer previous bar), plus
+  cursor moves for nested bars. In a log file that is one ever-growing line of carriage
+  returns; here every redraw becomes `bar + '\\n'`, and a redraw repeating the previous
+  line or holding nothing but whitespace and control characters (the final '\\n', a
+  cleared bar) is dropped.
+  """
+
+  _CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\r")
+
+  def __init__(self, stream: Any):
+    self._stream = stream
+    self._last = None
+
+  def write(self, text: str) -> int:
+    line = self._CONTROL.sub("", str(text)).strip()
+    if line and line != self._last:  # the closing redraw often repeats the last update
+      self._stream.write(line + "\n")
+      self._last = line
+    return len(text)
+
+  def flush(self) -> None:
+    getattr(self._stream, "flush", lambda: None)()
+
+  def isatty(self) -> bool:
+    return False
+
+
+def _isatty(stream: Any) -> bool:
+  try:
+    return bool(stream.isatty())
+  except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+    return False
+
+
 def progress(
     iterable: Iterable | None = None,
     *,
     total: int | None = None,
     desc: str = "",
     enabled: bool | None = None,
+    log_interval: float = 10.0,
     **kwargs: Any,
 ):
-  """tqdm progress bar (rate and ETA); silent on processes other than 0."""
+  """tqdm progress bar (rate and ETA); silent on processes other than 0.
+
+  On a terminal the bar is redrawn in place (tqdm's defaults, width following the
+  terminal). When its stream (`file`, default sys.stderr) is not a terminal, as in CI, under
+  nohup or in a cluster job's log, it is written as plain ASCII lines, one per update,
+  at most one every `log_interval` seconds (plus the first and the last). Any tqdm
+  argument passed in `kwargs` (e.g. `mininterval`, `ascii`) overrides these choices.
+  """
+  from tqdm.asyncio import tqdm as console_tqdm
   from tqdm.auto import tqdm
 
   enabled = parallel.is_main_process() if enabled is None else enabled
-  return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, **kwargs)
+  stream = kwargs.pop("file", None) or sys.stderr
+  if tqdm is not console_tqdm or _isatty(stream):  # a notebook's widget, or a terminal
+    options = {"file": stream, "dynamic_ncols": True}
+  else:
+    options = {
+        "file": _LogLines(stream),
+        "mininterval": log_interval,
+        "maxinterval": log_interval,  # tqdm's monitor thread: no forced redraw sooner
+        "ascii": True,
+    }
+  options.update(kwargs)
+  return tqdm(iterable, total=total, desc=desc, disable=not enabled, **options)
 
 
 # --------------------------------------------------------------------------- writer

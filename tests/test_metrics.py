@@ -2,6 +2,7 @@
 
 import glob
 import io
+import re
 import struct
 
 import jax.numpy as jnp
@@ -235,3 +236,78 @@ def test_within_class_diversity_matches_scipy_pdist_per_class():
     metrics.within_class_diversity(pts, np.zeros(3, int))
   with pytest.raises(ValueError, match="labels must be integers"):
     metrics.within_class_diversity(pts, np.zeros(4))
+
+
+class _Clock:
+  """Stands in for tqdm's clock: time moves only when the test says so."""
+
+  def __init__(self):
+    import time
+
+    self.t = time.time()
+
+  def __call__(self):
+    return self.t
+
+
+class _Terminal(io.StringIO):
+
+  def isatty(self):
+    return True
+
+
+def _progress_counts(lines):
+  return [int(re.search(r"(\d+)/1000", line).group(1)) for line in lines]
+
+
+def test_progress_bar_in_a_log_writes_a_line_at_most_every_log_interval(monkeypatch):
+  import tqdm.std
+
+  clock = _Clock()
+  monkeypatch.setattr(tqdm.std, "time", clock)
+  log = io.StringIO()  # not a terminal, like a CI or nohup log
+  for _ in metrics.progress(range(1000), desc="rounds", enabled=True, file=log):
+    clock.t += 0.05  # 50 s in all: tqdm's default (0.1 s) would redraw ~500 times
+  text = log.getvalue()
+  assert "\r" not in text and "\x1b" not in text and text.isascii()
+  assert text.endswith("\n") and "\n\n" not in text
+  lines = text.splitlines()
+  assert 3 <= len(lines) <= 7, lines  # first, one per 10 s of the 50, last
+  assert all(line.startswith("rounds: ") for line in lines)
+  counts = _progress_counts(lines)
+  assert counts[0] == 0 and counts[-1] == 1000 and counts == sorted(counts)
+  assert all(b - a >= 200 for a, b in zip(counts[:-1], counts[1:-1]))  # >= 10 s apart
+  # a shorter interval, and a caller's own tqdm option, still as lines
+  log = io.StringIO()
+  for _ in metrics.progress(range(1000), enabled=True, file=log, log_interval=1.0):
+    clock.t += 0.05
+  assert "\r" not in log.getvalue() and 40 <= len(log.getvalue().splitlines()) <= 60
+  log = io.StringIO()
+  for _ in metrics.progress(range(1000), enabled=True, file=log, mininterval=0, miniters=100):
+    clock.t += 0.05
+  counts = _progress_counts(log.getvalue().splitlines())
+  assert counts == list(range(0, 1001, 100))  # the closing redraw of 1000/1000 not repeated
+
+
+def test_progress_bar_on_a_terminal_redraws_in_place_as_tqdm_does(monkeypatch):
+  import tqdm.auto
+  import tqdm.std
+
+  clock = _Clock()
+  monkeypatch.setattr(tqdm.std, "time", clock)
+  outputs = []
+  for make in (
+      lambda f: metrics.progress(range(1000), desc="rounds", enabled=True, file=f),
+      lambda f: tqdm.auto.tqdm(range(1000), desc="rounds", file=f, dynamic_ncols=True),
+  ):
+    term = _Terminal()
+    bar = make(term)
+    assert bar.mininterval == 0.1
+    start = clock.t
+    for _ in bar:
+      clock.t += 0.05
+    clock.t = start
+    outputs.append(term.getvalue())
+  ours, plain = outputs
+  assert ours == plain  # exactly tqdm's own bar
+  assert ours.startswith("\r") and ours.count("\n") == 1 and ours.count("\r") > 100

@@ -6,8 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
+from flax import nnx
 
-from alignjax import configs, metrics
+from alignjax import configs, metrics, parallel, testing
 from experiments import adjoint_matching as am_script
 from experiments.configs.adjoint_matching import digits
 
@@ -87,8 +88,19 @@ def test_tiny_run_writes_everything_and_resumes_to_the_same_parameters(tmp_path)
   assert any(n.startswith("eval_base") for n in images)
   assert any(n.startswith("eval_final") for n in images)
   assert sorted(os.listdir(straight / "checkpoints")) == ["1", "2"]
-  initial = {k: v for k, v in final_params(straight).items()}
-  assert initial  # the run exported its parameters
+  # Full fine-tuning of the seeded tiny UNet: the exported parameters are the returned ones,
+  # and num_iterations Adam steps moved every parameter, each by at most ~learning_rate per step
+  # (|m̂/√v̂| <= 1.0014 for the first two steps).
+  config = tiny_config()
+  trained = final_params(straight)
+  returned = dict(parallel.flatten_with_paths(result["params"])[0])
+  base = dict(parallel.flatten_with_paths(nnx.split(testing.tiny_unet(seed=config.seed))[1])[0])
+  assert trained.keys() == returned.keys() == base.keys()
+  bound = 1.5 * config.num_iterations * config.optimizer.learning_rate
+  for k in trained:
+    np.testing.assert_array_equal(trained[k], np.asarray(returned[k]), err_msg=k)
+    moved = np.abs(trained[k] - np.asarray(base[k])).max()
+    assert 0 < moved <= bound, (k, moved, bound)
 
   # Resume: a copy of the run stopped after iteration 1 redoes iteration 2 from the
   # checkpoint (state, PRNG and host state restored) and ends where the straight run ended.

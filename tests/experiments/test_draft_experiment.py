@@ -7,8 +7,9 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from alignjax import configs, metrics
+from alignjax import configs, metrics, testing, training
 from experiments import draft as draft_script
 from experiments.configs.draft import digits
 
@@ -152,7 +153,24 @@ def test_draft_1_with_lora_trains_only_the_low_rank_factors(tmp_path):
   leaves = jax.tree_util.tree_leaves_with_path(result["params"])
   names = [jax.tree_util.keystr(p) for p, _ in leaves]
   assert names and all(n.endswith(("['a']", "['b']")) for n in names), names[:4]
-  assert max(np.abs(np.asarray(x)).max() for _, x in leaves) > 0
+  # The factors the script started from: Finetune.split of the seeded tiny UNet with the
+  # script's init key (the first of three split from the seed), jitted as the script does.
+  base = nnx.split(testing.tiny_unet(seed=config.seed))[1]
+  init_key = jax.random.split(jax.random.key(config.seed), 3)[0]
+  finetune = training.Finetune.from_config(config.finetune)
+  initial = jax.device_get(jax.jit(lambda p: finetune.split(p, init_key)[0])(base))
+  trained = jax.device_get(result["params"])
+  assert trained.keys() == initial.keys()
+  # num_updates Adam steps, each moving a weight by at most ~learning_rate (|m̂/√v̂| <= 1.0014
+  # for the first two steps); a fresh A is ~N(0, 1/fan_in), far from that
+  bound = 1.5 * config.num_updates * config.optimizer.learning_rate
+  for name, factors in trained.items():
+    a, b = np.asarray(factors["a"]), np.asarray(factors["b"])
+    a0, b0 = np.asarray(initial[name]["a"]), np.asarray(initial[name]["b"])
+    assert a.shape == a0.shape and b.shape == b0.shape and not b0.any(), name
+    assert b.any(), f"{name}: B is still zero, as initialised"
+    assert 0 < np.abs(a - a0).max() <= bound, (name, np.abs(a - a0).max(), bound)
+    assert np.abs(b).max() <= bound, name
 
 
 def test_draft_k_resumes_from_a_checkpoint_at_the_saved_step(tmp_path):

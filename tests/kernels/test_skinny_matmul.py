@@ -3,6 +3,7 @@ where it qualifies, and a clear fallback when it cannot be built."""
 
 import os
 import platform
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,18 @@ from alignjax.kernels import skinny_matmul
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernel is written for x86-64"
 )
+
+
+def require_kernel():
+  ok, why = skinny_matmul.available()
+  if not ok:
+    pytest.skip(f"the skinny_matmul kernel is unavailable: {why}")
+
+
+def require_compiler():
+  compiler = os.environ.get("CXX") or "c++"
+  if shutil.which(compiler) is None:
+    pytest.skip(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
 
 
 @pytest.fixture
@@ -47,8 +60,7 @@ def kernel_product(x, w):
     ],
 )
 def test_kernel_equals_the_float64_product(lead, k, n):
-  ok, why = skinny_matmul.available()
-  assert ok, why
+  require_kernel()
   rng = np.random.default_rng(k * n)
   x = rng.standard_normal(lead + (k,)).astype(np.float32)
   w = rng.standard_normal((k, n)).astype(np.float32)
@@ -64,7 +76,7 @@ def test_kernel_equals_the_float64_product(lead, k, n):
 
 
 def test_the_kernel_is_compiled_in_only_where_it_qualifies():
-  assert skinny_matmul.available()[0]
+  require_kernel()
   w = jnp.ones((32, 48), jnp.float32)
 
   def hlo(fn, x, w):
@@ -85,7 +97,7 @@ def test_the_kernel_is_compiled_in_only_where_it_qualifies():
 
 
 def test_programs_lowered_for_accelerators_use_the_plain_product():
-  assert skinny_matmul.available()[0]
+  require_kernel()
 
   def scoped(x, w):
     with skinny_matmul.enabled():
@@ -100,6 +112,7 @@ def test_programs_lowered_for_accelerators_use_the_plain_product():
 def test_without_a_compiler_the_product_falls_back_with_the_reason(
     fresh_availability, monkeypatch, tmp_path
 ):  # pylint: disable=redefined-outer-name,unused-argument
+  monkeypatch.delenv("ALIGNJAX_DISABLE_KERNELS", raising=False)
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
   monkeypatch.setenv("ALIGNJAX_KERNEL_CACHE", str(tmp_path / "cache"))
   ok, why = skinny_matmul.available()
@@ -117,6 +130,8 @@ def test_without_a_compiler_the_product_falls_back_with_the_reason(
 def test_a_failed_build_names_the_source_and_leaves_no_file(
     fresh_availability, monkeypatch, tmp_path
 ):  # pylint: disable=redefined-outer-name,unused-argument
+  monkeypatch.delenv("ALIGNJAX_DISABLE_KERNELS", raising=False)
+  require_compiler()
   bad = tmp_path / "broken.cc"
   bad.write_text("this is not C++\n")
   monkeypatch.setattr(skinny_matmul, "SOURCE", str(bad))
@@ -133,6 +148,7 @@ def test_disabled_by_environment(fresh_availability, monkeypatch):  # pylint: di
 
 def test_built_library_is_cached_and_reused(fresh_availability, monkeypatch, tmp_path):  # pylint: disable=redefined-outer-name,unused-argument
   monkeypatch.setenv("ALIGNJAX_KERNEL_CACHE", str(tmp_path))
+  require_kernel()
   ok, path = skinny_matmul.available()
   assert ok and os.path.dirname(path) == str(tmp_path)
   assert os.listdir(tmp_path) == [os.path.basename(path)]
