@@ -6,9 +6,10 @@ samplers), `alignjax.models` (UNet, classifier, decoder LMs, LoRA, checkpoint co
 (sampling, scoring) and `alignjax.data`.
 """
 
-from alignjax import checkpoint, configs, metrics, parallel, training
-from alignjax.checkpoint import Checkpointer, CheckpointError
+from alignjax import checkpoint, configs, finite, metrics, parallel, training, workdir
+from alignjax.checkpoint import CheckpointDamagedError, Checkpointer, CheckpointError
 from alignjax.configs import ConfigError, parse_arg
+from alignjax.finite import NonFiniteError
 from alignjax.metrics import MetricWriter, progress
 from alignjax.parallel import (
     DATA_AXES,
@@ -22,21 +23,26 @@ from alignjax.parallel import (
     sharded_init,
 )
 from alignjax.training import Finetune, OptimizerConfig, TrainState, make_optimizer
+from alignjax.workdir import WorkdirError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointDamagedError",
     "CheckpointError",
     "Checkpointer",
     "ConfigError",
     "DATA_AXES",
     "Finetune",
     "MetricWriter",
+    "NonFiniteError",
     "OptimizerConfig",
     "TrainState",
+    "WorkdirError",
     "batch_sharding",
     "checkpoint",
     "configs",
+    "finite",
     "initialize_distributed",
     "is_main_process",
     "make_mesh",
@@ -50,4 +56,5 @@ __all__ = [
     "shard_batch",
     "sharded_init",
     "training",
+    "workdir",
 ]

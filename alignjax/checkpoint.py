@@ -96,17 +96,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from alignjax import checksums, parallel, run_identity
-from alignjax.run_identity import run_metadata  # noqa: F401  (re-exported for scripts)
+from alignjax import checksums, run_identity
+from alignjax.checkpoint_tree import CheckpointError, _abstract_leaf, _flat, _flatten_nested
+from alignjax.checkpoint_tree import _is_key, _nest
+from alignjax.checkpoint_tree import abstract_like  # noqa: F401  (public here)
+from alignjax.run_identity import content_hash, frozen_model_metadata, run_metadata  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 STATE, HOST, META = "train_state", "host_state", "metadata"
 ON_DAMAGE = ("error", "fallback")
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint cannot be saved or restored; the message says where and why."""
 
 
 class CheckpointDamagedError(CheckpointError):
@@ -142,110 +141,6 @@ def _jsonable(obj: Any, where: str, strict: bool) -> Any:
         "(use dicts, lists, str, int, float, bool, None)"
     )
   return str(obj)
-
-
-def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def content_hash(path: str | os.PathLike) -> str:
-  """ "sha256:<hex>" identifying a file or a directory's contents.
-
-  A file: the sha256 of its bytes (what `sha256sum` prints). A directory: the sha256 of
-  the lines "<relative path>\\0<file sha256>\\n" over its files in sorted order, so
-  renaming, adding, removing or changing any file changes the hash.
-  """
-  path = os.fspath(path)
-  if os.path.isfile(path):
-    return "sha256:" + _file_sha256(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"content_hash: {path} does not exist")
-  files = sorted(
-      (
-          os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/"),
-          os.path.join(root, name),
-      )
-      for root, _, names in os.walk(path)
-      for name in names
-  )
-  digest = hashlib.sha256()
-  for rel, full in files:
-    digest.update(f"{rel}\0{_file_sha256(full)}\n".encode())
-  return "sha256:" + digest.hexdigest()
-
-
-def frozen_model_metadata(path: str | os.PathLike) -> dict:
-  """{"path", "hash"} that identifies a frozen model directory or file in metadata."""
-  return {"path": os.path.abspath(os.fspath(path)), "hash": content_hash(path)}
-
-
-# --------------------------------------------------------------------------- tree helpers
-def _escape(part: str) -> str:
-  # Orbax joins nested keys with "." in its storage names; keep parts unambiguous.
-  return part.replace("%", "%25").replace(".", "%2E").replace("/", "%2F") or "%00"
-
-
-def _is_key(leaf: Any) -> bool:
-  dtype = getattr(leaf, "dtype", None)
-  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _flat(tree: Any) -> tuple[list[tuple[tuple[str, ...], Any]], Any]:
-  """[(escaped path parts, leaf)], treedef; NNX's trailing "value" is dropped."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  out = []
-  for path, leaf in leaves:
-    name = parallel.path_str(path)
-    parts = tuple(_escape(p) for p in name.split("/")) if name else ("%00",)
-    out.append((parts, leaf))
-  return out, treedef
-
-
-def _nest(pairs: list[tuple[tuple[str, ...], Any]]) -> dict:
-  root: dict = {}
-  for parts, value in pairs:
-    node = root
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-      if not isinstance(node, dict):
-        raise CheckpointError(f"train state path {'/'.join(parts)} clashes with " "another leaf")
-    if parts[-1] in node:
-      raise CheckpointError(f"train state has two leaves at {'/'.join(parts)}")
-    node[parts[-1]] = value
-  return root
-
-
-def _flatten_nested(tree: Any, prefix: tuple[str, ...] = ()) -> dict:
-  if isinstance(tree, Mapping):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten_nested(v, prefix + (str(k),)))
-    return out
-  return {prefix: tree}
-
-
-def _abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
-  """Restore target for one template leaf (typed PRNG keys -> their uint32 key data)."""
-  if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-    leaf = np.asarray(leaf)
-  sharding = getattr(leaf, "sharding", None)
-  if sharding is None:
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  if _is_key(leaf):
-    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
-  return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding)
-
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a concrete tree: a template for `restore`."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
-  )
 
 
 def _json_sha256(value: Any) -> str:

@@ -10,7 +10,8 @@ the stored and the current metadata are compared key by key (`compare`):
   * the config fields in OPERATIONAL_CONFIG_KEYS only say how the run is operated, so they
     may change on resume (a warning lists them): a longer schedule, other checkpoint,
     logging and image intervals, another mesh shape or number of processes (the global batch
-    sizes are separate fields, so they stay fixed), compiler options, the finite-check policy.
+    sizes are separate fields, so they stay fixed), how often the held-out curve is evaluated,
+    compiler options, the finite-check policy.
 
 Patterns are dotted config paths; "x.*" matches every field below section x.
 """
@@ -18,6 +19,8 @@ Patterns are dotted config paths; "x.*" matches every field below section x.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +30,7 @@ OPERATIONAL_CONFIG_KEYS = (
     "num_iterations",  # Adjoint Matching
     "checkpoint.*",
     "log.*",
+    "eval.every",  # how often the held-out curve is drawn; its seeds and sizes are fixed
     "mesh.*",
     "distributed.*",
     "compiler_options",
@@ -36,6 +40,45 @@ OPERATIONAL_CONFIG_KEYS = (
 )
 
 _MISSING = "<missing>"
+
+
+def _file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def content_hash(path: str | os.PathLike) -> str:
+  """ "sha256:<hex>" identifying a file or a directory's contents.
+
+  A file: the sha256 of its bytes (what `sha256sum` prints). A directory: the sha256 of
+  the lines "<relative path>\\0<file sha256>\\n" over its files in sorted order, so
+  renaming, adding, removing or changing any file changes the hash.
+  """
+  path = os.fspath(path)
+  if os.path.isfile(path):
+    return "sha256:" + _file_sha256(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"content_hash: {path} does not exist")
+  files = sorted(
+      (
+          os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/"),
+          os.path.join(root, name),
+      )
+      for root, _, names in os.walk(path)
+      for name in names
+  )
+  digest = hashlib.sha256()
+  for rel, full in files:
+    digest.update(f"{rel}\0{_file_sha256(full)}\n".encode())
+  return "sha256:" + digest.hexdigest()
+
+
+def frozen_model_metadata(path: str | os.PathLike) -> dict:
+  """{"path", "hash"} that identifies a frozen model directory or file in metadata."""
+  return {"path": os.path.abspath(os.fspath(path)), "hash": content_hash(path)}
 
 
 def run_metadata(script: str, config: Any, **identity: Any) -> dict:

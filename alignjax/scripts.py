@@ -18,14 +18,20 @@ before it imports its package,
 
 which does nothing when the script was imported or run with `-m` (`__package__` is set), and
 otherwise makes the file run as `python -m` would from the checkout root.
+
+`exit_on_run_errors()` wraps a script's run: alignjax's own run errors (a bad config value, an
+unusable or busy workdir, a damaged or another run's checkpoint, non-finite training values)
+already say what went wrong and what to do, so the command line prints just that message and
+exits with status 1, without a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
-__all__ = ["make_importable", "package_root"]
+__all__ = ["exit_on_run_errors", "make_importable", "package_root", "run_errors"]
 
 
 def package_root(file: str) -> str:
@@ -64,3 +70,25 @@ def make_importable(file: str, package: str | None) -> str | None:
   sys.path[:] = [p for p in sys.path if resolved(p) not in (root, script_dir)]
   sys.path.insert(0, root)
   return root
+
+
+def run_errors() -> tuple[type[Exception], ...]:
+  """The exception types whose messages are complete for a user (see the module docstring)."""
+  from alignjax import checkpoint, configs, finite, workdir
+
+  return (
+      configs.ConfigError,
+      checkpoint.CheckpointError,
+      finite.NonFiniteError,
+      workdir.WorkdirError,
+  )
+
+
+@contextlib.contextmanager
+def exit_on_run_errors():
+  """Prints "FATAL <Error>: <message>" and exits with status 1 on a `run_errors()` error."""
+  try:
+    yield
+  except run_errors() as error:
+    sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")
+    sys.exit(1)

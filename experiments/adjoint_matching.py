@@ -135,6 +135,7 @@ def load_models(config, mesh) -> tuple[common.DiffusionModels, float]:
         "init": "pretrained",
         "kind": "flow",
         **checkpoint.frozen_model_metadata(paths["unet_dir"]),
+        "classifier": checkpoint.frozen_model_metadata(paths["classifier_dir"]),  # the reward's
     }
   cfg = unet.config
   models = common.DiffusionModels(

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 from concurrent import futures
 
 import jax
@@ -16,8 +15,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 
-from alignjax import checkpoint, configs, finite, metrics, parallel, rewards, testing, training
-from alignjax import workdir as workdir_lib
+from alignjax import checkpoint, configs, finite, parallel, rewards, scripts, testing, training
 from alignjax.diffusion import schedules
 from alignjax.models import classifier as classifier_lib
 from alignjax.models import io as model_io
@@ -49,7 +47,7 @@ class DiffusionModels:
   schedule: schedules.NoiseSchedule
   image_shape: tuple[int, int, int]
   num_classes: int
-  base: dict  # what the checkpoint metadata records about the frozen base model
+  base: dict  # what the checkpoint metadata records about the frozen models (UNet, classifier)
 
 
 def load_diffusion_models(config, mesh=None) -> DiffusionModels:
@@ -68,7 +66,11 @@ def load_diffusion_models(config, mesh=None) -> DiffusionModels:
         paths["classifier_dir"], classifier_lib.DigitsClassifier, classifier_lib.ClassifierConfig
     )
     schedule = schedules.make_schedule(**paths["schedule"])
-    base = {"init": "pretrained", **checkpoint.frozen_model_metadata(paths["unet_dir"])}
+    base = {
+        "init": "pretrained",
+        **checkpoint.frozen_model_metadata(paths["unet_dir"]),
+        "classifier": checkpoint.frozen_model_metadata(paths["classifier_dir"]),  # the reward's
+    }
   cfg = unet.config
   return DiffusionModels(
       unet=unet,
@@ -226,14 +228,29 @@ def check_finite(monitor: finite.Monitor, step: int, mask, ckpt, writer) -> bool
     raise
 
 
-def write_summary(workdir: str, reward_name: str, host: dict, final_reward: float, config) -> str:
-  """Prints and saves the before/after table and the reward curve (process 0 only)."""
+def write_summary(
+    workdir: str,
+    method: str,
+    reward_name: str,
+    host: dict,
+    final_reward: float,
+    config,
+    *,
+    eval_history=(),
+) -> str:
+  """Prints and saves the before/after table (`method` names the fine-tuned row) and the
+  reward curve (process 0 only).
+
+  `host["history"]` holds the per-round training means [[round, reward]]; `eval_history` the
+  held-out points [[round, reward]] on config.eval.curve_samples fixed seeds (see
+  plot_reward_curve).
+  """
   table = "\n".join(
       [
           f"| model (eval: {config.eval.num_samples} held-out seeds) | mean {reward_name} reward |",
           "|---|---|",
           f"| base | {host['base_reward']:.4f} |",
-          f"| DDPO, {config.num_rounds} rounds | {final_reward:.4f} |",
+          f"| {method}, {config.num_rounds} rounds | {final_reward:.4f} |",
       ]
   )
   print(table, flush=True)
@@ -242,31 +259,90 @@ def write_summary(workdir: str, reward_name: str, host: dict, final_reward: floa
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(
         {
+            "method": method,
             "base_reward": host["base_reward"],
             "final_reward": final_reward,
             "reward": reward_name,
             "rounds": config.num_rounds,
+            "eval_history": [list(point) for point in eval_history],
         },
         f,
         indent=2,
     )
-  steps, values = zip(*host["history"]) if host["history"] else ((), ())
-  metrics.plot_curves(
+  num_seeds = config.eval.get("curve_samples", config.eval.num_samples)
+  endpoints = None
+  if num_seeds != config.eval.num_samples:
+    endpoints = (
+        [0, config.num_rounds],
+        [host["base_reward"], final_reward],
+        f"held-out, all {config.eval.num_samples} seeds (summary table)",
+    )
+  plot_reward_curve(
       os.path.join(workdir, "reward_curve.png"),
-      {"train reward (mean per round)": (list(steps), list(values))},
-      xlabel="round",
-      ylabel=reward_name,
+      host["history"],
+      eval_history,
+      ylabel=f"mean {reward_name} reward",
+      eval_label=f"held-out ({num_seeds} fixed seeds)",
+      endpoints=endpoints,
+      title=f"{method}: {reward_name} reward",
   )
   return table
 
 
-# Errors whose message names the problem and what to do; the command line prints just that.
-RUN_ERRORS = (
-    configs.ConfigError,
-    checkpoint.CheckpointError,
-    finite.NonFiniteError,
-    workdir_lib.WorkdirError,
-)
+def moving_average(values, window: int) -> np.ndarray:
+  """Centred moving average: s_t = mean(v_{t−h} … v_{t+h}), h = window // 2, the window cut
+  short at both ends (so s has no lag behind a trend, unlike an exponential average)."""
+  values = np.asarray(values, np.float64)
+  h = max(int(window), 1) // 2
+  sums = np.concatenate([[0.0], np.cumsum(values)])
+  lo = np.maximum(np.arange(len(values)) - h, 0)
+  hi = np.minimum(np.arange(len(values)) + h + 1, len(values))
+  return (sums[hi] - sums[lo]) / (hi - lo)
+
+
+def plot_reward_curve(
+    path: str,
+    train_history,
+    eval_history,
+    *,
+    ylabel: str,
+    eval_label: str = "held-out",
+    endpoints=None,
+    title: str | None = None,
+    window: int = 5,
+) -> str:
+  """PNG of a reward curve: held-out points [[step, reward]] drawn bold, the noisy per-round
+  training means [[step, reward]] faint, with their centred moving average over `window`
+  rounds; `endpoints` = (steps, values, label) adds markers (e.g. the full evaluation before and
+  after training). Either history may be empty."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(7.0, 4.5), dpi=110)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  if len(train_history):
+    steps, values = (np.asarray(v) for v in zip(*train_history))
+    ax.plot(steps, values, color="tab:blue", alpha=0.25, lw=1, label="train batch mean (per round)")
+    smoothed = moving_average(values, window)
+    ax.plot(steps, smoothed, color="tab:blue", lw=1.8, label=f"train, {window}-round average")
+  if len(eval_history):
+    steps, values = (np.asarray(v) for v in zip(*eval_history))
+    ax.plot(steps, values, color="tab:red", lw=2.5, marker="o", ms=7, label=eval_label, zorder=3)
+  if endpoints is not None:
+    steps, values, label = endpoints
+    ax.plot(steps, values, ls="none", marker="D", ms=8, mfc="none", mec="k", label=label, zorder=4)
+  ax.set_xlabel("round")
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+  ax.grid(alpha=0.3)
+  if ax.lines:
+    ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, format="png")
+  return path
 
 
 def run_experiment_cli(run_fn) -> None:
@@ -295,11 +371,8 @@ def run_experiment_cli(run_fn) -> None:
       raise app.UsageError(
           "--workdir is empty: give the directory for checkpoints, logs and images"
       )
-    try:
+    with scripts.exit_on_run_errors():  # the message says it all: no traceback, status 1
       run_fn(config_flag.value, workdir_flag.value)
-    except RUN_ERRORS as error:  # the message says it all: no traceback, exit status 1
-      sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")
-      sys.exit(1)
 
   app.run(main, flags_parser=configs.flags_parser)
 

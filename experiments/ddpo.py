@@ -51,9 +51,12 @@ def validate(config, num_devices: int) -> None:
       "checkpoint.every",
       "checkpoint.keep",
       "log.image_every",
+      "log.image_scale",
       "eval.num_samples",
+      "eval.curve_samples",
   )
-  configs.check_nonnegative(config, "sampling.guidance_scale")
+  configs.check_nonnegative(config, "sampling.guidance_scale", "eval.every")
+  configs.check_integer(config, "log.image_scale", "eval.every")
   configs.check_fraction(config, "ddpo.timestep_fraction")
   configs.check_choice(config, "ddpo.objective", ddpo.OBJECTIVES)
   configs.check_choice(config, "ddpo.minibatch_loop", ddpo.MINIBATCH_LOOPS)
@@ -77,6 +80,17 @@ def validate(config, num_devices: int) -> None:
         f"{pairs} (sample, step) pairs of a minibatch"
     )
   common.check_eval_batches(config)
+  configs.check_divisible(
+      config,
+      "eval.curve_samples",
+      config.sampling.batch_size,
+      "sampling.batch_size: evaluation samples in training-sized batches",
+  )
+  if config.eval.curve_samples > config.eval.num_samples:
+    raise configs.ConfigError(
+        f"config.eval.curve_samples={config.eval.curve_samples} must be <= "
+        f"eval.num_samples={config.eval.num_samples}: the curve's seeds are the first of those"
+    )
   configs.check_mesh_and_batch(
       config.mesh,
       num_devices,
@@ -92,7 +106,9 @@ def validate(config, num_devices: int) -> None:
 
 def run(config, workdir: str, *, devices=None) -> dict:
   """Trains; returns {"base_reward", "final_reward", "base_diversity", "final_diversity",
-  "params", "history"} (diversity: alignjax.metrics eq. 2 of the held-out samples)."""
+  "params", "history", "eval_history"} (diversity: alignjax.metrics eq. 2 of the held-out
+  samples; eval_history: [[round, mean reward on the first eval.curve_samples held-out seeds]]
+  every eval.every rounds, with round 0 and the last round)."""
   # ---------------------------------------------------------------- mesh and processes
   parallel.initialize_distributed(config)
   devices = jax.devices() if devices is None else devices
@@ -200,11 +216,12 @@ def train(config, workdir: str, devices) -> dict:
     cond = np.random.default_rng(seed).integers(0, models.num_classes, num, dtype=np.int32)
     return common.global_array(cond, batch_sharding)
 
-  def evaluate(trainable):
-    """(mean reward, within-class diversity (alignjax.metrics eq. 2), images) on held-out
-    seeds: fixed keys, every digit in turn, same sampler as training."""
+  def evaluate(trainable, num_samples):
+    """(rewards [num_samples], within-class diversity (alignjax.metrics eq. 2), images) on
+    held-out seeds: fixed keys, every digit in turn, same sampler as training. Batch b always
+    draws the same seeds, so a smaller `num_samples` evaluates the first of the same seeds."""
     rewards_, images, labels = [], [], []
-    for b in range(config.eval.num_samples // sample_cfg.batch_size):
+    for b in range(num_samples // sample_cfg.batch_size):
       cond = (np.arange(sample_cfg.batch_size) + b * sample_cfg.batch_size) % models.num_classes
       cond = common.global_array(cond.astype(np.int32), batch_sharding)
       batch = decode_fn(sample_fn(trainable, frozen, jax.random.fold_in(eval_key, b), cond).final)
@@ -213,13 +230,38 @@ def train(config, workdir: str, devices) -> dict:
       labels.append(common.to_host(cond))
     images = np.concatenate(images)
     diversity = metrics.within_class_diversity(images, np.concatenate(labels))
-    return float(np.mean(np.concatenate(rewards_))), diversity, images
+    return np.concatenate(rewards_), diversity, images
+
+  # The reward curve's held-out points: the mean over the first eval.curve_samples seeds, every
+  # eval.every rounds (0: only before and after training), the same seeds each time.
+  curve_samples = config.eval.curve_samples
+
+  def curve_point(round_, rewards_) -> None:
+    host["eval_history"].append([round_, float(np.mean(rewards_[:curve_samples]))])
+
+  def write_eval_images(step, name, images):
+    # eval prompts cycle through the digits: with one column per class, column c shows digit c
+    writer.write_images(
+        step,
+        name,
+        images[: config.log.num_images],
+        ncols=models.num_classes,
+        scale=config.log.image_scale,
+    )
 
   # ---------------------------------------------------------------- restore or start
   ckpt = common.make_checkpointer(config, workdir, "experiments.ddpo", models)
-  host = {"round": 0, "tracker": None, "base_reward": None, "base_diversity": None, "history": []}
+  host = {
+      "round": 0,
+      "tracker": None,
+      "base_reward": None,
+      "base_diversity": None,
+      "history": [],
+      "eval_history": [],  # [[round, held-out mean reward on the curve's seeds], ...]
+  }
   if ckpt.latest_step() is not None:
     state, host = ckpt.restore(state)
+    host.setdefault("eval_history", [])  # written before the held-out curve existed
     logging.info("Resumed from round %d in %s", host["round"], workdir)
   ckpt.install_preemption_handler()
   writer = metrics.MetricWriter(workdir)  # after the checkpoint proved to be this run's
@@ -230,13 +272,24 @@ def train(config, workdir: str, devices) -> dict:
       else ddpo.PerPromptStatTracker(config.ddpo.buffer_size, config.ddpo.min_count)
   )
   if host["base_reward"] is None:
-    host["base_reward"], host["base_diversity"], base_images = evaluate(state.params)
-    writer.write_images(0, "eval_base", base_images[: config.log.num_images])
+    base_rewards, host["base_diversity"], base_images = evaluate(
+        state.params, config.eval.num_samples
+    )
+    host["base_reward"] = float(np.mean(base_rewards))
+    curve_point(0, base_rewards)
+    write_eval_images(0, "eval_base", base_images)
     writer.write_scalars(
-        0, {"eval/reward_mean": host["base_reward"], "eval/diversity": host["base_diversity"]}
+        0,
+        {
+            "eval/reward_mean": host["base_reward"],
+            "eval/diversity": host["base_diversity"],
+            "eval/num_seeds": config.eval.num_samples,
+            "eval/curve_reward_mean": host["eval_history"][-1][1],
+        },
     )
 
   # ---------------------------------------------------------------- the loop
+  final_eval = None  # (rewards, diversity, images) of the last round on all eval seeds
   for round_ in metrics.progress(
       range(host["round"], config.num_rounds),
       total=config.num_rounds - host["round"],
@@ -291,7 +344,33 @@ def train(config, workdir: str, devices) -> dict:
     host["history"].append([round_ + 1, scalars["reward_mean"]])
     if (round_ + 1) % config.log.image_every == 0:
       images = common.to_host(decode_fn(traj.final))
-      writer.write_images(round_ + 1, "train", images[: config.log.num_images])
+      writer.write_images(
+          round_ + 1,
+          "train",
+          images[: config.log.num_images],
+          ncols=models.num_classes,
+          scale=config.log.image_scale,
+      )
+    # Held-out points for the curve, saved with the round's checkpoint; the last round is
+    # evaluated on all eval.num_samples seeds, the final evaluation below.
+    last = round_ + 1 == config.num_rounds
+    if last or (config.eval.every and (round_ + 1) % config.eval.every == 0):
+      eval_rewards, eval_diversity, eval_images = evaluate(
+          state.params, config.eval.num_samples if last else curve_samples
+      )
+      curve_point(round_ + 1, eval_rewards)
+      if last:
+        final_eval = eval_rewards, eval_diversity, eval_images
+      else:
+        writer.write_scalars(
+            round_ + 1,
+            {
+                "eval/reward_mean": host["eval_history"][-1][1],
+                "eval/diversity": eval_diversity,
+                "eval/num_seeds": curve_samples,
+                "eval/curve_reward_mean": host["eval_history"][-1][1],
+            },
+        )
 
     host.update(round=round_ + 1, tracker=tracker.state_dict(), finite=monitor.state_dict())
     ckpt.maybe_save(round_ + 1, state, host, force=round_ + 1 == config.num_rounds)
@@ -302,16 +381,30 @@ def train(config, workdir: str, devices) -> dict:
       return {"preempted": True, "round": round_ + 1}
 
   # ---------------------------------------------------------------- final evaluation
-  final_reward, final_diversity, final_images = evaluate(state.params)
+  if final_eval is None:  # started again after its last round: evaluated afresh
+    final_eval = evaluate(state.params, config.eval.num_samples)
+    if not host["eval_history"] or host["eval_history"][-1][0] != config.num_rounds:
+      curve_point(config.num_rounds, final_eval[0])
+  final_rewards, final_diversity, final_images = final_eval
+  final_reward = float(np.mean(final_rewards))
+  eval_history = host["eval_history"]
   writer.write_scalars(
-      config.num_rounds, {"eval/reward_mean": final_reward, "eval/diversity": final_diversity}
+      config.num_rounds,
+      {
+          "eval/reward_mean": final_reward,
+          "eval/diversity": final_diversity,
+          "eval/num_seeds": config.eval.num_samples,
+          "eval/curve_reward_mean": eval_history[-1][1],
+      },
   )
-  writer.write_images(config.num_rounds, "eval_final", final_images[: config.log.num_images])
+  write_eval_images(config.num_rounds, "eval_final", final_images)
   ckpt.wait_until_finished()
   ckpt.close()
   trainable = common.to_host_tree(state.params)
   if parallel.is_main_process():
-    common.write_summary(workdir, reward.name, host, final_reward, config)
+    common.write_summary(
+        workdir, "DDPO", reward.name, host, final_reward, config, eval_history=eval_history
+    )
     common.export_finetuned(
         workdir, graphdef, models.unet.config, trainable, common.to_host_tree(frozen), finetune
     )
@@ -324,6 +417,7 @@ def train(config, workdir: str, devices) -> dict:
       "final_diversity": final_diversity,
       "params": trainable,
       "history": host["history"],
+      "eval_history": eval_history,
   }
 
 

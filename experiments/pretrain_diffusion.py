@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags, logging
@@ -650,11 +649,8 @@ def main(argv, config_flag, workdir_flag) -> None:
     workdir = default_cache_dir(objective_of(config_flag.value))
   if not workdir.strip():
     raise app.UsageError("--workdir is empty: give the output directory, or leave the flag out")
-  try:
+  with scripts.exit_on_run_errors():
     report = pretrain(config_flag.value, workdir)
-  except (configs.ConfigError, finite.NonFiniteError, workdir_lib.WorkdirError) as error:
-    sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")
-    sys.exit(1)
   summary = {
       k: report[k]
       for k in ("classifier_test_accuracy", "recognition_rate", "targets_met", "time_s")

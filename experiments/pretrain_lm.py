@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags, logging
@@ -269,11 +268,8 @@ def main(argv, config_flag, workdir_flag) -> None:
     )
   if not workdir_flag.value.strip():
     raise app.UsageError("--workdir is empty: give the output directory (model, report, logs)")
-  try:
+  with scripts.exit_on_run_errors():
     report = pretrain(config_flag.value, workdir_flag.value)
-  except (configs.ConfigError, finite.NonFiniteError, workdir_lib.WorkdirError) as error:
-    sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")
-    sys.exit(1)
   print(
       json.dumps(
           {

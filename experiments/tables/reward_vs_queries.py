@@ -142,7 +142,7 @@ class Method:
 
 
 METHODS = {
-    "ddpo": Method("DDPO", "ddpo", "variant=is"),
+    "ddpo": Method("DDPO", "ddpo", "variant=is,reward=classifier"),
     "draft_1": Method("DRaFT-1", "draft", "variant=1"),
     "draft_k": Method("DRaFT-K", "draft", "variant=k"),
     "draft_lv": Method("DRaFT-LV", "draft", "variant=lv"),

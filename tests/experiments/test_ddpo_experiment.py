@@ -247,3 +247,37 @@ def test_two_processes_match_one_process(tmp_path):
   one = json.loads((tmp_path / "one" / "summary.json").read_text())
   two = json.loads((tmp_path / "two" / "summary.json").read_text())
   assert two["final_reward"] == pytest.approx(one["final_reward"], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- reward curve
+
+
+def test_reward_curve_and_eval_history_are_written_and_kept_on_resume(tmp_path):
+  from PIL import Image
+
+  first = ddpo_script.run(tiny_config(**{"eval.every": 1}), str(tmp_path))  # 2 rounds
+  assert [r for r, _ in first["eval_history"]] == [0, 1, 2]
+  assert (tmp_path / "reward_curve.png").stat().st_size > 0
+  # a longer schedule resumes from the last checkpoint: the held-out points of rounds 0-2
+  # come from its host state, only round 3 is evaluated anew
+  longer = tiny_config(**{"eval.every": 1, "num_rounds": 3})
+  resumed = ddpo_script.run(longer, str(tmp_path))
+  assert resumed["eval_history"][:3] == first["eval_history"]
+  assert [r for r, _ in resumed["eval_history"]] == [0, 1, 2, 3]
+  assert all(np.isfinite(v) for _, v in resumed["eval_history"])
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["eval_history"] == resumed["eval_history"] and summary["method"] == "DDPO"
+  assert "| DDPO, 3 rounds |" in (tmp_path / "summary.md").read_text()
+  records = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  curve = [(r["step"], r["eval/curve_reward_mean"]) for r in records if "eval/reward_mean" in r]
+  assert [s for s, _ in curve] == [0, 1, 2, 3]  # round 0 was evaluated once, not on resume
+  assert [v for _, v in curve] == pytest.approx([v for _, v in resumed["eval_history"]])
+  # started again after its last round: evaluated afresh, the history is not extended
+  again = ddpo_script.run(longer, str(tmp_path))
+  assert again["eval_history"] == resumed["eval_history"]
+  # grids are enlarged log.image_scale times; eval grids hold one digit class per column
+  unet_config = testing.tiny_unet(seed=longer.seed).config
+  width, _ = Image.open(tmp_path / "images" / "eval_final_000003.png").size
+  assert width == longer.log.image_scale * (
+      unet_config.num_classes * (unet_config.image_size + 1) + 1
+  )
