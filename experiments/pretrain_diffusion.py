@@ -60,7 +60,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alignjax import configs, finite, metrics, scripts
+from alignjax import configs, finite, metrics, run_identity, scripts
 from alignjax import workdir as workdir_lib
 from alignjax.data import digits
 from alignjax.diffusion import flow, samplers, schedules
@@ -561,8 +561,13 @@ def _cache_status(cache_dir: str, config) -> str | None:
       report = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     return f"unreadable {report_path}: {e}"
-  if report.get("config") != json.loads(config.to_json()):
-    return f"{report_path} was made with a different config"
+  # Fields that change how a run is operated, not the models it makes (e.g. the finite-check
+  # policy), do not invalidate the cache (alignjax.run_identity).
+  refused, _ = run_identity.compare(
+      {"config": report.get("config")}, {"config": json.loads(config.to_json())}
+  )
+  if refused:
+    return f"{report_path} was made with a different config ({'; '.join(refused[:3])})"
   try:
     model_io.load_model(os.path.join(cache_dir, UNET_DIR), unet_lib.UNet, unet_lib.UNetConfig)
     model_io.load_model(

@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from absl import flags
@@ -154,5 +155,8 @@ def test_tiny_pretraining_cli_and_cache(tmp_path):
   # ...while another config, or missing weights, makes the cache invalid.
   other = digits_config.get_config("tiny=True")
   assert "different config" in pd._cache_status(workdir, other)
+  skip = ml_collections.ConfigDict(config.to_dict())  # an operational field only
+  skip.finite.policy = "skip"
+  assert pd._cache_status(workdir, skip) is None
   os.remove(os.path.join(workdir, "unet", "model.safetensors"))
   assert "do not load" in pd._cache_status(workdir, config)
