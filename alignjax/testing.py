@@ -143,3 +143,20 @@ def run_local_processes(
       json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
       for out, _ in outputs
   ]
+
+
+def assert_lora_trained(trained, initial, adam_steps: int, learning_rate: float) -> None:
+  """Asserts that LoRA factors {name: {"a", "b"}} moved from their initial values as training
+  must move them: B starts at zero and is non-zero after training, A moved, and no factor
+  moved further than Adam can in `adam_steps` steps (|m̂/√v̂| <= 1.0014 for the first two
+  steps, 1.5 of margin) — which also shows `initial` are the factors training started from (a
+  fresh A is ~N(0, 1/fan_in), far from that bound)."""
+  assert trained.keys() == initial.keys()
+  bound = 1.5 * adam_steps * learning_rate
+  for name, factors in trained.items():
+    a, b = np.asarray(factors["a"]), np.asarray(factors["b"])
+    a0, b0 = np.asarray(initial[name]["a"]), np.asarray(initial[name]["b"])
+    assert a.shape == a0.shape and b.shape == b0.shape and not b0.any(), name
+    assert b.any(), f"{name}: B is still zero, as initialised"
+    assert 0 < np.abs(a - a0).max() <= bound, (name, np.abs(a - a0).max(), bound)
+    assert np.abs(b).max() <= bound, name
