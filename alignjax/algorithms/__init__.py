@@ -4,8 +4,24 @@ ddpo              policy gradient over the denoising chain (DDPO-SF, DDPO-IS)
 draft             reward backpropagation through the sampler (DRaFT, DRaFT-K, DRaFT-LV)
 adjoint_matching  reward fine-tuning as memoryless stochastic optimal control (flow models)
 adjoint_matching_ddpm  the same for DDPM/DDIM noise-prediction models (eta = 1)
+dpo               offline preference losses over sequence log-probs (DPO/cDPO, IPO, SPPO)
+policy_gradient   online LM policy gradients (GRPO, RLOO/REINFORCE, online IPO, k3 KL)
 """
 
-from alignjax.algorithms import adjoint_matching, adjoint_matching_ddpm, ddpo, draft
+from alignjax.algorithms import (
+    adjoint_matching,
+    adjoint_matching_ddpm,
+    ddpo,
+    dpo,
+    draft,
+    policy_gradient,
+)
 
-__all__ = ["adjoint_matching", "adjoint_matching_ddpm", "ddpo", "draft"]
+__all__ = [
+    "adjoint_matching",
+    "adjoint_matching_ddpm",
+    "ddpo",
+    "dpo",
+    "draft",
+    "policy_gradient",
+]
