@@ -75,6 +75,23 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   return adam
 
 
+def warmup_cosine_adamw(train_config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, learning-rate schedule) of the pretraining scripts: AdamW with a linear
+  warmup to `learning_rate` over `warmup_steps` (at most `steps`), cosine decay to
+  `learning_rate · end_lr_fraction` at `steps`, after global-norm clipping at `max_grad_norm`
+  (<= 0: no clipping). `train_config` is the scripts' `config.train` section."""
+  tc = train_config
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0,
+      tc.learning_rate,
+      min(tc.warmup_steps, tc.steps),
+      tc.steps,
+      tc.learning_rate * tc.end_lr_fraction,
+  )
+  clip = optax.clip_by_global_norm(tc.max_grad_norm) if tc.max_grad_norm > 0 else optax.identity()
+  return optax.chain(clip, optax.adamw(schedule, weight_decay=tc.weight_decay)), schedule
+
+
 @dataclasses.dataclass(frozen=True)
 class Finetune:
   """Which parameters train: all of them ("full") or LoRA factors of rank `lora_rank`."""

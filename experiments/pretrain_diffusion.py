@@ -60,7 +60,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alignjax import configs, finite, metrics, run_identity, scripts
+from alignjax import configs, finite, metrics, run_identity, scripts, training
 from alignjax import workdir as workdir_lib
 from alignjax.data import digits
 from alignjax.diffusion import flow, samplers, schedules
@@ -230,17 +230,7 @@ def train_unet(config, x_train, y_train, schedule, key, writer=None):
   model = init_model(lambda rngs: unet_lib.UNet(cfg, rngs=rngs), init_key)
   graphdef, params = nnx.split(model)
   logging.info("UNet: %d parameters", unet_lib.param_count(model))
-  lr = optax.warmup_cosine_decay_schedule(
-      0.0,
-      tc.learning_rate,
-      min(tc.warmup_steps, tc.steps),
-      tc.steps,
-      tc.learning_rate * tc.end_lr_fraction,
-  )
-  tx = optax.chain(
-      optax.clip_by_global_norm(tc.max_grad_norm) if tc.max_grad_norm > 0 else optax.identity(),
-      optax.adamw(lr, weight_decay=tc.weight_decay),
-  )
+  tx, lr = training.warmup_cosine_adamw(tc)
   opt_state = tx.init(params)
   ema = jax.tree.map(jnp.copy, params)  # distinct buffers: all three are donated
   x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alignjax import configs, finite, metrics, scripts
+from alignjax import configs, finite, metrics, scripts, training
 from alignjax import workdir as workdir_lib
 from alignjax.data import synthetic_language as lang
 from alignjax.lm import sampling, scoring
@@ -107,17 +107,7 @@ def train(config, tokens, valid, writer=None):
   model = TransformerLM(lm_config(config), rngs=nnx.Rngs(config.seed))
   graphdef, params = nnx.split(model)
   logging.info("LM: %d parameters", sum(x.size for x in jax.tree.leaves(params)))
-  lr = optax.warmup_cosine_decay_schedule(
-      0.0,
-      tc.learning_rate,
-      min(tc.warmup_steps, tc.steps),
-      tc.steps,
-      tc.learning_rate * tc.end_lr_fraction,
-  )
-  tx = optax.chain(
-      optax.clip_by_global_norm(tc.max_grad_norm) if tc.max_grad_norm > 0 else optax.identity(),
-      optax.adamw(lr, weight_decay=tc.weight_decay),
-  )
+  tx, lr = training.warmup_cosine_adamw(tc)
   opt_state = tx.init(params)
   tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
 
