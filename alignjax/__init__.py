@@ -2,14 +2,16 @@
 
 The curated public API. Subpackages: `alignjax.diffusion` (schedules, DDIM and flow
 samplers), `alignjax.models` (UNet, classifier, decoder LMs, LoRA, checkpoint conversion),
-`alignjax.rewards`, `alignjax.algorithms` (ddpo, draft, adjoint_matching), `alignjax.lm`
-(sampling, scoring) and `alignjax.data`.
+`alignjax.rewards`, `alignjax.algorithms` (ddpo, draft, adjoint_matching, dpo,
+policy_gradient, preference_model), `alignjax.lm` (sampling, scoring, rollouts), `alignjax.judges`
+(programmatic and learned judges of LM completions) and `alignjax.data`.
 """
 
-from alignjax import checkpoint, configs, finite, metrics, parallel, training, workdir
+from alignjax import checkpoint, configs, finite, judges, metrics, parallel, training, workdir
 from alignjax.checkpoint import CheckpointDamagedError, Checkpointer, CheckpointError
 from alignjax.configs import ConfigError, parse_arg
 from alignjax.finite import NonFiniteError
+from alignjax.judges import Completions, Judge
 from alignjax.metrics import MetricWriter, progress
 from alignjax.parallel import (
     DATA_AXES,
@@ -29,6 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointDamagedError",
+    "Completions",
+    "Judge",
     "CheckpointError",
     "Checkpointer",
     "ConfigError",
@@ -45,6 +49,7 @@ __all__ = [
     "finite",
     "initialize_distributed",
     "is_main_process",
+    "judges",
     "make_mesh",
     "make_optimizer",
     "metrics",

@@ -1,16 +1,23 @@
-"""One mesh for everything: mesh from config, sharding rules, sharded init, batches, hosts.
+r"""One mesh for everything: mesh from config, sharding rules, sharded init, batches, hosts.
 
 All parallelism in alignjax is a `jax.sharding.Mesh` with axes ("data", "fsdp", "tensor")
 and `NamedSharding`s over it; `pmap` is not used. Data parallelism is `jit` over the batch
 dimension, which is sharded over both `DATA_AXES = ("data", "fsdp")`; parameters and optimizer
 state are sharded over "fsdp" (and "tensor" where a rule says so) and replicated over "data".
 
-Sharding rules. A rule list is `[(regex, spec), ...]`; the first regex that `re.search`es
-a leaf's path wins. A path is the "/"-joined tree path of the leaf: dict keys, attribute
-names and sequence indices, with the trailing `.value` of NNX variables dropped, e.g.
+Sharding rules: the one rule engine of alignjax, for every model and for whole train states.
+A rule list is `[(pattern, spec), ...]` or with a third entry, `(pattern, spec, indivisible)`
+(`Rule`); the first pattern that `re.search`es a leaf's path wins (`spec_for`). A path is the
+"/"-joined tree path of the leaf (`path_str`): dict keys, attribute names and sequence
+indices, with the trailing `.value` of NNX variables dropped, e.g.
 
-    params:           "blocks/0/kernel"
-    optax Adam state: "0/mu/blocks/0/kernel"      (so r"kernel$" matches both)
+    params:                "layers/0/attn/q/kernel"
+    TrainState params:     "params/layers/0/attn/q/kernel"
+    TrainState Adam state: "opt_state/1/0/mu/layers/0/attn/q/kernel"
+
+so rules are written to match a path *suffix*, e.g. r"(^|/)layers/\d+/attn/q/kernel$": one
+rule then shards a parameter and its optimizer moments (mu, nu) alike. Never anchor a rule
+at "^" alone: inside a TrainState it would match nothing.
 
 A spec is one of
   * a PartitionSpec-like tuple, e.g. (None, "tensor") or (("data", "fsdp"),); entries are
@@ -25,9 +32,16 @@ float32 and costs a collective. Otherwise the largest dimension whose size is di
 the "fsdp" axis size is sharded over "fsdp" (ties: the later dimension, which for kernels
 [in, out] is the output one); if none is divisible the leaf is replicated.
 
-A tuple spec that names an axis whose size does not divide the dimension, an unknown axis,
-or more entries than the leaf has dimensions raises ShardingError (a ConfigError) naming the
-parameter path, its shape and the mesh axis.
+Indivisible dimensions. When the mesh axes of a tuple-spec entry do not divide the
+dimension, the rule's `indivisible` policy decides:
+  * "raise" (the default): ShardingError naming the path, shape, dimension and mesh axis. A
+    hand-written rule for a known model should fit it; a mismatch is usually a config error.
+  * "replicate": that dimension alone is replicated (the others keep their axes) and the
+    fallback is logged at INFO (`param_shardings`: one line for the whole tree). Model
+    families whose sizes vary by checkpoint use it, e.g. the LM rules
+    (`alignjax.models.lm.lm_sharding_rules`: 2 KV heads over tensor=4, a vocabulary of 127).
+Either way an unknown axis name, an axis used twice, or more entries than the leaf has
+dimensions raises ShardingError (a ConfigError).
 
 Multi-host. `initialize_distributed(config)` calls `jax.distributed.initialize` when
 `config.distributed.enabled`; then every process sees all devices in `jax.devices()`, builds
@@ -42,7 +56,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -55,6 +69,7 @@ MESH_AXES = configs.MESH_AXES
 DATA_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2**10
 DEFAULT_RULES = ((".*", "fsdp"),)
+INDIVISIBLE_POLICIES = ("raise", "replicate")
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +119,58 @@ def _key_name(entry: Any) -> str:
     return str(entry.idx)
   if isinstance(entry, jax.tree_util.FlattenedIndexKey):
     return str(entry.key)
-  return str(entry)
+  return str(entry)  # plain str / int parts, e.g. of `nnx.to_flat_state` paths
 
 
-def path_str(path: Sequence[Any]) -> str:
-  """ "/"-joined leaf path; NNX variables' trailing "value" attribute is dropped."""
+def path_str(path: Sequence[Any], sep: str = "/") -> str:
+  """`sep`-joined leaf path (module docstring); NNX's trailing "value" attribute is dropped.
+
+  `path` is a jax key path (`tree_flatten_with_path`) or a tuple of plain parts
+  (`nnx.to_flat_state`). THE path helper of alignjax: sharding rules, checkpoints, model I/O
+  (`sep="."`) and LoRA targets all name leaves by it.
+  """
   entries = list(path)
   if entries and isinstance(entries[-1], jax.tree_util.GetAttrKey) and entries[-1].name == "value":
     entries = entries[:-1]
-  return "/".join(_key_name(e) for e in entries)
+  return sep.join(_key_name(e) for e in entries)
 
 
 def flatten_with_paths(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
   """([(path string, leaf), ...], treedef) of `tree` (see `path_str`)."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   return [(path_str(p), leaf) for p, leaf in leaves], treedef
+
+
+class Rule(NamedTuple):
+  """One sharding rule: `(pattern, spec)` or `(pattern, spec, indivisible)` (module docstring).
+
+  Plain 2- or 3-tuples (e.g. from a config) are accepted wherever a Rule is.
+  """
+
+  pattern: str
+  spec: Any
+  indivisible: str = "raise"
+
+
+def as_rule(rule: Any) -> Rule:
+  """`rule` (a Rule or a 2-/3-sequence) as a validated Rule; bad rules raise ShardingError."""
+  if isinstance(rule, str) or not isinstance(rule, Sequence) or len(rule) not in (2, 3):
+    raise ShardingError(
+        f"sharding rule {rule!r}: expected (pattern, spec) or (pattern, spec, indivisible)"
+    )
+  rule = Rule(*rule)
+  if not isinstance(rule.pattern, str):
+    raise ShardingError(f"sharding rule {rule!r}: pattern must be a regex string")
+  try:
+    re.compile(rule.pattern)
+  except re.error as e:
+    raise ShardingError(f"sharding rule pattern {rule.pattern!r} is not a valid regex: {e}") from e
+  if rule.indivisible not in INDIVISIBLE_POLICIES:
+    raise ShardingError(
+        f"sharding rule {rule.pattern!r}: indivisible={rule.indivisible!r}; valid choices: "
+        f"{', '.join(INDIVISIBLE_POLICIES)}"
+    )
+  return rule
 
 
 def _axis_size(mesh: Mesh, entry: Any, path: str, shape: tuple) -> int:
@@ -142,10 +194,11 @@ def _fsdp_spec(shape: tuple, fsdp: int, min_size: int) -> PartitionSpec:
   return PartitionSpec(*([None] * dim + ["fsdp"]))
 
 
-def spec_for(
-    path: str, shape: tuple, mesh: Mesh, spec: Any, *, min_size: int = FSDP_MIN_SIZE
+def _apply(
+    rule: Rule, path: str, shape: tuple, mesh: Mesh, min_size: int, fallbacks: list | None
 ) -> PartitionSpec:
-  """PartitionSpec for one leaf under one rule spec (tuple, "fsdp" or "replicate")."""
+  """The PartitionSpec one (matching) rule gives one leaf."""
+  spec = rule.spec
   if isinstance(spec, str):
     if spec == "fsdp":
       return _fsdp_spec(shape, mesh.shape.get("fsdp", 1), min_size)
@@ -155,22 +208,55 @@ def spec_for(
         f"rule for {path!r}: unknown tactic {spec!r}; valid: 'fsdp', "
         "'replicate' or a PartitionSpec-like tuple"
     )
-  entries = tuple(spec)
+  entries = tuple(tuple(e) if isinstance(e, list) else e for e in spec)
   if len(entries) > len(shape):
     raise ShardingError(
         f"rule {PartitionSpec(*entries)} for {path!r} has "
         f"{len(entries)} entries but the leaf has shape {shape}"
     )
+  used = [n for e in entries if e is not None for n in (e if isinstance(e, tuple) else (e,))]
+  if len(used) != len(set(used)):
+    raise ShardingError(f"rule {PartitionSpec(*entries)} for {path!r} uses a mesh axis twice")
+  out = []
   for dim, entry in enumerate(entries):
-    if entry is None:
+    size = 1 if entry is None else _axis_size(mesh, entry, path, shape)
+    if shape[dim] % size == 0:
+      out.append(entry)
       continue
-    size = _axis_size(mesh, entry, path, shape)
-    if shape[dim] % size:
+    what = (
+        f"{path!r} (shape {shape}) dimension {dim} of size {shape[dim]} over mesh axis "
+        f"{entry!r} of size {size}"
+    )
+    if rule.indivisible == "raise":
       raise ShardingError(
-          f"cannot shard {path!r} (shape {shape}) dimension {dim} of size "
-          f"{shape[dim]} over mesh axis {entry!r} of size {size}: not divisible"
+          f"cannot shard {what}: not divisible (rule {rule.pattern!r}; give the rule "
+          "indivisible='replicate' to replicate such dimensions instead)"
       )
-  return PartitionSpec(*entries)
+    out.append(None)  # indivisible="replicate"
+    if fallbacks is None:
+      log.info("replicating %s: not divisible", what)
+    else:
+      fallbacks.append(what)
+  return PartitionSpec(*out)
+
+
+def spec_for(
+    path: str,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Sequence | None = None,
+    *,
+    min_size: int = FSDP_MIN_SIZE,
+    _fallbacks: list | None = None,
+) -> PartitionSpec:
+  """PartitionSpec of one leaf: the first rule whose pattern `re.search`es `path` (module
+  docstring); no match: replicated. `rules=None` means `DEFAULT_RULES`."""
+  shape = tuple(shape)
+  for rule in DEFAULT_RULES if rules is None else rules:
+    rule = as_rule(rule)
+    if re.search(rule.pattern, path):
+      return _apply(rule, path, shape, mesh, min_size, _fallbacks)
+  return PartitionSpec()
 
 
 def _leaf_shape(leaf: Any) -> tuple | None:
@@ -184,22 +270,64 @@ def param_shardings(
   """Tree of NamedSharding (same structure as `abstract_tree`) from `rules`.
 
   `abstract_tree` may hold arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`),
-  including NNX States and optax states. `rules=None` means `DEFAULT_RULES`.
+  including NNX States, optax states and whole TrainStates (rules match path suffixes, so a
+  parameter's rule also shards its optimizer moments). `rules=None` means `DEFAULT_RULES`.
+  Dimensions replicated by an `indivisible="replicate"` rule are logged in one INFO line.
   """
-  rules = DEFAULT_RULES if rules is None else rules
-  compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+  rules = [as_rule(r) for r in (DEFAULT_RULES if rules is None else rules)]
   leaves, treedef = flatten_with_paths(abstract_tree)
+  fallbacks: list[str] = []
   out = []
   for path, leaf in leaves:
     shape = _leaf_shape(leaf)
     spec = PartitionSpec()
     if shape is not None:
-      for pattern, rule in compiled:
-        if pattern.search(path):
-          spec = spec_for(path, shape, mesh, rule, min_size=min_size)
-          break
+      spec = spec_for(path, shape, mesh, rules, min_size=min_size, _fallbacks=fallbacks)
     out.append(NamedSharding(mesh, spec))
+  if fallbacks:
+    shown = "; ".join(fallbacks[:8]) + (f"; ... ({len(fallbacks) - 8} more)" * (len(fallbacks) > 8))
+    log.info("replicated %d dimension(s) the mesh axes do not divide: %s", len(fallbacks), shown)
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+  """`x` (a host array or a fully addressable jax.Array, PRNG keys included) with `sharding`,
+  which may span the devices of several processes: every process passes the same whole value
+  and keeps the shards of its own devices (`jax.device_put` refuses shardings over devices of
+  other processes)."""
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    impl = jax.random.key_impl(x)
+    data = put_global(jax.random.key_data(x), NamedSharding(sharding.mesh, PartitionSpec()))
+    key = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)
+    return key(data)
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def put_on_mesh(tree: Any, mesh: Mesh, rules: Sequence | None = None) -> Any:
+  """`tree` with every leaf that is not already on exactly `mesh`'s devices placed there with
+  the sharding `rules` give (leaves already on the mesh are kept as they are; `put_global`)."""
+  devices = set(mesh.devices.flat)
+  shardings = param_shardings(tree, mesh, rules)
+
+  def put(leaf, sharding):
+    on_mesh = isinstance(leaf, jax.Array) and set(leaf.sharding.device_set) == devices
+    return leaf if on_mesh else put_global(leaf, sharding)
+
+  return jax.tree.map(put, tree, shardings)
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
+  """Raises ShardingError unless `batch_size` is a multiple of data*fsdp of `mesh`."""
+  shards = data_parallel_size(mesh)
+  if batch_size % shards:
+    raise ShardingError(
+        f"{what}: batch size {batch_size} is not divisible by the data-parallel size "
+        f"data*fsdp={shards} of the mesh {dict(mesh.shape)}; pad the batch to a multiple "
+        f"of {shards} (e.g. repeat a row and drop its result) or use a smaller data axis"
+    )
 
 
 def describe_shardings(tree: Any) -> str:

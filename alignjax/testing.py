@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 
 from alignjax.models.classifier import ClassifierConfig, DigitsClassifier
-from alignjax.models.lora import path_str
 from alignjax.models.unet import UNet, UNetConfig
+from alignjax.parallel import path_str
 
 # A one-level UNet (no down/up-sampling, fewest layers: cheapest to compile) with
 # self-attention in the mid block; TWO_LEVEL_UNET_CONFIG adds the 8 -> 4 level. The output
@@ -150,7 +150,7 @@ def assert_lora_trained(trained, initial, adam_steps: int, learning_rate: float)
   must move them: B starts at zero and is non-zero after training, A moved, and no factor
   moved further than Adam can in `adam_steps` steps (|m̂/√v̂| <= 1.0014 for the first two
   steps, 1.5 of margin) — which also shows `initial` are the factors training started from (a
-  fresh A is ~N(0, 1/fan_in), far from that bound)."""
+  fresh A is drawn on the scale 1/√fan_in, far from that bound)."""
   assert trained.keys() == initial.keys()
   bound = 1.5 * adam_steps * learning_rate
   for name, factors in trained.items():

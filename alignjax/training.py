@@ -94,11 +94,19 @@ def warmup_cosine_adamw(train_config) -> tuple[optax.GradientTransformation, opt
 
 @dataclasses.dataclass(frozen=True)
 class Finetune:
-  """Which parameters train: all of them ("full") or LoRA factors of rank `lora_rank`."""
+  """Which parameters train: all of them ("full") or LoRA factors of rank `lora_rank`.
+
+  LoRA (`alignjax.models.lora`): A is drawn by `lora_init` ("kaiming" as PEFT's default, or
+  "gaussian"), B = 0, scale α/r (α/√r with `rslora`). Which kernels, and which of their axes
+  are the input, is the `plan` given to `split`: the default adapts every kernel over all but
+  its last axis (Linear and Conv layers); an LM passes `alignjax.models.lora.lm_lora_plan`.
+  """
 
   mode: str = "full"
   lora_rank: int = 4
   lora_alpha: float | None = None  # None: alpha = rank, i.e. scale 1
+  lora_init: str = "kaiming"
+  rslora: bool = False
 
   def __post_init__(self):
     if self.mode not in FINETUNE_MODES:
@@ -109,24 +117,33 @@ class Finetune:
   @classmethod
   def from_config(cls, cfg) -> "Finetune":
     return cls(
-        mode=cfg.mode, lora_rank=int(cfg.get("lora_rank", 4)), lora_alpha=cfg.get("lora_alpha")
+        mode=cfg.mode,
+        lora_rank=int(cfg.get("lora_rank", 4)),
+        lora_alpha=cfg.get("lora_alpha"),
+        lora_init=cfg.get("lora_init", "kaiming"),
+        rslora=bool(cfg.get("rslora", False)),
     )
 
-  def split(self, base_params, key):
-    """(trainable, frozen), see the module docstring."""
+  def split(self, base_params, key, plan: tuple[str, Any] | None = None):
+    """(trainable, frozen), see the module docstring. `plan` = (target regex, num_in) of
+    `alignjax.models.lora.init_lora` (None: every kernel, all but its last axis as input)."""
     if self.mode == "full":
       return base_params, {}
     from alignjax.models import lora  # local: models import nothing from here
 
-    return lora.init_lora(base_params, self.lora_rank, key), base_params
+    target, num_in = plan if plan is not None else (lora.DEFAULT_TARGET, None)
+    trainable = lora.init_lora(
+        base_params, self.lora_rank, key, target=target, num_in=num_in, init=self.lora_init
+    )
+    return trainable, base_params
 
   def params(self, trainable, frozen):
-    """θ for the forward pass: `trainable` (full) or θ₀ + (α/r)·A·B (LoRA); jittable."""
+    """θ for the forward pass: `trainable` (full) or θ₀ + scale·A·B (LoRA); jittable."""
     if self.mode == "full":
       return trainable
     from alignjax.models import lora
 
-    return lora.merge_lora(frozen, trainable, alpha=self.lora_alpha)
+    return lora.merge_lora(frozen, trainable, alpha=self.lora_alpha, rslora=self.rslora)
 
 
 def count_params(tree) -> int:

@@ -18,6 +18,7 @@ Evaluation: the prompt "<bos> a op b =" is completed greedily (temperature 0, st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -31,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alignjax import configs, finite, metrics, scripts, training
+from alignjax import configs, finite, metrics, run_identity, scripts, training
 from alignjax import workdir as workdir_lib
 from alignjax.data import synthetic_language as lang
 from alignjax.lm import sampling, scoring
@@ -235,6 +236,81 @@ def _pretrain(config, workdir: str) -> dict:
   with open(os.path.join(workdir, REPORT_NAME), "w") as f:
     json.dump(report, f, indent=2)
   return report
+
+
+# ============================================================================ the cache
+
+
+def default_config(arg=None, **overrides):
+  """experiments/configs/pretrain_lm/tiny.py (its argument `arg`, e.g. "smoke=True"), with
+  `config.train` fields overridden."""
+  from experiments.configs.pretrain_lm import tiny
+
+  config = tiny.get_config(arg or None)
+  config.train.update(overrides)
+  return config
+
+
+def default_cache_dir(config) -> str:
+  """$ALIGNJAX_CACHE/lm-<hash>, else ~/.cache/alignjax/lm-<hash>: one directory per config
+  (the hash of the fields that make the model: seed, data, model, train; so references of
+  several configs can be cached side by side)."""
+  root = os.environ.get("ALIGNJAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "alignjax"
+  )
+  as_dict = json.loads(config.to_json())
+  fields = {k: as_dict.get(k) for k in ("seed", "data", "model", "train")}
+  digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+  return os.path.join(root, f"lm-{digest}")
+
+
+def _cache_status(cache_dir: str, config) -> str | None:
+  """None if cache_dir holds a complete run of `config` whose model loads; else the reason."""
+  report_path = os.path.join(cache_dir, REPORT_NAME)
+  if not os.path.isfile(report_path):
+    return f"no {report_path}"
+  try:
+    with open(report_path) as f:
+      report = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    return f"unreadable {report_path}: {e}"
+  refused, _ = run_identity.compare(
+      {"config": report.get("config")}, {"config": json.loads(config.to_json())}
+  )
+  if refused:
+    return f"{report_path} was made with a different config ({'; '.join(refused[:3])})"
+  try:
+    convert.read_hf_config(os.path.join(cache_dir, MODEL_DIR))
+  except (OSError, ValueError) as e:
+    return f"the model in {cache_dir} does not load: {e}"
+  return None
+
+
+def ensure_pretrained(cache_dir: str | None = None, config=None) -> dict:
+  """The embedded LM pretrained with `config` (default: tiny.py), pretraining it if needed.
+
+  Returns dict(model_dir=<HF model + tokenizer directory>, report=<its report.json>).
+  In a multi-process job process 0 pretrains (cache_dir on a shared file system) while the
+  others wait at a barrier.
+  """
+  config = default_config() if config is None else config
+  cache_dir = os.fspath(cache_dir or default_cache_dir(config))
+  if jax.process_index() == 0:
+    reason = _cache_status(cache_dir, config)
+    if reason is not None:
+      logging.info("Pretraining the embedded LM into %s (%s).", cache_dir, reason)
+      pretrain(config, cache_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("alignjax_ensure_pretrained_lm")
+  return {
+      "model_dir": os.path.join(cache_dir, MODEL_DIR),
+      "report": os.path.join(cache_dir, REPORT_NAME),
+  }
+
+
+# ============================================================================ command line
 
 
 def define_flags(flag_values=flags.FLAGS):

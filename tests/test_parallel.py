@@ -1,5 +1,6 @@
 """Tests for alignjax.parallel on 8 fake CPU devices, plus a 2-process gloo run."""
 
+import logging
 import os
 import textwrap
 
@@ -14,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from alignjax import parallel, testing
 from alignjax.configs import ConfigError
+from alignjax.training import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,6 +85,78 @@ def test_path_strings_drop_nnx_value_and_cover_optax():
   assert paths == ["l1/bias", "l1/kernel", "l2/bias", "l2/kernel"]
   opt_paths = [p for p, _ in parallel.flatten_with_paths(optax.adam(1e-3).init(params))[0]]
   assert "0/count" in opt_paths and "0/mu/l1/kernel" in opt_paths
+
+
+def test_one_path_helper_for_key_paths_flat_states_and_train_states():
+  _, params = mlp_init()
+  flat = [parallel.path_str(p, sep=".") for p, _ in nnx.to_flat_state(params)]
+  assert flat == ["l1.bias", "l1.kernel", "l2.bias", "l2.kernel"]
+  assert parallel.path_str(("layers", 0, "kernel")) == "layers/0/kernel"
+  state = TrainState.create(params, optax.adamw(1e-3), jax.random.key(0))
+  paths = [p for p, _ in parallel.flatten_with_paths(state)[0]]
+  assert "params/l1/kernel" in paths and "opt_state/0/mu/l1/kernel" in paths
+  assert "opt_state/0/nu/l2/bias" in paths and "step" in paths and "key" in paths
+
+
+def test_suffix_rules_shard_params_and_adam_moments_alike():
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  params = nnx.split(MLP(din=32, hidden=128, dout=8, rngs=nnx.Rngs(0)))[1]
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.key(0)), params)
+  rules = [(r"(^|/)l1/kernel$", ("fsdp", "tensor")), (r"(^|/)l2/kernel$", ("tensor",))]
+  specs = {
+      p: s.spec
+      for p, s in parallel.flatten_with_paths(parallel.param_shardings(state, mesh, rules))[0]
+  }
+  for prefix in ("params/", "opt_state/1/0/mu/", "opt_state/1/0/nu/"):
+    assert specs[prefix + "l1/kernel"] == P("fsdp", "tensor")
+    assert specs[prefix + "l2/kernel"] == P("tensor")
+    assert specs[prefix + "l1/bias"] == P()
+  assert specs["opt_state/1/0/count"] == P() and specs["step"] == P()
+  # An anchored rule would silently match nothing inside a TrainState: hence suffix rules.
+  anchored = parallel.param_shardings(state, mesh, [(r"^l1/kernel$", ("fsdp",))])
+  assert all(s.spec == P() for s in jax.tree.leaves(anchored))
+
+
+def test_indivisible_policy_replicates_only_that_dimension_and_logs(caplog):
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+  tree = {"k": abstract(kernel=(64, 2, 8)), "q": abstract(kernel=(64, 8, 8))}
+  rule = parallel.Rule(r"kernel$", ("fsdp", "tensor"), "replicate")
+  with caplog.at_level(logging.INFO, logger="alignjax.parallel"):
+    sh = parallel.param_shardings(tree, mesh, [rule])
+  assert sh["k"]["kernel"].spec == P("fsdp", None) and sh["q"]["kernel"].spec == P("fsdp", "tensor")
+  assert "replicated 1 dimension(s)" in caplog.text
+  assert (
+      "'k/kernel' (shape (64, 2, 8)) dimension 1 of size 2 over mesh axis 'tensor'" in caplog.text
+  )
+  # spec_for on its own logs each fallback; the default policy raises
+  assert parallel.spec_for("k/kernel", (64, 2, 8), mesh, [tuple(rule)]) == P("fsdp", None)
+  with pytest.raises(
+      parallel.ShardingError, match="dimension 1 of size 2.*indivisible='replicate'"
+  ):
+    parallel.spec_for("k/kernel", (64, 2, 8), mesh, [rule[:2]])
+  # bad rules name the problem and the choices
+  with pytest.raises(ConfigError, match="indivisible='pad'; valid choices: raise, replicate"):
+    parallel.param_shardings(tree, mesh, [(r"kernel$", ("fsdp",), "pad")])
+  with pytest.raises(ConfigError, match="expected \\(pattern, spec\\)"):
+    parallel.param_shardings(tree, mesh, [(r"kernel$",)])
+  with pytest.raises(ConfigError, match="not a valid regex"):
+    parallel.param_shardings(tree, mesh, [(r"kernel(", ("fsdp",))])
+  with pytest.raises(ConfigError, match="uses a mesh axis twice"):
+    parallel.param_shardings(tree, mesh, [(r"kernel$", ("fsdp", ("fsdp", "tensor")), "replicate")])
+
+
+def test_put_on_mesh_and_batch_divisibility():
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  tree = {"w": np.arange(64.0).reshape(8, 8), "b": jnp.ones(8)}
+  placed = parallel.put_on_mesh(tree, mesh, [("w", ("fsdp", "tensor"))])
+  assert placed["w"].sharding.spec == P("fsdp", "tensor") and placed["b"].sharding.spec == P()
+  np.testing.assert_array_equal(placed["w"], tree["w"])
+  again = parallel.put_on_mesh(placed, mesh, [("w", ("tensor",))])  # already on the mesh: kept
+  assert again["w"] is placed["w"]
+  parallel.check_batch_divisible(8, mesh, "f")
+  with pytest.raises(ConfigError, match="f: batch size 6 is not divisible by .*data\\*fsdp=4"):
+    parallel.check_batch_divisible(6, mesh, "f")
 
 
 def test_rule_matching_first_match_wins():

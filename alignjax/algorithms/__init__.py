@@ -6,6 +6,7 @@ adjoint_matching  reward fine-tuning as memoryless stochastic optimal control (f
 adjoint_matching_ddpm  the same for DDPM/DDIM noise-prediction models (eta = 1)
 dpo               offline preference losses over sequence log-probs (DPO/cDPO, IPO, SPPO)
 policy_gradient   online LM policy gradients (GRPO, RLOO/REINFORCE, online IPO, k3 KL)
+preference_model  reward and preference models: Bradley–Terry, pairwise/GPM losses, trainers
 """
 
 from alignjax.algorithms import (
@@ -15,6 +16,7 @@ from alignjax.algorithms import (
     dpo,
     draft,
     policy_gradient,
+    preference_model,
 )
 
 __all__ = [
@@ -24,4 +26,5 @@ __all__ = [
     "dpo",
     "draft",
     "policy_gradient",
+    "preference_model",
 ]

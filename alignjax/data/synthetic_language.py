@@ -18,6 +18,16 @@ tokenizer.json (a WordLevel model over single characters, <bos> prepended on enc
 joined on decode) and a tokenizer_config.json, which `alignjax.models.convert.load_tokenizer`
 reads with transformers. `encode` / `decode` are the same mapping in plain Python (no
 dependency) for the training and evaluation loops.
+
+A programmatic judge of completions (the embedded task of the LM alignment scripts): for the
+prompt "a op b=" with true answer c and a completion ĉ (the text before <eos>),
+
+    r(x, ĉ) = 1                       if ĉ == str(c)
+              ½ · exp(−|ĉ − c| / s)    if ĉ is a decimal number without leading zeros
+              0                       otherwise (empty, malformed, or not a number)       (eq. 3)
+
+with s = `arithmetic_reward`'s `scale` (default 10): correct beats close beats far beats
+malformed, a transitive order that a Bradley–Terry judge over r expresses exactly.
 """
 
 from __future__ import annotations
@@ -43,12 +53,14 @@ __all__ = [
     "PAD_ID",
     "VOCAB",
     "VOCAB_SIZE",
+    "arithmetic_reward",
     "decode",
     "encode",
     "equations",
     "max_sentence_length",
     "save_tokenizer",
     "sentences",
+    "true_answer",
 ]
 
 
@@ -103,6 +115,27 @@ def decode(ids: Sequence[int]) -> str:
     if i in inverse and inverse[i] not in SPECIALS:
       out.append(inverse[i])
   return "".join(out)
+
+
+def true_answer(prompt: str) -> int:
+  """c of a prompt "a op b=" (eq. 1); a prompt not of that form raises ValueError."""
+  body = prompt[:-1] if prompt.endswith("=") else None
+  for op in OPS:
+    if body is not None and op in body:
+      a, _, b = body.partition(op)
+      if a.isdigit() and b.isdigit():
+        return int(a) + int(b) if op == "+" else int(a) - int(b)
+  raise ValueError(f"true_answer: {prompt!r} is not a prompt 'a+b=' or 'a-b='")
+
+
+def arithmetic_reward(prompt: str, completion: str, *, scale: float = 10.0) -> float:
+  """Eq. 3: 1 for the exact answer, ½ exp(−|ĉ − c| / scale) for another number, else 0."""
+  c = true_answer(prompt)
+  if completion == str(c):
+    return 1.0
+  if not completion.isdigit() or (len(completion) > 1 and completion[0] == "0"):
+    return 0.0
+  return 0.5 * float(np.exp(-abs(int(completion) - c) / scale))
 
 
 def sentences(pairs: Sequence[tuple[str, str]]) -> list[list[int]]:

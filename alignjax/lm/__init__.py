@@ -1,4 +1,4 @@
-"""Language-model sampling (prefill + KV-cache decode) and teacher-forced scoring."""
+"""Language-model sampling (prefill + KV-cache decode), teacher-forced scoring, rollouts."""
 
 from alignjax.lm.sampling import (
     DecodeState,
@@ -13,10 +13,13 @@ from alignjax.lm.sampling import (
     sample,
     sampling_log_probs,
 )
+from alignjax.lm import rollout
+from alignjax.lm.rollout import Rollout, response_log_probs
 from alignjax.lm.scoring import ScoreOutput, score, score_model
 
 __all__ = [
     "DecodeState",
+    "Rollout",
     "SampleOutput",
     "SamplingConfig",
     "ScoreOutput",
@@ -26,6 +29,8 @@ __all__ = [
     "finish",
     "generate",
     "prefill",
+    "response_log_probs",
+    "rollout",
     "sample",
     "sampling_log_probs",
     "score",

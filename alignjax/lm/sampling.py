@@ -37,6 +37,16 @@ Recompilation is bounded: the host entry `sample` re-pads prompts to a bucket le
 lengths compiles at most ~log2(max_prompt_len / min_bucket) + 2 buckets (a prefill and a decode
 program each) per setting.
 Randomness is the explicit key: step s uses `fold_in(key, s)`.
+
+Data parallelism: `sample(..., mesh=mesh)` shards the prompts' rows over the data axes
+(`alignjax.parallel.batch_sharding`: data x fsdp), places parameters that are not already on
+the mesh by the LM sharding rules (`alignjax.models.lm.LM_SHARDING_RULES`; parameters already
+on it, e.g. from `load_hf_lm(mesh=...)`, are used as they are) and replicates the key; the two
+jitted programs then follow those shardings (the rows stay on their devices). The batch size
+must be a multiple of data*fsdp (ShardingError otherwise; pad with dummy prompts and drop
+their rows). With jax's partitionable threefry (the default), the draws do not depend on the
+sharding, so tokens equal the one-device run for the same key. `decode_jit` picks the program
+by the parameters' devices as before: the skinny-matrix kernel only on one CPU device.
 """
 
 from __future__ import annotations
@@ -48,8 +58,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from alignjax import parallel
 from alignjax.kernels import skinny_matmul
-from alignjax.models.lm import KVCache, extend_cache, init_cache
+from alignjax.models.lm import LM_SHARDING_RULES, KVCache, extend_cache, init_cache
 
 __all__ = [
     "CPU_DECODE_COMPILER_OPTIONS",
@@ -348,6 +359,8 @@ def sample(
     *,
     max_prompt_len: int | None = None,
     min_bucket: int = 16,
+    mesh=None,
+    rules=None,
 ) -> SampleOutput:
   """Host entry: checks the prompts, re-pads them to a bucket length, runs `generate` jitted.
 
@@ -355,6 +368,9 @@ def sample(
   tokens, valid: left-padded prompts [B, P] (e.g. `alignjax.models.convert.pad_left`).
   max_prompt_len: longest prompt accepted (default and upper bound: the model's
     max_position_embeddings - max_new_tokens); longer prompts raise ValueError.
+  mesh: run data-parallel on this mesh (module docstring): prompts sharded over data x fsdp
+    (B must be a multiple of data*fsdp, else ShardingError), parameters not already on the
+    mesh's devices placed by `rules` (default `LM_SHARDING_RULES`), the key replicated.
   """
   if params is None:
     graphdef, params = nnx.split(model_or_graphdef)
@@ -392,5 +408,13 @@ def sample(
     extra = bucket - tokens.shape[1]
     tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=config.pad_id)
     valid = np.pad(valid, ((0, 0), (extra, 0)), constant_values=False)
-  state = _prefill_jit(graphdef, params, jnp.asarray(tokens), jnp.asarray(valid), key, config)
+  if mesh is None:
+    tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
+  else:
+    parallel.check_batch_divisible(tokens.shape[0], mesh, "sample")
+    params = parallel.put_on_mesh(params, mesh, LM_SHARDING_RULES if rules is None else rules)
+    rows = parallel.batch_sharding(mesh)
+    tokens, valid = parallel.put_global(tokens, rows), parallel.put_global(valid, rows)
+    key = parallel.put_global(key, parallel.replicated(mesh))
+  state = _prefill_jit(graphdef, params, tokens, valid, key, config)
   return finish(decode_jit(params)(graphdef, params, state, key, config))

@@ -10,8 +10,8 @@ next token):
                       0                                        otherwise                 (eq. 1)
     sums[b]         = sum_t log_probs[b, t]                                              (eq. 2)
 
-(the first real token of a row has no prediction and always scores 0). The plain path materialises the float32
-logits [B, L, V]. The chunked path never does: it takes the final hidden states h [B, L, H]
+(the first real token of a row has no prediction and always scores 0). The plain path
+materialises the float32 logits [B, L, V]. The chunked path never does: it takes the final hidden states h [B, L, H]
 (`TransformerLM.hidden_states`) and, for one chunk of `seq_chunk` positions at a time, runs
 over vocabulary chunks W_c (columns of the output matrix: `lm_head.kernel`, or the embedding
 transposed when tied) accumulating a streaming log-sum-exp
@@ -20,7 +20,13 @@ transposed when tied) accumulating a streaming log-sum-exp
 
 with z_c = cap tanh(h W_c / cap) when the model has a final logit soft cap. The target logit is
 h . W[:, y] (capped the same way). Peak temporary memory is then O(B seq_chunk vocab_chunk)
-instead of O(B L V).
+instead of O(B L V). Its gradients are plain reverse-mode autodiff through the two scans (no
+custom VJP); `tests/lm/test_lm_scoring.py` checks them against the plain path and, in float64
+(`token_log_probs` keeps float64 inputs in float64), against central finite differences.
+
+Data parallelism: `score(..., mesh=mesh)` (inside jit, `mesh` static) constrains the batch
+to `alignjax.parallel.batch_sharding(mesh)` (rows over data x fsdp) and the parameters to the
+LM sharding rules; the batch size must be a multiple of data*fsdp (pad with masked rows).
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-__all__ = ["ScoreOutput", "score", "score_model"]
+from alignjax import parallel
+from alignjax.models.lm import LM_SHARDING_RULES
+
+__all__ = ["ScoreOutput", "score", "score_model", "token_log_probs"]
 
 
 @struct.dataclass
@@ -51,19 +60,25 @@ def _cap(z, cap):
   return z if cap is None else cap * jnp.tanh(z / cap)
 
 
-def _chunked_lse(h, w, cap, vocab_chunk: int):
-  """logsumexp over the vocabulary of z = cap(h W) (eq. 3); h [..., H], w [H, V]."""
+def _check_chunks(seq_chunk, vocab_chunk):
+  for name, c in (("seq_chunk", seq_chunk), ("vocab_chunk", vocab_chunk)):
+    if c is not None and (not isinstance(c, int) or c <= 0):
+      raise ValueError(f"score: {name}={c!r} must be a positive int or None")
+
+
+def _chunked_lse(h, w, cap, vocab_chunk: int, acc):
+  """logsumexp over the vocabulary of z = cap(h W) (eq. 3) in dtype `acc`; h [..., H], w [H, V]."""
   hdim, v = w.shape
   nchunks = -(-v // vocab_chunk)
   pad = nchunks * vocab_chunk - v
   w = jnp.pad(w, ((0, 0), (0, pad))).reshape(hdim, nchunks, vocab_chunk).transpose(1, 0, 2)
   col = jnp.arange(nchunks * vocab_chunk).reshape(nchunks, vocab_chunk)
-  init = (jnp.full(h.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(h.shape[:-1], jnp.float32))
+  init = (jnp.full(h.shape[:-1], -jnp.inf, acc), jnp.zeros(h.shape[:-1], acc))
 
   def step(carry, inputs):
     m, s = carry
     wc, cols = inputs
-    z = _cap(jnp.einsum("...h,hv->...v", h, wc, preferred_element_type=jnp.float32), cap)
+    z = _cap(jnp.einsum("...h,hv->...v", h, wc, preferred_element_type=acc), cap)
     z = jnp.where(cols < v, z, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(z, axis=-1))
     s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[..., None]), axis=-1)
@@ -73,22 +88,70 @@ def _chunked_lse(h, w, cap, vocab_chunk: int):
   return m + jnp.log(s)
 
 
+def token_log_probs(h, y, w, cap=None, *, seq_chunk: int | None = None, vocab_chunk=None):
+  """log softmax(cap(h W))[y] (eq. 1; eq. 3 when chunked) without masking.
+
+  h [B, S, H] hidden states, y [B, S] targets, w [H, V] output matrix, cap the final logit
+  soft cap (None: none). Computed in float32, or float64 when h and w are (under x64).
+  seq_chunk / vocab_chunk: chunk sizes (None: the whole axis; both None: full logits).
+  """
+  _check_chunks(seq_chunk, vocab_chunk)
+  if h.ndim != 3 or y.shape != h.shape[:2] or w.ndim != 2 or w.shape[0] != h.shape[-1]:
+    raise ValueError(
+        f"token_log_probs: h {h.shape} [B, S, H], y {y.shape} [B, S] and w {w.shape} [H, V] "
+        "do not fit together"
+    )
+  acc = jnp.promote_types(jnp.promote_types(h.dtype, w.dtype), jnp.float32)
+  b, length = y.shape
+  if seq_chunk is None and vocab_chunk is None:
+    z = _cap(jnp.einsum("bsh,hv->bsv", h, w, preferred_element_type=acc), cap)
+    return jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), y[..., None], axis=-1)[..., 0]
+  vc = w.shape[1] if vocab_chunk is None else min(vocab_chunk, w.shape[1])
+  sc = length if seq_chunk is None else min(seq_chunk, length)
+  n = -(-length // sc)
+  pad = n * sc - length
+  hp = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, sc, -1).transpose(1, 0, 2, 3)
+  yp = jnp.pad(y, ((0, 0), (0, pad))).reshape(b, n, sc).transpose(1, 0, 2)
+
+  def one(args):
+    hc, yc = args
+    target = _cap(
+        jnp.einsum("bsh,hbs->bs", hc, jnp.take(w, yc, axis=1), preferred_element_type=acc), cap
+    )
+    return target - _chunked_lse(hc, w, cap, vc, acc)  # eq. 1 with eq. 3
+
+  return jax.lax.map(one, (hp, yp)).transpose(1, 0, 2).reshape(b, n * sc)[:, :length]
+
+
 def score_model(
-    model, tokens, valid, mask, *, seq_chunk: int | None = None, vocab_chunk: int | None = None
+    model,
+    tokens,
+    valid,
+    mask,
+    *,
+    seq_chunk: int | None = None,
+    vocab_chunk: int | None = None,
+    mesh=None,
 ) -> ScoreOutput:
   """Eqs. 1-2 for a `TransformerLM` (call inside jit). tokens/valid/mask [B, L].
 
   seq_chunk / vocab_chunk: chunk sizes of the chunked path (eq. 3); both None = plain path.
+  mesh: when given, the batch (inputs and outputs) is constrained to
+    `parallel.batch_sharding(mesh)` (data-parallel over data x fsdp); B must be a multiple of
+    data*fsdp (ShardingError otherwise: pad the batch with masked rows).
   """
   if tokens.ndim != 2 or tokens.shape != valid.shape or tokens.shape != mask.shape:
     raise ValueError(
         f"score: tokens {tokens.shape}, valid {valid.shape} and mask "
         f"{mask.shape} must all be [batch, length]"
     )
-  for name, c in (("seq_chunk", seq_chunk), ("vocab_chunk", vocab_chunk)):
-    if c is not None and (not isinstance(c, int) or c <= 0):
-      raise ValueError(f"score: {name}={c!r} must be a positive int or None")
+  _check_chunks(seq_chunk, vocab_chunk)
   b, l = tokens.shape
+  constrain = lambda x: x
+  if mesh is not None:
+    parallel.check_batch_divisible(b, mesh, "score")
+    constrain = lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh))
+    tokens, valid, mask = constrain(tokens), constrain(valid), constrain(mask)
   valid = valid.astype(bool)
   previous = jnp.pad(valid[:, :-1], ((0, 0), (1, 0)))
   mask = mask.astype(bool) & valid & previous  # eq. 1: the first real token is not scored
@@ -99,27 +162,10 @@ def score_model(
     lp = jnp.take_along_axis(lp, y[..., None], axis=-1)[..., 0]
   else:
     w, cap = _output_matrix(model), model.config.final_logit_softcap
-    vc = w.shape[1] if vocab_chunk is None else min(vocab_chunk, w.shape[1])
-    sc = l - 1 if seq_chunk is None else min(seq_chunk, l - 1)
-    n = -(-(l - 1) // sc)
-    pad = n * sc - (l - 1)
-    hp = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, sc, -1).transpose(1, 0, 2, 3)
-    yp = jnp.pad(y, ((0, 0), (0, pad))).reshape(b, n, sc).transpose(1, 0, 2)
-
-    def one(args):
-      hc, yc = args
-      target = _cap(
-          jnp.einsum(
-              "bsh,hbs->bs", hc, jnp.take(w, yc, axis=1), preferred_element_type=jnp.float32
-          ),
-          cap,
-      )
-      return target - _chunked_lse(hc, w, cap, vc)  # eq. 1 with eq. 3
-
-    lp = jax.lax.map(one, (hp, yp)).transpose(1, 0, 2).reshape(b, n * sc)[:, : l - 1]
-  lp = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), lp], axis=1)
-  lp = jnp.where(mask, lp, 0.0)
-  return ScoreOutput(log_probs=lp, sums=jnp.sum(lp, axis=-1))  # eq. 2
+    lp = token_log_probs(h, y, w, cap, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+  lp = jnp.concatenate([jnp.zeros((b, 1), lp.dtype), lp], axis=1)
+  lp = constrain(jnp.where(mask, lp, 0.0))
+  return ScoreOutput(log_probs=lp, sums=constrain(jnp.sum(lp, axis=-1)))  # eq. 2
 
 
 def score(
@@ -131,8 +177,22 @@ def score(
     *,
     seq_chunk: int | None = None,
     vocab_chunk: int | None = None,
+    mesh=None,
+    rules=None,
 ) -> ScoreOutput:
-  """Pure form of `score_model` over split state (jit with graphdef and chunks static)."""
+  """Pure form of `score_model` over split state (jit with graphdef, chunks, mesh and rules
+  static). With a `mesh`, the batch is data-parallel (see `score_model`) and `params` are
+  constrained to the shardings `rules` give (default `LM_SHARDING_RULES`; a no-op when they
+  already have them, e.g. from `load_hf_lm(mesh=...)`)."""
+  if mesh is not None:
+    rules = LM_SHARDING_RULES if rules is None else rules
+    params = jax.lax.with_sharding_constraint(params, parallel.param_shardings(params, mesh, rules))
   return score_model(
-      nnx.merge(graphdef, params), tokens, valid, mask, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk
+      nnx.merge(graphdef, params),
+      tokens,
+      valid,
+      mask,
+      seq_chunk=seq_chunk,
+      vocab_chunk=vocab_chunk,
+      mesh=mesh,
   )

@@ -29,7 +29,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from alignjax.models.lora import path_str
+from alignjax.parallel import path_str
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -81,14 +81,10 @@ def config_from_dict(config_cls, d: Mapping[str, Any], *, source: str = ""):
 # Parameter flattening.
 
 
-def _key_name(k) -> str:
-  return str(k)
-
-
 def flatten_state(state) -> dict[str, Any]:
   """nnx State -> {'.'-joined path: array}."""
   return {
-      ".".join(_key_name(k) for k in path): v.get_value() if isinstance(v, nnx.Variable) else v
+      path_str(path, sep="."): v.get_value() if isinstance(v, nnx.Variable) else v
       for path, v in nnx.to_flat_state(state)
   }
 
@@ -164,14 +160,14 @@ def load_model(directory: str | os.PathLike, model_cls, config_cls, *, shardings
   abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   flat_abstract = nnx.to_flat_state(abstract_state)
-  expected = {".".join(_key_name(k) for k in path): var for path, var in flat_abstract}
+  expected = {path_str(path, sep="."): var for path, var in flat_abstract}
 
   sharding_leaves = None
   if shardings is not None:  # a State of Variables holding Shardings, or nested dicts
     flat, _ = jax.tree_util.tree_flatten_with_path(
         shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)
     )
-    sharding_leaves = {path_str(p).replace("/", "."): s for p, s in flat}
+    sharding_leaves = {path_str(p, sep="."): s for p, s in flat}
     missing_sh = sorted(set(expected) - set(sharding_leaves))
     if missing_sh:
       raise ModelIOError(f"load_model({directory}): shardings lack entries for {missing_sh}")
@@ -205,9 +201,6 @@ def load_model(directory: str | os.PathLike, model_cls, config_cls, *, shardings
       else:
         values[key] = jax.numpy.asarray(array)
 
-  filled = [
-      (path, var.replace(values[".".join(_key_name(k) for k in path)]))
-      for path, var in flat_abstract
-  ]
+  filled = [(path, var.replace(values[path_str(path, sep=".")])) for path, var in flat_abstract]
   state = nnx.from_flat_state(filled)
   return nnx.merge(graphdef, state)

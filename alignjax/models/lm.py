@@ -35,22 +35,21 @@ Layers are a plain per-layer list (not `nnx.scan`): each layer's attention type 
 global) stays static, HF tensors map one-to-one to parameters, and loading fills one tensor at a
 time. Compile time grows with depth, which is acceptable at the sizes alignjax trains.
 
-Sharding: `lm_sharding_rules()` gives (regex over the "/"-joined parameter path,
-PartitionSpec tuple) rules: FSDP over the hidden axis, tensor parallelism over attention heads,
-the MLP width and the vocabulary. `lm_param_shardings` applies them, replicating any axis whose
-size the mesh axes do not divide.
+Sharding: `lm_sharding_rules()` gives rules for the one engine, `alignjax.parallel` (regex over
+a path suffix, PartitionSpec tuple): FSDP over the hidden axis, tensor parallelism over
+attention heads, the MLP width and the vocabulary. Matching suffixes, they shard parameters
+and the Adam moments of a TrainState alike; a dimension the mesh axes do not divide (2 KV heads
+over tensor=4) is replicated and logged. `lm_param_shardings` / `spec_for` apply them.
 """
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
+from alignjax import parallel
 from alignjax.kernels import skinny_matmul
 from alignjax.models.lm_config import LMConfig, lm_config_from_hf, lm_config_to_hf
 from alignjax.models.lm_layers import Block, Dense, Norm, normal_init, rope_sin_cos
@@ -253,66 +252,38 @@ def forward(graphdef, params, tokens, positions=None, valid=None, cache=None):
 # Sharding
 
 
-def lm_sharding_rules(fsdp=("fsdp",), tensor="tensor") -> list[tuple[str, tuple]]:
-  """(regex, PartitionSpec tuple) rules, anchored so that `re.search` and `re.fullmatch` agree
-  (`alignjax.parallel.param_shardings` accepts them too). `fsdp` may be ("data", "fsdp") to
-  shard parameters over every data-parallel device."""
+def lm_sharding_rules(fsdp=("fsdp",), tensor="tensor") -> list[parallel.Rule]:
+  """The LM's rules for the `alignjax.parallel` engine (module docstring). They match path
+  suffixes, so they shard a parameter state, a `TrainState` ("params/...") and its optimizer
+  moments ("opt_state/.../mu/...") alike; every rule replicates a dimension the mesh axes do
+  not divide (`indivisible="replicate"`). `fsdp` may be ("data", "fsdp") to shard parameters
+  over every data-parallel device. (`LM_SHARDING_RULES`, the default, is their tuple: hashable,
+  so it can be a jit static argument.)"""
   f, t = tuple(fsdp), tensor
-  layer = r"^layers/\d+/"
-  return [
-      (r"^embed/embedding$", (t, f)),
-      (r"^pos_embed/embedding$", (None, f)),
+  layer = r"(^|/)layers/\d+/"
+  rules = [
+      (r"(^|/)embed/embedding$", (t, f)),
+      (r"(^|/)pos_embed/embedding$", (None, f)),
       (layer + r"attn/(q|k|v)/kernel$", (f, t, None)),
       (layer + r"attn/(q|k|v)/bias$", (t, None)),
       (layer + r"attn/o/kernel$", (t, None, f)),
       (layer + r"mlp/(gate|up)/kernel$", (f, t)),
       (layer + r"mlp/(gate|up)/bias$", (t,)),
       (layer + r"mlp/down/kernel$", (t, f)),
-      (r"^lm_head/kernel$", (f, t)),
-      (r".*", ()),  # norms and output biases: replicated
-  ]
+      (r"(^|/)lm_head/kernel$", (f, t)),
+  ]  # anything else (norms, output biases, step counters, keys): replicated
+  return [parallel.Rule(pattern, spec, "replicate") for pattern, spec in rules]
 
 
-LM_SHARDING_RULES = lm_sharding_rules()
-
-
-def _axis_size(mesh, axes) -> int:
-  if axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else axes
-  return int(np.prod([mesh.shape[a] for a in axes]))
+LM_SHARDING_RULES = tuple(lm_sharding_rules())
 
 
 def spec_for(path: str, shape, mesh, rules=LM_SHARDING_RULES) -> PartitionSpec:
-  """The PartitionSpec of one parameter under the first matching rule; a dimension the mesh
-  axes do not divide (e.g. 2 KV heads over tensor=4) is replicated instead of failing."""
-  for pattern, spec in rules:
-    if re.fullmatch(pattern, path):
-      spec = tuple(spec) + (None,) * (len(shape) - len(spec))
-      if len(spec) != len(shape):
-        raise ValueError(
-            f"sharding rule {pattern!r} has {len(spec)} axes; parameter {path} "
-            f"has shape {tuple(shape)}"
-        )
-      return PartitionSpec(
-          *(a if dim % _axis_size(mesh, a) == 0 else None for a, dim in zip(spec, shape))
-      )
-  raise ValueError(f"no sharding rule matches parameter {path}; rules: {[r for r, _ in rules]}")
-
-
-def param_path(path) -> str:
-  """'/'-joined parameter path from a state path or a jax key path (`.value` dropped)."""
-  parts = []
-  for p in path:
-    if isinstance(p, jax.tree_util.GetAttrKey):
-      continue
-    parts.append(str(getattr(p, "key", getattr(p, "idx", p))))
-  return "/".join(parts)
+  """`alignjax.parallel.spec_for` with the LM rules as default (thin wrapper)."""
+  return parallel.spec_for(path, shape, mesh, rules)
 
 
 def lm_param_shardings(abstract_state, mesh, rules=LM_SHARDING_RULES):
-  """NamedSharding for every parameter of an (abstract) `nnx.State`, same tree structure."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, spec_for(param_path(path), x.shape, mesh, rules)),
-      abstract_state,
-  )
+  """`alignjax.parallel.param_shardings` with the LM rules as default (thin wrapper): a
+  NamedSharding per leaf of an (abstract) `nnx.State` or `TrainState`, same tree structure."""
+  return parallel.param_shardings(abstract_state, mesh, rules)

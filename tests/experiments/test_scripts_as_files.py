@@ -18,7 +18,7 @@ SCRIPTS = sorted(
     os.path.relpath(os.path.join(d, f), ROOT)
     for d in (os.path.join(ROOT, "experiments"), os.path.join(ROOT, "experiments", "tables"))
     for f in os.listdir(d)
-    if f.endswith(".py") and f not in ("__init__.py", "common.py")
+    if f.endswith(".py") and f not in ("__init__.py", "common.py", "lm_common.py")
 )
 
 # (script, its arguments with an invalid value, the error the script stops with). Each one loads
@@ -31,6 +31,11 @@ INVALID_RUNS = [
         "experiments/ddpo.py",
         [f"--config={CONFIGS}/ddpo/digits.py", "--config.num_rounds=0"],
         "config.num_rounds=0: must be > 0",
+    ),
+    (
+        "experiments/lm_online.py",
+        [f"--config={CONFIGS}/lm_online/arithmetic.py", "--config.num_samples=0"],
+        "config.num_samples=0: must be > 0",
     ),
     (
         "experiments/pretrain_diffusion.py",

@@ -11,7 +11,7 @@ from flax import nnx
 from scipy import stats
 
 from alignjax.kernels import skinny_matmul
-from alignjax.lm import sampling
+from alignjax.lm import sampling, scoring
 from alignjax.models.convert import pad_left
 from alignjax.models.lm import TransformerLM, forward
 from alignjax.models.lm_config import LMConfig
@@ -110,6 +110,24 @@ def test_log_probs_equal_rescored_filtered_distribution(temperature, top_k, top_
       np.testing.assert_allclose(out.log_probs[b, s], log_q[y], atol=2e-4)
       model_lp = z[y] - np.logaddexp.reduce(z)
       np.testing.assert_allclose(out.model_log_probs[b, s], model_lp, atol=2e-4)
+
+
+def test_model_log_probs_equal_the_scorers_teacher_forced_log_probs():
+  """At T = 1 without filtering, the sampler's log-probs of its own samples (both kinds) are
+  `alignjax.lm.scoring`'s teacher-forced log-probs of the continuations (eq. 5 = eq. 1)."""
+  n = 6
+  cfg = sampling.SamplingConfig(max_new_tokens=n, temperature=1.0, eos_ids=(3,))
+  out = run(cfg, key=11)
+  graphdef, params = make()
+  prompts, valid = pad_left(PROMPTS, max_length=8)
+  tokens = np.concatenate([prompts, out.tokens], axis=1)
+  mask = np.concatenate([np.zeros_like(valid), out.valid], axis=1)
+  full_valid = np.concatenate([valid, out.valid], axis=1)
+  scored = jax.jit(scoring.score, static_argnums=0)(graphdef, params, tokens, full_valid, mask)
+  np.testing.assert_allclose(np.asarray(scored.log_probs)[:, -n:], out.model_log_probs, atol=1e-5)
+  np.testing.assert_allclose(out.log_probs, out.model_log_probs, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(scored.sums), out.model_log_probs.sum(-1), atol=1e-4)
+  assert (out.model_log_probs < 0).sum() >= 2 * n
 
 
 def test_prefill_then_decode_equals_generate():

@@ -114,3 +114,14 @@ def test_validate_names_the_key():
   config.model.max_position_embeddings = 8
   with pytest.raises(ValueError, match="config.model.max_position_embeddings=8"):
     pretrain_lm.validate(config)
+
+
+def test_arithmetic_reward_is_eq_3():
+  assert lang.true_answer("12+7=") == 19 and lang.true_answer("40-2=") == 38
+  assert lang.arithmetic_reward("12+7=", "19") == 1.0
+  assert lang.arithmetic_reward("12+7=", "21") == pytest.approx(0.5 * np.exp(-0.2))
+  assert lang.arithmetic_reward("12+7=", "21", scale=1.0) == pytest.approx(0.5 * np.exp(-2.0))
+  for malformed in ("", "019", "1+9", "-3"):
+    assert lang.arithmetic_reward("12+7=", malformed) == 0.0
+  with pytest.raises(ValueError, match="is not a prompt"):
+    lang.true_answer("12*7=")

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
+from alignjax import parallel
 from alignjax.models.convert import lm_keys
 from alignjax.models.convert.safetensors_io import (
     INDEX_FILE,
@@ -34,8 +35,9 @@ from alignjax.models.convert.safetensors_io import (
     SafetensorsCheckpoint,
     write_checkpoint,
 )
-from alignjax.models.lm import (LM_SHARDING_RULES, TransformerLM, param_path, spec_for)
+from alignjax.models.lm import LM_SHARDING_RULES, TransformerLM
 from alignjax.models.lm_config import (HARMLESS_KEYS, LMConfig, lm_config_from_hf, lm_config_to_hf)
+from alignjax.parallel import path_str
 
 CONFIG_FILE = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -101,7 +103,7 @@ def load_hf_lm(
   table = lm_keys.key_table(config)
   names = _resolve_names(config, table, set(ckpt.tensors), directory)
   graphdef, abstract = abstract_lm(config)
-  flat = [(param_path(path), var) for path, var in nnx.to_flat_state(abstract)]
+  flat = [(path_str(path), var) for path, var in nnx.to_flat_state(abstract)]
   shapes = {p: var.get_value() for p, var in flat}
   targets = [p for r in table for p in r.ours]
   if sorted(targets) != sorted(shapes):  # the table and the model must agree exactly
@@ -124,7 +126,7 @@ def load_hf_lm(
       sharding = (
           device
           if mesh is None
-          else jax.sharding.NamedSharding(mesh, spec_for(p, part.shape, mesh, rules))
+          else jax.sharding.NamedSharding(mesh, parallel.spec_for(p, part.shape, mesh, rules))
       )
       # Each device gets a private copy of its shard, never an alias of the read-only map.
       values[p] = jax.make_array_from_callback(
@@ -138,7 +140,7 @@ def load_hf_lm(
           f"{lm_keys.TIED_COPY!r} differs from {names[table[0].hf]!r}"
       )
   state = nnx.from_flat_state(
-      [(path, var.replace(values[param_path(path)])) for path, var in nnx.to_flat_state(abstract)]
+      [(path, var.replace(values[path_str(path)])) for path, var in nnx.to_flat_state(abstract)]
   )
   return nnx.merge(graphdef, state), config
 
@@ -191,7 +193,7 @@ def save_hf_lm(
     os.remove(os.path.join(directory, f))
 
   params = {
-      param_path(path): var.get_value()
+      path_str(path): var.get_value()
       for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
   }
   np_dtype = np.dtype(jax.numpy.dtype(out_dtype))

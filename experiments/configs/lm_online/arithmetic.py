@@ -1,0 +1,95 @@
+r"""Online RL on the embedded arithmetic language: GRPO, RLOO or online IPO with a programmatic judge.
+
+  python -m experiments.lm_online --config=experiments/configs/lm_online/arithmetic.py:algorithm=grpo --workdir=runs/grpo
+
+The reference policy is the embedded tiny Llama (experiments/pretrain_lm.py) pretrained for
+only `reference.pretrain_steps` steps, so it still gets many sums wrong; the judge scores a
+completion by synthetic_language eq. 3 (exact answer 1, a near miss less, malformed 0) and
+compares two completions by their scores. Evaluation: win rate of the policy over the
+reference on held-out prompts (one sample each at T = 1; 0.5 means no better).
+
+Expected (2-core CPU; numbers in the closing section of this docstring are measured with the
+command above, see FIGURES below).
+
+Variants through the argument (`--config=...arithmetic.py:algorithm=rloo,finetune=lora`):
+  algorithm  grpo (default) | rloo | online_ipo.
+  finetune   full (default) | lora.
+  smoke      True: a randomly small reference and two iterations (tests).
+"""
+
+import ml_collections
+
+from alignjax import configs, finite
+
+ALGORITHMS = ("grpo", "rloo", "online_ipo")
+
+FIGURES = ""
+
+
+def get_config(arg=None):
+  arg = configs.parse_arg(arg, algorithm="grpo", finetune="full", smoke=False)
+  if arg.algorithm not in ALGORITHMS:
+    raise configs.ConfigError(f"algorithm={arg.algorithm!r}: valid choices are {ALGORITHMS}")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.algorithm = arg.algorithm
+  c.num_iterations = 60
+  c.prompts_per_iteration = 32
+  c.num_samples = 2 if arg.algorithm == "online_ipo" else 4  # k responses per prompt
+  c.num_epochs = 1
+  c.num_minibatches = 1
+
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.distributed = dict(enabled=False, coordinator_address="", num_processes=1, process_id=0)
+
+  # The reference: an HF LM directory, or "" for the embedded LM pretrained by
+  # configs/pretrain_lm/tiny.py (argument pretrain_arg) for `pretrain_steps` steps, cached under
+  # cache_dir ("" = $ALIGNJAX_CACHE or ~/.cache/alignjax, one directory per config).
+  c.reference = dict(model_dir="", pretrain_arg="", pretrain_steps=600, cache_dir="")
+  # The prompts: JSONL or text files (`prompts`, held-out `eval_prompts`; tokenised by the
+  # reference's tokenizer), or, when empty, the synthetic language's equations.
+  c.data = dict(
+      prompts="",
+      eval_prompts="",
+      prompt_key="prompt",
+      max_prompt_length=64,
+      on_too_long="error",
+      max_operand=99,
+      test_fraction=0.1,
+      split_seed=0,
+  )
+  c.judge = dict(name="arithmetic", scale=10.0, temperature=0.0)
+
+  c.sampling = dict(max_new_tokens=5, temperature=1.0, top_k=0, top_p=1.0)
+  c.scoring = dict(seq_chunk=0, vocab_chunk=0)  # 0: the plain scorer (tiny vocabulary)
+
+  c.grpo = dict(clip_eps=0.2, kl_coef=0.02, length_norm="sequence", normalize_std=True)
+  c.rloo = dict(kl_coef=0.02)
+  c.online_ipo = dict(tau=0.5)
+
+  # LoRA (alignjax.models.lora, PEFT's definition) on the named projections of every layer.
+  c.finetune = dict(
+      mode=arg.finetune,
+      lora_rank=8,
+      lora_alpha=16.0,
+      lora_modules=("q", "k", "v", "o", "gate", "up", "down"),
+      lora_init="kaiming",
+      rslora=False,
+  )
+  c.optimizer = dict(
+      learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
+  )
+  if arg.finetune == "lora":
+    c.optimizer.learning_rate = 1e-3
+
+  c.checkpoint = dict(every=20, keep=2, on_damage="error")
+  c.finite = finite.config(policy="stop", max_consecutive_skips=3)
+  c.eval = dict(every=20, num_prompts=512, temperature=1.0)
+
+  if arg.smoke:
+    c.num_iterations = 2
+    c.prompts_per_iteration = 8
+    c.reference.update(pretrain_arg="smoke=True", pretrain_steps=4)
+    c.checkpoint.every = 1
+    c.eval.update(every=1, num_prompts=16)
+  return c

@@ -1,0 +1,340 @@
+"""experiments/lm_online.py and lm_offline.py end to end at tiny size: every algorithm and
+loss, LoRA, resume, export, and the errors of bad configs."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from alignjax import configs, testing, training
+from alignjax.data import synthetic_language as lang
+from alignjax.models import convert, lora
+from alignjax.models.lm import TransformerLM
+from alignjax.models.lm_config import LMConfig
+from experiments import lm_common, lm_offline, lm_online
+from experiments.configs.lm_offline import arithmetic as offline_config
+from experiments.configs.lm_online import arithmetic as online_config
+
+ONE_DEVICE = jax.devices()[:1]
+TINY = LMConfig(
+    family="llama",
+    vocab_size=lang.VOCAB_SIZE,
+    hidden_size=16,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    mlp_dim=32,
+    max_position_embeddings=32,
+    bos_token_id=lang.BOS_ID,
+    eos_token_ids=(lang.EOS_ID,),
+    pad_token_id=lang.PAD_ID,
+)
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+  """A random tiny LM of the synthetic language, saved as an HF directory with its tokenizer
+  (weights large enough that its samples vary, so the judge's verdicts do)."""
+  directory = str(tmp_path_factory.mktemp("reference"))
+  model = testing.host_init(lambda rngs: TransformerLM(TINY, rngs=rngs), seed=0)
+  convert.save_hf_lm(directory, model)
+  lang.save_tokenizer(directory)
+  return directory
+
+
+def configure(module, arg, reference_dir, **overrides):
+  config = module.get_config("smoke=True" + (f",{arg}" if arg else ""))
+  config.reference.model_dir = reference_dir
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    target = config
+    for part in filter(None, section.split(".")):
+      target = target[part]
+    target[name] = value
+  return config
+
+
+def reference_params(reference_dir):
+  model, _ = convert.load_hf_lm(reference_dir)
+  return nnx.state(model, nnx.Param)
+
+
+def assert_moved(trained, initial):
+  moved = jax.tree.map(
+      lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), trained, initial
+  )
+  assert max(jax.tree.leaves(moved)) > 0
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trained))
+
+
+# ----------------------------------------------------------------------------- online
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "online_ipo"])
+def test_online_algorithms_train_evaluate_and_export(algorithm, reference_dir, tmp_path):
+  config = configure(online_config, f"algorithm={algorithm}", reference_dir)
+  out = lm_online.run(config, str(tmp_path), devices=ONE_DEVICE)
+  initial = reference_params(reference_dir)
+  assert_moved(out["params"], initial)
+  assert [p[0] for p in out["eval_history"]] == [0, 1, 2]
+  assert 0 <= out["final"]["win_rate"] <= 1
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert summary["algorithm"] == algorithm and summary["final"] == out["final"]
+  exported, _ = convert.load_hf_lm(str(tmp_path / "final_model"))
+  np.testing.assert_array_equal(
+      np.asarray(nnx.state(exported, nnx.Param)["layers"][0]["attn"]["q"]["kernel"][...]),
+      np.asarray(out["params"]["layers"][0]["attn"]["q"]["kernel"][...]),
+  )
+  assert os.path.isfile(tmp_path / "final_model" / "tokenizer.json")
+
+
+def test_online_lora_trains_only_the_adapters(reference_dir, tmp_path):
+  config = configure(online_config, "finetune=lora", reference_dir)
+  out = lm_online.run(config, str(tmp_path), devices=ONE_DEVICE)
+  base = reference_params(reference_dir)
+  model = nnx.merge(nnx.graphdef(convert.load_hf_lm(reference_dir)[0]), base)
+  plan = lora.lm_lora_plan(model, tuple(config.finetune.lora_modules))
+  init_key = jax.random.split(jax.random.key(config.seed), 3)[0]
+  finetune = training.Finetune.from_config(config.finetune)
+  initial, _ = finetune.split(base, init_key, plan)
+  assert sorted(out["params"]) == sorted(initial)  # q, k, v, o, gate, up, down of the layer
+  testing.assert_lora_trained(out["params"], initial, 2, config.optimizer.learning_rate)
+  exported = nnx.state(convert.load_hf_lm(str(tmp_path / "final_model"))[0], nnx.Param)
+  np.testing.assert_array_equal(  # not adapted: unchanged
+      np.asarray(exported["embed"]["embedding"][...]), np.asarray(base["embed"]["embedding"][...])
+  )
+
+
+def test_online_resume_equals_uninterrupted(reference_dir, tmp_path):
+  whole = lm_online.run(
+      configure(online_config, "", reference_dir), str(tmp_path / "whole"), devices=ONE_DEVICE
+  )
+  first = configure(online_config, "", reference_dir, num_iterations=1)
+  lm_online.run(first, str(tmp_path / "split"), devices=ONE_DEVICE)
+  resumed = lm_online.run(
+      configure(online_config, "", reference_dir), str(tmp_path / "split"), devices=ONE_DEVICE
+  )
+  assert training.tree_max_abs_diff(whole["params"], resumed["params"]) == 0
+  assert resumed["eval_history"] == whole["eval_history"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(algorithm="ppo"), r"config.algorithm='ppo': must be one of 'grpo', 'rloo'"),
+        (dict(algorithm="online_ipo"), r"config.num_samples=4: online_ipo compares pairs"),
+        (dict(num_samples=1), r"config.num_samples=1: grpo normalises within a group"),
+        (dict(num_minibatches=3), r"config.prompts_per_iteration=8: must be divisible by 3"),
+        (dict(**{"grpo.length_norm": "tokens"}), r"config.grpo.length_norm='tokens'"),
+        (dict(**{"judge.name": "gpt"}), r"config.judge.name='gpt': must be one of 'arithmetic'"),
+        (dict(**{"reference.model_dir": "/nonexistent"}), r"is not a directory"),
+    ],
+)
+def test_online_bad_configs_fail_clearly(overrides, message, reference_dir, tmp_path):
+  config = configure(online_config, "", reference_dir, **overrides)
+  with pytest.raises(configs.ConfigError, match=message):
+    lm_online.run(config, str(tmp_path), devices=ONE_DEVICE)
+
+
+# ----------------------------------------------------------------------------- offline
+
+
+@pytest.mark.parametrize("loss", ["dpo", "cdpo", "ipo", "sppo"])
+def test_offline_losses_train_on_judged_pairs(loss, reference_dir, tmp_path):
+  config = configure(offline_config, f"loss={loss}", reference_dir)
+  out = lm_offline.run(config, str(tmp_path), devices=ONE_DEVICE)
+  assert_moved(out["params"], reference_params(reference_dir))
+  records = [json.loads(l) for l in open(tmp_path / "preferences.jsonl")]
+  assert len(records) == out["num_pairs"] >= config.batch_size
+  for rec in records:  # the judge preferred the chosen completion
+    assert lang.arithmetic_reward(rec["prompt"], rec["chosen"]) > lang.arithmetic_reward(
+        rec["prompt"], rec["rejected"]
+    )
+  assert os.path.isdir(tmp_path / "final_model")
+
+
+def test_offline_bad_configs_fail_clearly(reference_dir, tmp_path):
+  config = configure(offline_config, "", reference_dir, **{"dpo.beta": 0.0})
+  with pytest.raises(configs.ConfigError, match=r"config.dpo.beta=0.0: must be > 0"):
+    lm_offline.run(config, str(tmp_path), devices=ONE_DEVICE)
+  config = configure(offline_config, "", reference_dir, batch_size=1000)
+  with pytest.raises(configs.ConfigError, match=r"decisive pairs .* raise data.num_prompts"):
+    lm_offline.run(config, str(tmp_path / "b"), devices=ONE_DEVICE)
+
+
+# ----------------------------------------------------------------------------- at scale
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_llama_1b_config_lowers_one_sharded_training_step(finetune):
+  """One GRPO step of experiments/configs/lm_online/llama_1b.py on the Llama-3.2-1B shape,
+  from abstract shapes only, on a data=2 × fsdp=4 mesh: every parameter and Adam moment of
+  the state is sharded as the rules say, and the step lowers with those shardings."""
+  from experiments.configs.lm_online import llama_1b
+
+  from alignjax import parallel
+  from alignjax.lm import rollout as rollout_lib
+
+  config = llama_1b.get_config(f"finetune={finetune}")
+  model_config = LMConfig(**config.model_shape)
+  mesh = parallel.make_mesh(dict(data=2, fsdp=4, tensor=1))
+  abstract = nnx.eval_shape(lambda: TransformerLM(model_config, rngs=nnx.Rngs(0)))
+  graphdef, ref_shapes = nnx.split(abstract)
+  assert 1.2e9 < sum(x.size for x in jax.tree.leaves(ref_shapes)) < 1.3e9
+  finetune_ = training.Finetune.from_config(config.finetune)
+  optimizer = training.make_optimizer(config.optimizer)
+  plan = lora.lm_lora_plan(abstract, tuple(config.finetune.lora_modules))
+  init_state = lm_online.make_init_state(finetune_, optimizer, plan, jax.random.key(0))
+  state_shapes = jax.eval_shape(init_state, ref_shapes)
+  rules = lm_common.sharding_rules(config)
+  state_shardings = parallel.param_shardings(state_shapes, mesh, rules)
+  ref_shardings = parallel.param_shardings(ref_shapes, mesh, rules)
+
+  b, p, n = 16, config.data.max_prompt_length, config.sampling.max_new_tokens
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.DATA_AXES))
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
+  r = rollout_lib.Rollout(
+      prompt_tokens=spec((b, p), np.int32),
+      prompt_valid=spec((b, p), bool),
+      tokens=spec((b, n), np.int32),
+      valid=spec((b, n), bool),
+      log_probs=spec((b, n), np.float32),
+      model_log_probs=spec((b, n), np.float32),
+  )
+  batch = {
+      "rollout": r,
+      "mask": r.valid,
+      "old_logp": spec((b, n), np.float32),
+      "ref_logp": spec((b, n), np.float32),
+      "advantages": spec((b,), np.float32),
+  }
+  lora_base = ref_shapes if finetune == "lora" else {}
+  lora_shardings = ref_shardings if finetune == "lora" else {}
+  with_sharding = lambda shapes, shardings: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
+  update = lm_online.make_update(config, graphdef, finetune_, optimizer)
+  lowered = jax.jit(update, out_shardings=(state_shardings, None)).lower(
+      with_sharding(state_shapes, state_shardings), with_sharding(lora_base, lora_shardings), batch
+  )
+  assert lowered.out_info[1]["loss"].shape == ()
+  # Nothing big is replicated: every leaf over 2^20 elements is split over fsdp.
+  flat = jax.tree_util.tree_flatten_with_path(state_shardings)[0]
+  shapes = dict(
+      (parallel.path_str(path), x.shape)
+      for path, x in jax.tree_util.tree_flatten_with_path(state_shapes)[0]
+  )
+  for path, sharding in flat:
+    name = parallel.path_str(path)
+    if np.prod(shapes[name]) >= 2**20:
+      assert "fsdp" in jax.tree.leaves(tuple(sharding.spec)), (name, sharding.spec)
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+CHILD = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+import numpy as np
+from experiments import lm_online
+from experiments.configs.lm_online import arithmetic
+
+pid, port, reference_dir, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+config = arithmetic.get_config("smoke=True")
+config.reference.model_dir = reference_dir
+config.distributed.update(enabled=True, coordinator_address=f"127.0.0.1:{port}",
+                          num_processes=2, process_id=pid, initialization_timeout=60)
+out = lm_online.run(config, workdir)
+leaves = jax.tree_util.tree_flatten_with_path(out["params"])[0]
+sums = {jax.tree_util.keystr(p): float(np.asarray(x, np.float64).sum()) for p, x in leaves}
+print("RESULT " + json.dumps({"sums": sums, "eval": out["eval_history"]}), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_train_the_parameters_of_one(reference_dir, tmp_path):
+  """Sample → judge → update on 2 processes × 2 devices equals 1 process × 4 devices with the
+  same global batch (prompts, keys, responses, verdicts and updates)."""
+  script = tmp_path / "child.py"
+  script.write_text(CHILD)
+  port = testing.free_port()
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  results = testing.run_local_processes(
+      script,
+      [(i, port, reference_dir, tmp_path / "two") for i in range(2)],
+      pythonpath=repo,
+      timeout=240,
+  )
+  assert results[0] == results[1]
+  single = lm_online.run(
+      configure(online_config, "", reference_dir), str(tmp_path / "one"), devices=jax.devices()[:4]
+  )
+  leaves = jax.tree_util.tree_flatten_with_path(single["params"])[0]
+  sums = {jax.tree_util.keystr(p): float(np.asarray(x, np.float64).sum()) for p, x in leaves}
+  assert results[0]["sums"].keys() == sums.keys()
+  for name, value in sums.items():
+    np.testing.assert_allclose(results[0]["sums"][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+  assert [e[0] for e in results[0]["eval"]] == [e[0] for e in single["eval_history"]]
+  np.testing.assert_allclose(
+      [e[1:] for e in results[0]["eval"]], [e[1:] for e in single["eval_history"]], atol=1e-6
+  )
+  assert_moved(single["params"], reference_params(reference_dir))
+
+
+# ----------------------------------------------------------------------------- data files
+
+
+def test_online_and_offline_read_prompt_and_preference_files(reference_dir, tmp_path):
+  """The scripts on JSONL files tokenised by the reference's (transformers) tokenizer: the
+  prompts an online run samples from, and the preference pairs an embedded offline run wrote
+  (preferences.jsonl) trained on again from the file."""
+  train = [{"prompt": p} for p in ("12+7=", "3-1=", "40+2=", "9-9=") * 2]
+  (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+  (tmp_path / "eval.txt").write_text("".join(f"{a}+{a}=\n" for a in range(16)))
+  config = configure(
+      online_config,
+      "",
+      reference_dir,
+      **{
+          "data.prompts": str(tmp_path / "prompts.jsonl"),
+          "data.eval_prompts": str(tmp_path / "eval.txt"),
+          "data.max_prompt_length": 8,
+      },
+  )
+  out = lm_online.run(config, str(tmp_path / "online"), devices=ONE_DEVICE)
+  assert_moved(out["params"], reference_params(reference_dir))
+
+  first = configure(offline_config, "", reference_dir)
+  lm_offline.run(first, str(tmp_path / "offline"), devices=ONE_DEVICE)
+  records = [json.loads(l) for l in open(tmp_path / "offline" / "preferences.jsonl")]
+  # the loader refuses empty completions (tests/data); the reference does sample some
+  records = [r for r in records if r["chosen"] and r["rejected"]]
+  (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  config = configure(
+      offline_config,
+      "",
+      reference_dir,
+      **{
+          "data.preferences": str(tmp_path / "pairs.jsonl"),
+          "data.eval_prompts": str(tmp_path / "eval.txt"),
+          "data.max_length": 16,
+          "data.max_prompt_length": 8,
+      },
+  )
+  again = lm_offline.run(config, str(tmp_path / "from_file"), devices=ONE_DEVICE)
+  assert again["num_pairs"] == len(records)
+  assert_moved(again["params"], reference_params(reference_dir))
+
+
+def test_data_files_without_held_out_prompts_fail_clearly(reference_dir, tmp_path):
+  (tmp_path / "prompts.txt").write_text("1+1=\n")
+  config = configure(
+      online_config, "", reference_dir, **{"data.prompts": str(tmp_path / "prompts.txt")}
+  )
+  with pytest.raises(configs.ConfigError, match=r"config.data.eval_prompts is empty"):
+    lm_online.run(config, str(tmp_path / "run"), devices=ONE_DEVICE)
