@@ -23,7 +23,7 @@ from alignjax.models import lm as lm_lib
 
 from experiments import common
 
-JUDGES = ("arithmetic", "reward_model")
+JUDGES = ("arithmetic", "raters", "reward_model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +189,8 @@ def make_judge(section, mesh=None) -> judges.Judge:
   if section.name == "arithmetic":
     reward = functools.partial(lang.arithmetic_reward, scale=float(section.scale))
     return judges.RewardFunctionJudge(reward, lang.decode, temperature=section.temperature)
+  if section.name == "raters":
+    return judges.PreferenceFunctionJudge(lang.rater_preference, lang.decode)
   if section.name == "reward_model":
     if not section.get("model_dir") or not os.path.isdir(section.model_dir):
       raise configs.ConfigError(
@@ -198,6 +200,15 @@ def make_judge(section, mesh=None) -> judges.Judge:
     model, _ = convert.load_hf_reward(section.model_dir)
     return judges.RewardModelJudge(*nnx.split(model))
   raise configs.ConfigError(f"config.judge.name={section.name!r}: valid choices are {JUDGES}")
+
+
+def check_judge(p) -> None:
+  """The judge's probabilities lie in [0, 1] (checked on every batch; antisymmetry is the
+  judges' own contract, `alignjax.judges` eq. 1)."""
+  p = np.asarray(p)
+  if not np.all((p >= 0) & (p <= 1)):
+    bad = p[~((p >= 0) & (p <= 1))]
+    raise ValueError(f"the judge returned probabilities outside [0, 1]: {bad[:5]}")
 
 
 def evaluate(policy_sample, reference_sample, judge) -> dict:
@@ -243,6 +254,7 @@ def export(workdir: str, graphdef, finetune, trainable, lora_base, reference_dir
 __all__ = [
     "JUDGES",
     "Reference",
+    "check_judge",
     "completions",
     "decode_texts",
     "embedded_prompts",

@@ -41,6 +41,7 @@ from flax import nnx
 
 from alignjax import checkpoint, configs, finite, judges, metrics, parallel, scripts, training
 from alignjax import workdir as workdir_lib
+from alignjax.algorithms import nash_md, spo
 from alignjax.algorithms import policy_gradient as pg
 from alignjax.lm import rollout as rollout_lib
 from alignjax.models import lora
@@ -49,7 +50,14 @@ scripts.make_importable(__file__, __package__)
 
 from experiments import common, lm_common
 
-ALGORITHMS = ("grpo", "rloo", "online_ipo")
+ALGORITHMS = ("grpo", "rloo", "online_ipo", "nash_md", "spo")
+NAMES = {
+    "grpo": "GRPO",
+    "rloo": "RLOO",
+    "online_ipo": "online IPO",
+    "nash_md": "Nash-MD",
+    "spo": "SPO",
+}
 
 
 # ============================================================================ validation
@@ -89,11 +97,23 @@ def validate(config, num_devices: int) -> None:
   configs.check_positive(config, "online_ipo.tau", "grpo.clip_eps")
   configs.check_choice(config, "grpo.length_norm", pg.LENGTH_NORMS)
   common.validate_run_safety(config)
+  if config.algorithm == "nash_md":
+    configs.check_range(config, "nash_md.beta", 0.0, 1.0)
+    configs.check_positive(config, "nash_md.tau")
+    configs.check_choice(config, "nash_md.kl_estimator", nash_md.KL_ESTIMATORS)
+    if config.num_samples != 1:
+      raise configs.ConfigError(
+          f"config.num_samples={config.num_samples}: nash_md draws one response per prompt "
+          "from the policy (its opponent from the mixture); set it to 1"
+      )
+  if config.algorithm == "spo":
+    configs.check_choice(config, "spo.advantage", spo.ADVANTAGES)
+    configs.check_nonnegative(config, "spo.kl_coef")
   if config.algorithm == "online_ipo" and config.num_samples != 2:
     raise configs.ConfigError(
         f"config.num_samples={config.num_samples}: online_ipo compares pairs, set it to 2"
     )
-  if config.algorithm in ("grpo", "rloo") and config.num_samples < 2:
+  if config.algorithm in ("grpo", "rloo", "spo") and config.num_samples < 2:
     raise configs.ConfigError(
         f"config.num_samples={config.num_samples}: {config.algorithm} normalises within a group "
         "of responses to one prompt; set it to >= 2"
@@ -144,7 +164,40 @@ def online_ipo_objective(policy_logp, batch, options):
   )
 
 
-OBJECTIVES = {"grpo": grpo_objective, "rloo": rloo_objective, "online_ipo": online_ipo_objective}
+def nash_md_objective(policy_logp, batch, options):
+  """Nash-MD-PG (nash_md eqs. 2-3) against the geometric-mixture opponent's responses."""
+  return nash_md.nash_md_loss(
+      policy_logp,
+      batch["ref_logp"],
+      batch["mask"],
+      batch["win_prob"],
+      tau=options.tau,
+      kl_estimator=options.kl_estimator,
+  )
+
+
+def spo_objective(policy_logp, batch, options):
+  """SPO (spo eqs. 1, 3): each response's mean win probability against its group."""
+  return spo.spo_loss(
+      policy_logp,
+      batch["old_logp"],
+      batch["ref_logp"],
+      batch["win_matrix"],
+      batch["mask"],
+      advantage=options.advantage,
+      clip_eps=options.clip_eps,
+      kl_coef=options.kl_coef,
+      length_norm=options.length_norm,
+  )
+
+
+OBJECTIVES = {
+    "grpo": grpo_objective,
+    "rloo": rloo_objective,
+    "online_ipo": online_ipo_objective,
+    "nash_md": nash_md_objective,
+    "spo": spo_objective,
+}
 
 
 def make_init_state(finetune, optimizer, plan, key):
@@ -183,11 +236,35 @@ def make_update(config, graphdef, finetune, optimizer):
   return update
 
 
-def advantages_and_targets(config, judge, r, old_logp, ref_logp, mesh) -> tuple[dict, dict]:
+def win_matrix(judge, c: judges.Completions, k: int) -> np.ndarray:
+  """W [G, k, k]: W[g, i, j] = P(y_gi ≻ y_gj) for the k responses of each prompt (one judge
+  call over every pair i < j; W[g, j, i] = 1 − W[g, i, j], the diagonal ½)."""
+  g = len(c) // k
+  i, j = np.triu_indices(k, 1)
+  rows_a = (np.arange(g)[:, None] * k + i).reshape(-1)
+  rows_b = (np.arange(g)[:, None] * k + j).reshape(-1)
+  pick = lambda rows: judges.Completions(*(x[rows] for x in dataclasses.astuple(c)))
+  p = np.asarray(judge.win_probability(pick(rows_a), pick(rows_b))).reshape(g, -1)
+  w = np.full((g, k, k), 0.5, np.float32)
+  w[:, i, j], w[:, j, i] = p, 1.0 - p
+  return w
+
+
+def advantages_and_targets(config, judge, r, old_logp, ref_logp, mesh, opponent=None):
   """The judge's verdicts turned into the loss's constants (rows sharded like the batch);
-  and host metrics of the batch."""
+  and host metrics of the batch. `opponent`: Nash-MD's mixture responses."""
   k = config.num_samples
   c = lm_common.completions(r)
+  if config.algorithm == "nash_md":
+    win = np.asarray(judge.win_probability(c, lm_common.completions(opponent)))
+    lm_common.check_judge(win)
+    return {"win_prob": lm_common.global_rows(win, mesh)}, {"reward_mean": float(win.mean())}
+  if config.algorithm == "spo":
+    w = win_matrix(judge, c, k)
+    lm_common.check_judge(w)
+    return {"win_matrix": lm_common.global_rows(w, mesh)}, {
+        "reward_mean": float(np.mean(np.asarray(spo.spo_rewards(jnp.asarray(w)))))
+    }
   if config.algorithm == "online_ipo":
     pick = lambda rows: judges.Completions(*(x[rows] for x in dataclasses.astuple(c)))
     win = np.asarray(judge.win_probability(pick(slice(0, None, 2)), pick(slice(1, None, 2))))
@@ -202,7 +279,7 @@ def advantages_and_targets(config, judge, r, old_logp, ref_logp, mesh) -> tuple[
     adv = pg.group_advantages(jnp.asarray(shaped), k, normalize_std=config.grpo.normalize_std)
   else:
     adv = pg.rloo_advantages(jnp.asarray(shaped), k)
-  return {"advantages": adv}, {
+  return {"advantages": lm_common.global_rows(adv, mesh)}, {
       "reward_mean": float(np.mean(rewards)),
       "reward_std_within_groups": float(np.mean(np.std(rewards.reshape(-1, k), axis=1))),
   }
@@ -277,6 +354,20 @@ def train(config, workdir: str, devices) -> dict:
         mesh=mesh,
     )
 
+  def sample_opponent(policy, batch, key):
+    beta = float(config.nash_md.beta)
+    return rollout_lib.mixture_rollout(
+        ((graphdef, policy), (graphdef, ref.params)),
+        (1.0 - beta, beta),
+        batch["tokens"],
+        batch["valid"],
+        key,
+        sample_cfg,
+        max_prompt_len=width,
+        min_bucket=width,
+        mesh=mesh,
+    )
+
   def evaluate(trainable) -> dict:
     """Win rate against the reference on the held-out prompts (fixed keys)."""
     policy = sample(policy_params(trainable, lora_base), eval_batch, eval_key, eval_cfg, 1)
@@ -316,10 +407,17 @@ def train(config, workdir: str, devices) -> dict:
     t0 = time.perf_counter()
     it_key = jax.random.fold_in(train_key, it)
     rng = np.random.default_rng([config.seed, it])
-    r = sample(policy_params(state.params, lora_base), next(prompts), it_key, sample_cfg, k)
-    old_logp = score(policy_params(state.params, lora_base), r)
+    batch = next(prompts)
+    policy = policy_params(state.params, lora_base)
+    r = sample(policy, batch, it_key, sample_cfg, k)
+    opponent = None
+    if config.algorithm == "nash_md":  # y' ~ π^β ∝ π_θ^(1-β) π_ref^β, token by token
+      opponent = sample_opponent(policy, batch, jax.random.fold_in(it_key, 1))
+    old_logp = score(policy, r)
     ref_logp = score(ref.params, r)
-    constants, batch_metrics = advantages_and_targets(config, judge, r, old_logp, ref_logp, mesh)
+    constants, batch_metrics = advantages_and_targets(
+        config, judge, r, old_logp, ref_logp, mesh, opponent
+    )
     full = {"rollout": r, "old_logp": old_logp, "ref_logp": ref_logp, "mask": r.valid, **constants}
 
     step_metrics = []
@@ -329,7 +427,7 @@ def train(config, workdir: str, devices) -> dict:
         groups = order[m * groups_per_minibatch : (m + 1) * groups_per_minibatch]
         rows = (groups[:, None] * k + np.arange(k)).reshape(-1)
         whole = config.num_minibatches == 1 and config.num_epochs == 1
-        minibatch = full if whole else _take_rows(full, rows, k, config.algorithm)
+        minibatch = full if whole else _take_rows(full, rows, groups, k, config.algorithm)
         state, out, nonfinite = update_fn(state, lora_base, minibatch)
         updates_done += 1
         common.check_finite(monitor, updates_done, nonfinite, ckpt, writer)
@@ -376,22 +474,26 @@ def train(config, workdir: str, devices) -> dict:
   }
 
 
-def _take_rows(full: dict, rows: np.ndarray, k: int, algorithm: str) -> dict:
-  """The minibatch of whole groups `rows` (online IPO's win_prob is per pair)."""
+def _take_rows(full: dict, rows: np.ndarray, groups: np.ndarray, k: int, algorithm: str) -> dict:
+  """The minibatch of whole groups (`rows` their responses; online IPO's win_prob is per
+  pair, SPO's win matrix per group)."""
   out = {}
   for key, value in full.items():
     if key == "rollout":
       out[key] = value.rows(rows)
-    elif key == "win_prob":
-      out[key] = value[rows[::2] // 2] if algorithm == "online_ipo" else value
+    elif key == "win_prob" and algorithm == "online_ipo":
+      out[key] = value[rows[::2] // 2]
+    elif key == "win_matrix":
+      out[key] = value[groups]
     else:
       out[key] = value[rows]
+  del k
   return out
 
 
 def write_summary(workdir: str, host: dict, final: dict, config) -> str:
   """Prints and saves the reference vs fine-tuned table and the win-rate curve."""
-  name = {"grpo": "GRPO", "rloo": "RLOO", "online_ipo": "online IPO"}[config.algorithm]
+  name = NAMES[config.algorithm]
   name += f", {config.finetune.mode}, {config.num_iterations} iterations"
   base = host["base"]
   row = lambda label, e: (

@@ -7,6 +7,11 @@ adjoint_matching_ddpm  the same for DDPM/DDIM noise-prediction models (eta = 1)
 dpo               offline preference losses over sequence log-probs (DPO/cDPO, IPO, SPPO)
 policy_gradient   online LM policy gradients (GRPO, RLOO/REINFORCE, online IPO, k3 KL)
 preference_model  reward and preference models: Bradley–Terry, pairwise/GPM losses, trainers
+nash_md           Nash-MD: the policy-gradient loss against a geometric-mixture opponent, and
+                  the tabular mirror-descent update
+spo               SPO: win-rate rewards within a group, its policy-gradient loss, tabular
+                  self-play
+games             tabular preference games: equilibria, exploitability, the RLHF baseline
 """
 
 from alignjax.algorithms import (
@@ -15,8 +20,11 @@ from alignjax.algorithms import (
     ddpo,
     dpo,
     draft,
+    games,
+    nash_md,
     policy_gradient,
     preference_model,
+    spo,
 )
 
 __all__ = [
@@ -25,6 +33,9 @@ __all__ = [
     "ddpo",
     "dpo",
     "draft",
+    "games",
+    "nash_md",
     "policy_gradient",
     "preference_model",
+    "spo",
 ]

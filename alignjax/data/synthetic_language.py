@@ -28,6 +28,17 @@ prompt "a op b=" with true answer c and a completion ĉ (the text before <eos>),
 
 with s = `arithmetic_reward`'s `scale` (default 10): correct beats close beats far beats
 malformed, a transitive order that a Bradley–Terry judge over r expresses exactly.
+
+An intransitive judge: three rater populations, each ranking completions by one property,
+
+    s_1 = r (eq. 3, accuracy),   s_2 = last digit of ĉ,   s_3 = −ĉ (smaller numbers)      (eq. 4)
+    (a malformed completion scores −1, −1, −∞: last for every rater)
+    P(a ≻ b) = (1/3) Σ_i ([s_i(a) > s_i(b)] + ½ [s_i(a) = s_i(b)])                        (eq. 5)
+
+(`rater_preference`). Majorities of three rankings can cycle (Condorcet's paradox): e.g. for
+"5+5=" the completions "10" (correct), "12" (near, last digit 2) and "1" (far, small, last
+digit 1) give P(10 ≻ 12) = P(12 ≻ 1) = P(1 ≻ 10) = ⅔, so no reward model over completions can express
+the judge, while its Nash equilibrium (the target of Nash-MD and SPO) exists.
 """
 
 from __future__ import annotations
@@ -54,6 +65,8 @@ __all__ = [
     "VOCAB",
     "VOCAB_SIZE",
     "arithmetic_reward",
+    "rater_preference",
+    "rater_scores",
     "decode",
     "encode",
     "equations",
@@ -136,6 +149,20 @@ def arithmetic_reward(prompt: str, completion: str, *, scale: float = 10.0) -> f
   if not completion.isdigit() or (len(completion) > 1 and completion[0] == "0"):
     return 0.0
   return 0.5 * float(np.exp(-abs(int(completion) - c) / scale))
+
+
+def rater_scores(prompt: str, completion: str) -> tuple[float, float, float]:
+  """(s_1, s_2, s_3) of eq. 4: accuracy (eq. 3), the last digit, smallness."""
+  r = arithmetic_reward(prompt, completion)
+  if r == 0.0:  # malformed (eq. 3): last for every rater
+    return 0.0, -1.0, -np.inf
+  return r, float(completion[-1]), -float(completion)
+
+
+def rater_preference(prompt: str, a: str, b: str) -> float:
+  """Eq. 5: the fraction of the three rater populations preferring a to b (ties count ½)."""
+  sa, sb = rater_scores(prompt, a), rater_scores(prompt, b)
+  return sum(float(x > y) + 0.5 * float(x == y) for x, y in zip(sa, sb)) / 3.0
 
 
 def sentences(pairs: Sequence[tuple[str, str]]) -> list[list[int]]:

@@ -1,4 +1,5 @@
-"""Language-model sampling (prefill + KV-cache decode), teacher-forced scoring, rollouts."""
+"""Language-model sampling (prefill + KV-cache decode, also from a geometric mixture of
+models), teacher-forced scoring, rollouts."""
 
 from alignjax.lm.sampling import (
     DecodeState,
@@ -13,12 +14,14 @@ from alignjax.lm.sampling import (
     sample,
     sampling_log_probs,
 )
-from alignjax.lm import rollout
+from alignjax.lm import mixture, rollout
+from alignjax.lm.mixture import MixtureSampleOutput, generate_mixture, mix_logits, sample_mixture
 from alignjax.lm.rollout import Rollout, response_log_probs
 from alignjax.lm.scoring import ScoreOutput, score, score_model
 
 __all__ = [
     "DecodeState",
+    "MixtureSampleOutput",
     "Rollout",
     "SampleOutput",
     "SamplingConfig",
@@ -28,10 +31,14 @@ __all__ = [
     "filter_logits",
     "finish",
     "generate",
+    "generate_mixture",
+    "mix_logits",
+    "mixture",
     "prefill",
     "response_log_probs",
     "rollout",
     "sample",
+    "sample_mixture",
     "sampling_log_probs",
     "score",
     "score_model",

@@ -28,9 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from alignjax.lm import sampling, scoring
+from alignjax.lm import mixture, sampling, scoring
 
-__all__ = ["Rollout", "repeat_groups", "response_log_probs", "rollout", "sequences"]
+__all__ = [
+    "Rollout",
+    "mixture_rollout",
+    "repeat_groups",
+    "response_log_probs",
+    "rollout",
+    "sequences",
+]
 
 
 @struct.dataclass
@@ -88,6 +95,34 @@ def rollout(
       valid=out.valid,
       log_probs=out.log_probs,
       model_log_probs=out.model_log_probs,
+  )
+
+
+def mixture_rollout(
+    models,
+    weights,
+    prompt_tokens,
+    prompt_valid,
+    key,
+    config: sampling.SamplingConfig,
+    *,
+    num_samples: int = 1,
+    **sample_kwargs,
+) -> Rollout:
+  """Eq. 1 with responses drawn from the geometric mixture of `models` with `weights`
+  (`alignjax.lm.mixture`, e.g. Nash-MD's opponent: (policy, reference), (1 − β, β)).
+  `log_probs` are the mixture's (the sampled distribution), `model_log_probs` the first
+  model's untempered ones."""
+  tokens = repeat_groups(prompt_tokens, num_samples).astype(np.int32)
+  valid = repeat_groups(prompt_valid, num_samples).astype(bool)
+  out = mixture.sample_mixture(models, weights, tokens, valid, key, config, **sample_kwargs)
+  return Rollout(
+      prompt_tokens=jnp.asarray(tokens),
+      prompt_valid=jnp.asarray(valid),
+      tokens=out.tokens,
+      valid=out.valid,
+      log_probs=out.log_probs,
+      model_log_probs=out.model_log_probs[0],
   )
 
 

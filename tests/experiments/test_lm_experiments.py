@@ -338,3 +338,24 @@ def test_data_files_without_held_out_prompts_fail_clearly(reference_dir, tmp_pat
   )
   with pytest.raises(configs.ConfigError, match=r"config.data.eval_prompts is empty"):
     lm_online.run(config, str(tmp_path / "run"), devices=ONE_DEVICE)
+
+
+@pytest.mark.parametrize("algorithm", ["nash_md", "spo"])
+def test_self_play_algorithms_on_the_intransitive_judge(algorithm, reference_dir, tmp_path):
+  config = configure(online_config, f"algorithm={algorithm},judge=raters", reference_dir)
+  out = lm_online.run(config, str(tmp_path), devices=ONE_DEVICE)
+  assert_moved(out["params"], reference_params(reference_dir))
+  assert set(out["final"]) == {"win_rate"}  # a preference judge has no reward
+  assert 0 <= out["final"]["win_rate"] <= 1
+
+
+def test_self_play_configs_fail_clearly(reference_dir, tmp_path):
+  for overrides, message in [
+      (dict(algorithm="nash_md", **{"nash_md.beta": 1.5}), r"config.nash_md.beta=1.5"),
+      (dict(algorithm="nash_md", **{"nash_md.tau": 0.0}), r"config.nash_md.tau=0.0: must be > 0"),
+      (dict(algorithm="nash_md"), r"config.num_samples=4: nash_md draws one response"),
+      (dict(algorithm="spo", num_samples=1), r"config.num_samples=1: spo normalises"),
+  ]:
+    config = configure(online_config, "", reference_dir, **overrides)
+    with pytest.raises(configs.ConfigError, match=message):
+      lm_online.run(config, str(tmp_path / "x"), devices=ONE_DEVICE)

@@ -125,3 +125,14 @@ def test_arithmetic_reward_is_eq_3():
     assert lang.arithmetic_reward("12+7=", malformed) == 0.0
   with pytest.raises(ValueError, match="is not a prompt"):
     lang.true_answer("12*7=")
+
+
+def test_rater_preference_is_eq_5_and_cycles():
+  assert lang.rater_scores("5+5=", "10") == (1.0, 0.0, -10.0)
+  assert lang.rater_scores("5+5=", "x1")[2] == -np.inf
+  p = lambda a, b: lang.rater_preference("5+5=", a, b)
+  assert p("10", "12") == p("12", "1") == p("1", "10") == pytest.approx(2 / 3)  # a cycle
+  assert p("10", "") == 1.0
+  for a, b in (("10", "9"), ("7", ""), ("12", "12")):
+    assert p(a, b) + p(b, a) == pytest.approx(1.0)
+  assert p("12", "12") == 0.5

@@ -12,7 +12,8 @@ Expected (2-core CPU; numbers in the closing section of this docstring are measu
 command above, see FIGURES below).
 
 Variants through the argument (`--config=...arithmetic.py:algorithm=rloo,finetune=lora`):
-  algorithm  grpo (default) | rloo | online_ipo.
+  algorithm  grpo (default) | rloo | online_ipo | nash_md | spo.
+  judge      arithmetic (default) | raters (intransitive; the self-play methods' case).
   finetune   full (default) | lora.
   smoke      True: a randomly small reference and two iterations (tests).
 """
@@ -21,21 +22,25 @@ import ml_collections
 
 from alignjax import configs, finite
 
-ALGORITHMS = ("grpo", "rloo", "online_ipo")
+ALGORITHMS = ("grpo", "rloo", "online_ipo", "nash_md", "spo")
+JUDGES = ("arithmetic", "raters")
 
 FIGURES = ""
 
 
 def get_config(arg=None):
-  arg = configs.parse_arg(arg, algorithm="grpo", finetune="full", smoke=False)
+  arg = configs.parse_arg(arg, algorithm="grpo", finetune="full", judge="arithmetic", smoke=False)
   if arg.algorithm not in ALGORITHMS:
     raise configs.ConfigError(f"algorithm={arg.algorithm!r}: valid choices are {ALGORITHMS}")
+  if arg.judge not in JUDGES:
+    raise configs.ConfigError(f"judge={arg.judge!r}: valid choices are {JUDGES}")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.algorithm = arg.algorithm
   c.num_iterations = 60
   c.prompts_per_iteration = 32
-  c.num_samples = 2 if arg.algorithm == "online_ipo" else 4  # k responses per prompt
+  # k responses per prompt (Nash-MD: one from the policy, its opponent from the mixture)
+  c.num_samples = {"online_ipo": 2, "nash_md": 1}.get(arg.algorithm, 4)
   c.num_epochs = 1
   c.num_minibatches = 1
 
@@ -58,7 +63,9 @@ def get_config(arg=None):
       test_fraction=0.1,
       split_seed=0,
   )
-  c.judge = dict(name="arithmetic", scale=10.0, temperature=0.0)
+  # arithmetic: synthetic_language eq. 3 (transitive); raters: eq. 5, three rater populations
+  # with cyclic tastes (intransitive: no reward model expresses it).
+  c.judge = dict(name=arg.judge, scale=10.0, temperature=0.0, model_dir="")
 
   c.sampling = dict(max_new_tokens=5, temperature=1.0, top_k=0, top_p=1.0)
   c.scoring = dict(seq_chunk=0, vocab_chunk=0)  # 0: the plain scorer (tiny vocabulary)
@@ -66,6 +73,10 @@ def get_config(arg=None):
   c.grpo = dict(clip_eps=0.2, kl_coef=0.02, length_norm="sequence", normalize_std=True)
   c.rloo = dict(kl_coef=0.02)
   c.online_ipo = dict(tau=0.5)
+  # Nash-MD: opponent from π^β ∝ π_θ^(1-β) π_ref^β, KL weight τ, the causal KL estimator
+  # (alignjax.algorithms.nash_md eq. 3). SPO: centred mean win rates within a group.
+  c.nash_md = dict(beta=0.125, tau=0.05, kl_estimator="causal")
+  c.spo = dict(advantage="centred", clip_eps=0.2, kl_coef=0.0, length_norm="constant")
 
   # LoRA (alignjax.models.lora, PEFT's definition) on the named projections of every layer.
   c.finetune = dict(
