@@ -101,6 +101,8 @@ def validate(config, num_devices: int) -> None:
     configs.check_range(config, "nash_md.beta", 0.0, 1.0)
     configs.check_positive(config, "nash_md.tau")
     configs.check_choice(config, "nash_md.kl_estimator", nash_md.KL_ESTIMATORS)
+    configs.check_choice(config, "nash_md.opponent", ("mixture", "ema"))
+    configs.check_range(config, "nash_md.ema_decay", 0.0, 1.0)
     if config.num_samples != 1:
       raise configs.ConfigError(
           f"config.num_samples={config.num_samples}: nash_md draws one response per prompt "
@@ -236,6 +238,21 @@ def make_update(config, graphdef, finetune, optimizer):
   return update
 
 
+def track_iterates(tracked: dict, params, ema_decay: float) -> dict:
+  """One iteration of the tracked iterates (see `train`): the running average of θ_0 .. θ_n
+  ("count" = n) and the EMA with decay `ema_decay`."""
+  out = dict(tracked)
+  if "average" in tracked:
+    n = tracked["count"] + 1.0
+    out["average"] = jax.tree.map(lambda a, p: a + (p - a) / (n + 1.0), tracked["average"], params)
+    out["count"] = n
+  if "ema" in tracked:
+    out["ema"] = jax.tree.map(
+        lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, tracked["ema"], params
+    )
+  return out
+
+
 def win_matrix(judge, c: judges.Completions, k: int) -> np.ndarray:
   """W [G, k, k]: W[g, i, j] = P(y_gi ≻ y_gj) for the k responses of each prompt (one judge
   call over every pair i < j; W[g, j, i] = 1 − W[g, i, j], the diagonal ½)."""
@@ -329,6 +346,16 @@ def train(config, workdir: str, devices) -> dict:
   rules = lm_common.sharding_rules(config)
   state_shardings = parallel.param_shardings(state_shapes, mesh, rules)
   state = jax.jit(init_state, out_shardings=state_shardings)(ref.params)
+  # Iterates the method keeps besides the state (checkpointed with it): SPO's average iterate
+  # θ̄_n = θ̄_{n-1} + (θ_n − θ̄_{n-1}) / n, which its theory guarantees (a parameter average,
+  # the practical proxy of the policy average), and Nash-EMA's opponent θ̃ ← d θ̃ + (1 − d) θ.
+  tracked = {}
+  if config.algorithm == "spo":
+    tracked["average"] = jax.tree.map(jnp.copy, state.params)
+    tracked["count"] = jnp.zeros((), jnp.float32)  # updates averaged in so far
+  if config.algorithm == "nash_md" and config.nash_md.opponent == "ema":
+    tracked["ema"] = jax.tree.map(jnp.copy, state.params)
+  track = jax.jit(track_iterates, static_argnums=2, donate_argnums=0)
   lora_base = ref.params if finetune.mode == "lora" else {}
   policy_params = jax.jit(finetune.params)
 
@@ -355,6 +382,9 @@ def train(config, workdir: str, devices) -> dict:
     )
 
   def sample_opponent(policy, batch, key):
+    if "ema" in tracked:  # Nash-EMA: the opponent is the parameter EMA of the policy
+      ema = policy_params(tracked["ema"], lora_base)
+      return sample(ema, batch, key, sample_cfg, 1)
     beta = float(config.nash_md.beta)
     return rollout_lib.mixture_rollout(
         ((graphdef, policy), (graphdef, ref.params)),
@@ -384,7 +414,8 @@ def train(config, workdir: str, devices) -> dict:
   )
   host = {"step": 0, "base": None, "history": [], "eval_history": [], "data": prompts.state()}
   if ckpt.latest_step() is not None:
-    state, host = ckpt.restore(state)
+    restored, host = ckpt.restore({"train": state, "tracked": tracked})
+    state, tracked = restored["train"], restored["tracked"]
     prompts.restore(host["data"])  # the data position: the next prompts are the unseen ones
     logging.info("Resumed from iteration %d in %s", host["step"], workdir)
   ckpt.install_preemption_handler()
@@ -432,6 +463,7 @@ def train(config, workdir: str, devices) -> dict:
         updates_done += 1
         common.check_finite(monitor, updates_done, nonfinite, ckpt, writer)
         step_metrics.append(out)
+    tracked = track(tracked, state.params, config.nash_md.ema_decay if "ema" in tracked else 0.0)
     scalars = {
         key: float(np.mean([float(o[key]) for o in step_metrics])) for key in step_metrics[0]
     }
@@ -443,12 +475,16 @@ def train(config, workdir: str, devices) -> dict:
     host["history"].append([it + 1, scalars["reward_mean"]])
     if (it + 1) % config.eval.every == 0 or it + 1 == config.num_iterations:
       result = evaluate(state.params)
+      if "average" in tracked:
+        result.update({f"average_{k}": v for k, v in evaluate(tracked["average"]).items()})
       host["eval_history"].append([it + 1, result["win_rate"], result.get("reward", np.nan)])
       writer.write_scalars(it + 1, {f"eval/{key}": v for key, v in result.items()})
       logging.info("iteration %d: %s", it + 1, result)
 
     host.update(step=it + 1, finite=monitor.state_dict(), data=prompts.state())
-    ckpt.maybe_save(it + 1, state, host, force=it + 1 == config.num_iterations)
+    ckpt.maybe_save(
+        it + 1, {"train": state, "tracked": tracked}, host, force=it + 1 == config.num_iterations
+    )
     if ckpt.preemption_requested:
       logging.warning("Preemption requested: checkpoint saved at iteration %d, exiting.", it + 1)
       ckpt.wait_until_finished()
@@ -457,6 +493,8 @@ def train(config, workdir: str, devices) -> dict:
 
   # ---------------------------------------------------------------- final evaluation
   final = evaluate(state.params)
+  if "average" in tracked:
+    final.update({f"average_{k}": v for k, v in evaluate(tracked["average"]).items()})
   ckpt.wait_until_finished()
   ckpt.close()
   trainable = common.to_host_tree(state.params)
@@ -470,6 +508,7 @@ def train(config, workdir: str, devices) -> dict:
       "params": trainable,
       "history": host["history"],
       "eval_history": host["eval_history"],
+      **({"average": common.to_host_tree(tracked["average"])} if "average" in tracked else {}),
       "preempted": False,
   }
 
@@ -494,6 +533,8 @@ def _take_rows(full: dict, rows: np.ndarray, groups: np.ndarray, k: int, algorit
 def write_summary(workdir: str, host: dict, final: dict, config) -> str:
   """Prints and saves the reference vs fine-tuned table and the win-rate curve."""
   name = NAMES[config.algorithm]
+  if config.algorithm == "nash_md" and config.nash_md.opponent == "ema":
+    name = "Nash-EMA"
   name += f", {config.finetune.mode}, {config.num_iterations} iterations"
   base = host["base"]
   row = lambda label, e: (
@@ -508,6 +549,16 @@ def write_summary(workdir: str, host: dict, final: dict, config) -> str:
           row("reference", base),
           row(name, final),
       ]
+      + (
+          [
+              row(
+                  name + ", average iterate",
+                  {k[8:]: v for k, v in final.items() if k[:8] == "average_"},
+              )
+          ]
+          if "average_win_rate" in final
+          else []
+      )
   )
   print(table, flush=True)
   with open(os.path.join(workdir, "summary.md"), "w") as f:

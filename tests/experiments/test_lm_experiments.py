@@ -340,13 +340,42 @@ def test_data_files_without_held_out_prompts_fail_clearly(reference_dir, tmp_pat
     lm_online.run(config, str(tmp_path / "run"), devices=ONE_DEVICE)
 
 
-@pytest.mark.parametrize("algorithm", ["nash_md", "spo"])
+@pytest.mark.parametrize("algorithm", ["nash_md", "nash_ema", "spo"])
 def test_self_play_algorithms_on_the_intransitive_judge(algorithm, reference_dir, tmp_path):
   config = configure(online_config, f"algorithm={algorithm},judge=raters", reference_dir)
   out = lm_online.run(config, str(tmp_path), devices=ONE_DEVICE)
   assert_moved(out["params"], reference_params(reference_dir))
-  assert set(out["final"]) == {"win_rate"}  # a preference judge has no reward
-  assert 0 <= out["final"]["win_rate"] <= 1
+  expected = {"win_rate", "average_win_rate"} if algorithm == "spo" else {"win_rate"}
+  assert set(out["final"]) == expected  # a preference judge has no reward
+  assert all(0 <= v <= 1 for v in out["final"].values())
+
+
+def test_spo_average_iterate_is_the_mean_of_the_iterates_and_resumes(reference_dir, tmp_path):
+  """SPO keeps θ̄ = mean(θ_0 .. θ_n) in its checkpoints: a run resumed after one iteration
+  ends with the uninterrupted run's parameters and average."""
+  arg = "algorithm=spo,judge=raters"
+  whole = lm_online.run(
+      configure(online_config, arg, reference_dir), str(tmp_path / "w"), devices=ONE_DEVICE
+  )
+  first = configure(online_config, arg, reference_dir, num_iterations=1)
+  one = lm_online.run(first, str(tmp_path / "s"), devices=ONE_DEVICE)
+  resumed = lm_online.run(
+      configure(online_config, arg, reference_dir), str(tmp_path / "s"), devices=ONE_DEVICE
+  )
+  assert training.tree_max_abs_diff(whole["params"], resumed["params"]) == 0
+  assert whole["final"] == resumed["final"]
+  theta0 = reference_params(reference_dir)
+  expected = jax.tree.map(
+      lambda a, b, c: (np.asarray(a) + np.asarray(b) + np.asarray(c)) / 3,
+      theta0,
+      one["params"],
+      whole["params"],
+  )
+  np.testing.assert_allclose(
+      np.asarray(whole["average"]["layers"][0]["mlp"]["up"]["kernel"][...]),
+      np.asarray(expected["layers"][0]["mlp"]["up"]["kernel"][...]),
+      atol=1e-6,
+  )
 
 
 def test_self_play_configs_fail_clearly(reference_dir, tmp_path):
@@ -359,3 +388,25 @@ def test_self_play_configs_fail_clearly(reference_dir, tmp_path):
     config = configure(online_config, "", reference_dir, **overrides)
     with pytest.raises(configs.ConfigError, match=message):
       lm_online.run(config, str(tmp_path / "x"), devices=ONE_DEVICE)
+
+
+def test_selfplay_lm_table_judges_every_pair_of_policies(reference_dir, tmp_path):
+  from experiments.tables import selfplay_lm
+
+  out = selfplay_lm.run(
+      str(tmp_path),
+      iterations=1,
+      num_prompts=16,
+      reference_dir=reference_dir,
+      smoke=True,
+      devices=ONE_DEVICE,
+  )
+  names = ["reference", *selfplay_lm.METHODS, "SPO (average)"]
+  assert len(out["pairs"]) == len(names) * (len(names) - 1)
+  for a in names:
+    for b in names:
+      if a != b:  # the same samples judged both ways: an antisymmetric judge sums to 1
+        w = out["pairs"][f"{a} vs {b}"]["win_rate"] + out["pairs"][f"{b} vs {a}"]["win_rate"]
+        assert w == pytest.approx(1.0, abs=1e-12)
+  assert (tmp_path / "selfplay_lm.md").read_text().strip() == out["table"].strip()
+  assert json.loads((tmp_path / "selfplay_lm.json").read_text())["pairs"] == out["pairs"]

@@ -12,7 +12,7 @@ Expected (2-core CPU; numbers in the closing section of this docstring are measu
 command above, see FIGURES below).
 
 Variants through the argument (`--config=...arithmetic.py:algorithm=rloo,finetune=lora`):
-  algorithm  grpo (default) | rloo | online_ipo | nash_md | spo.
+  algorithm  grpo (default) | rloo | online_ipo | nash_md | nash_ema | spo.
   judge      arithmetic (default) | raters (intransitive; the self-play methods' case).
   finetune   full (default) | lora.
   smoke      True: a randomly small reference and two iterations (tests).
@@ -22,7 +22,7 @@ import ml_collections
 
 from alignjax import configs, finite
 
-ALGORITHMS = ("grpo", "rloo", "online_ipo", "nash_md", "spo")
+ALGORITHMS = ("grpo", "rloo", "online_ipo", "nash_md", "nash_ema", "spo")
 JUDGES = ("arithmetic", "raters")
 
 FIGURES = ""
@@ -36,11 +36,11 @@ def get_config(arg=None):
     raise configs.ConfigError(f"judge={arg.judge!r}: valid choices are {JUDGES}")
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.algorithm = arg.algorithm
-  c.num_iterations = 60
-  c.prompts_per_iteration = 32
+  c.algorithm = "nash_md" if arg.algorithm == "nash_ema" else arg.algorithm
+  c.num_iterations = 300
+  c.prompts_per_iteration = 128 if c.algorithm in ("online_ipo", "nash_md") else 32
   # k responses per prompt (Nash-MD: one from the policy, its opponent from the mixture)
-  c.num_samples = {"online_ipo": 2, "nash_md": 1}.get(arg.algorithm, 4)
+  c.num_samples = {"online_ipo": 2, "nash_md": 1}.get(c.algorithm, 8)
   c.num_epochs = 1
   c.num_minibatches = 1
 
@@ -73,9 +73,11 @@ def get_config(arg=None):
   c.grpo = dict(clip_eps=0.2, kl_coef=0.02, length_norm="sequence", normalize_std=True)
   c.rloo = dict(kl_coef=0.02)
   c.online_ipo = dict(tau=0.5)
-  # Nash-MD: opponent from π^β ∝ π_θ^(1-β) π_ref^β, KL weight τ, the causal KL estimator
-  # (alignjax.algorithms.nash_md eq. 3). SPO: centred mean win rates within a group.
-  c.nash_md = dict(beta=0.125, tau=0.05, kl_estimator="causal")
+  # Nash-MD: opponent from π^β ∝ π_θ^(1-β) π_ref^β (opponent="mixture"), or the policy's
+  # parameter EMA (opponent="ema": Nash-EMA), KL weight τ, the causal KL estimator
+  # (alignjax.algorithms.nash_md eq. 3). SPO: centred mean win rates within a group; its
+  # average iterate is evaluated too.
+  c.nash_md = dict(beta=0.125, tau=0.05, kl_estimator="causal", opponent="mixture", ema_decay=0.99)
   c.spo = dict(advantage="centred", clip_eps=0.2, kl_coef=0.0, length_norm="constant")
 
   # LoRA (alignjax.models.lora, PEFT's definition) on the named projections of every layer.
@@ -93,13 +95,16 @@ def get_config(arg=None):
   if arg.finetune == "lora":
     c.optimizer.learning_rate = 1e-3
 
-  c.checkpoint = dict(every=20, keep=2, on_damage="error")
+  c.checkpoint = dict(every=100, keep=2, on_damage="error")
   c.finite = finite.config(policy="stop", max_consecutive_skips=3)
-  c.eval = dict(every=20, num_prompts=512, temperature=1.0)
+  c.eval = dict(every=100, num_prompts=1024, temperature=1.0)
 
+  if arg.algorithm == "nash_ema":
+    c.nash_md.opponent = "ema"
   if arg.smoke:
     c.num_iterations = 2
     c.prompts_per_iteration = 8
+    c.num_samples = min(c.num_samples, 4)
     c.reference.update(pretrain_arg="smoke=True", pretrain_steps=4)
     c.checkpoint.every = 1
     c.eval.update(every=1, num_prompts=16)

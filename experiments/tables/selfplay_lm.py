@@ -1,0 +1,176 @@
+r"""Self-play at LM scale: each method's win rate against the reference and against each other.
+
+  python -m experiments.tables.selfplay_lm --workdir=runs/selfplay_lm
+
+On the embedded arithmetic LM with the intransitive judge of three rater populations
+(alignjax.data.synthetic_language eq. 5: majorities of the raters cycle, so no reward model
+expresses the judge), the reference is fine-tuned by experiments/lm_online.py with each
+preference-based method — online IPO, Nash-MD (mixture opponent), Nash-EMA (EMA opponent) and
+SPO (last and average iterate) — from the same config (lm_online/arithmetic.py:judge=raters,
+`--iterations` iterations each). Then one response per policy is drawn for each of
+`--num_prompts` held-out prompts (fixed keys) and every pair of policies is judged on the same
+prompts:
+
+  (1)  W[i, j] = (1/N) Σ_n P(y_i,n ≻ y_j,n | x_n)     (the judge's win probability, ties ½),
+  (2)  95 % interval  W[i, j] ± 1.96 · s_ij / √N,  s_ij the standard deviation of the N
+       per-prompt judgements.
+
+Writes <workdir>/selfplay_lm.md (also printed) and selfplay_lm.json; each method's run lives
+in <workdir>/<method>/. Figures on a 2-core CPU are in FIGURES below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags
+
+import jax
+import numpy as np
+
+from alignjax import parallel, scripts
+from alignjax.lm import rollout as rollout_lib
+
+scripts.make_importable(__file__, __package__)
+
+from experiments import lm_common, lm_online
+from experiments.configs.lm_online import arithmetic
+
+FIGURES = ""
+
+METHODS = {  # name: config argument of lm_online/arithmetic.py
+    "online IPO": "algorithm=online_ipo,judge=raters",
+    "Nash-MD": "algorithm=nash_md,judge=raters",
+    "Nash-EMA": "algorithm=nash_ema,judge=raters",
+    "SPO": "algorithm=spo,judge=raters",
+}
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (runs, table).")
+_ITERATIONS = flags.DEFINE_integer("iterations", 300, "lm_online iterations per method.")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 1024, "Held-out prompts judged per pair.")
+_REFERENCE = flags.DEFINE_string(
+    "reference_dir", "", "An HF LM directory as the reference ('' = the embedded LM)."
+)
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny runs (tests): 2 iterations, 16 prompts.")
+
+
+def method_config(arg: str, iterations: int, reference_dir: str, smoke: bool):
+  config = arithmetic.get_config(arg + (",smoke=True" if smoke else ""))
+  config.num_iterations = iterations
+  config.eval.every = iterations
+  config.checkpoint.every = iterations
+  if reference_dir:
+    config.reference.model_dir = reference_dir
+  return config
+
+
+def pairwise(policies: dict, graphdef, batch, config, judge, mesh) -> dict:
+  """Eqs. 1-2 for every ordered pair of `policies` ({name: params}) on the prompt `batch`."""
+  cfg = lm_common.sampling_config(config.sampling, temperature=config.eval.temperature)
+  width = batch["tokens"].shape[1]
+  samples = {}
+  for i, (name, params) in enumerate(policies.items()):
+    r = rollout_lib.rollout(
+        graphdef,
+        params,
+        batch["tokens"],
+        batch["valid"],
+        jax.random.fold_in(jax.random.key(12345), i),
+        cfg,
+        max_prompt_len=width,
+        min_bucket=width,
+        mesh=mesh,
+    )
+    samples[name] = lm_common.completions(r)
+  table = {}
+  for a in policies:
+    for b in policies:
+      if a == b:
+        continue
+      p = np.asarray(judge.win_probability(samples[a], samples[b]), np.float64)
+      table[f"{a} vs {b}"] = {
+          "win_rate": float(p.mean()),
+          "ci95": float(1.96 * p.std() / np.sqrt(len(p))),
+      }
+  return table
+
+
+def run(
+    workdir: str,
+    *,
+    iterations: int = 300,
+    num_prompts: int = 1024,
+    reference_dir: str = "",
+    smoke: bool = False,
+    devices=None,
+) -> dict:
+  """Trains every method, judges every pair of policies (eqs. 1-2); returns the table's data
+  (also written to <workdir>/selfplay_lm.json, the markdown to selfplay_lm.md)."""
+  t0 = time.time()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  policies, runs, config = {}, {}, None
+  for name, arg in METHODS.items():
+    config = method_config(arg, iterations, reference_dir, smoke)
+    out = lm_online.run(config, os.path.join(workdir, name.replace(" ", "_")), devices=devices)
+    runs[name] = {"final": out["final"], "base": out["base"]}
+    policies[name] = out["params"]
+    if "average" in out:
+      policies[name + " (average)"] = out["average"]
+  mesh = parallel.make_mesh(config.mesh, devices=devices)
+  ref = lm_common.load_reference(config, mesh)
+  policies = {"reference": ref.params, **policies}
+  batch = lm_common.eval_prompt_set(config).batch(np.arange(num_prompts))
+  judge = lm_common.make_judge(config.judge)
+  table = pairwise(policies, ref.graphdef, batch, config, judge, mesh)
+
+  names = list(policies)
+  lines = [
+      "| P(row ≻ column), ±95 % | " + " | ".join(names) + " |",
+      "|" + "---|" * (len(names) + 1),
+  ]
+  for a in names:
+    cells = []
+    for b in names:
+      cell = table.get(f"{a} vs {b}")
+      cells.append("—" if cell is None else f"{cell['win_rate']:.3f} ± {cell['ci95']:.3f}")
+    lines.append(f"| {a} | " + " | ".join(cells) + " |")
+  lines += [
+      "",
+      f"{num_prompts} held-out prompts, one sample per policy (T={config.eval.temperature}), "
+      f"{iterations} iterations per method, judge: three rater populations (cyclic).",
+  ]
+  text = "\n".join(lines)
+  print(text, flush=True)
+  with open(os.path.join(workdir, "selfplay_lm.md"), "w") as f:
+    f.write(text + "\n")
+  result = {
+      "pairs": table,
+      "runs": runs,
+      "iterations": iterations,
+      "num_prompts": num_prompts,
+      "seconds": time.time() - t0,
+      "table": text,
+  }
+  with open(os.path.join(workdir, "selfplay_lm.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def main(argv) -> None:
+  del argv
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (the runs and the table go there)")
+  run(
+      _WORKDIR.value,
+      iterations=2 if _SMOKE.value else _ITERATIONS.value,
+      num_prompts=16 if _SMOKE.value else _NUM_PROMPTS.value,
+      reference_dir=_REFERENCE.value,
+      smoke=_SMOKE.value,
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)
