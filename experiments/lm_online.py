@@ -322,6 +322,9 @@ def train(config, workdir: str, devices) -> dict:
   ref = lm_common.load_reference(config, mesh)
   graphdef = ref.graphdef
   judge = lm_common.make_judge(config.judge)
+  # The evaluation's judge: `eval.judge` when named (e.g. the programmatic gold judge of an
+  # RLHF run whose training judge is a learned reward model), else the training judge.
+  eval_judge = lm_common.make_judge(config.eval.judge) if config.eval.judge.name else judge
   finetune = training.Finetune.from_config(config.finetune)
   sample_cfg = lm_common.sampling_config(config.sampling)
   eval_cfg = lm_common.sampling_config(config.sampling, temperature=config.eval.temperature)
@@ -402,7 +405,7 @@ def train(config, workdir: str, devices) -> dict:
     """Win rate against the reference on the held-out prompts (fixed keys)."""
     policy = sample(policy_params(trainable, lora_base), eval_batch, eval_key, eval_cfg, 1)
     reference = sample(ref.params, eval_batch, jax.random.fold_in(eval_key, 1), eval_cfg, 1)
-    return lm_common.evaluate(policy, reference, judge)
+    return lm_common.evaluate(policy, reference, eval_judge)
 
   # ---------------------------------------------------------------- restore or start
   ckpt = checkpoint.Checkpointer(

@@ -16,7 +16,20 @@ prompts:
        per-prompt judgements.
 
 Writes <workdir>/selfplay_lm.md (also printed) and selfplay_lm.json; each method's run lives
-in <workdir>/<method>/. Figures on a 2-core CPU are in FIGURES below.
+in <workdir>/<method>/.
+
+Measured (2-core CPU, 133 s, 300 iterations each, 1024 held-out prompts): P(row ≻ column)
+
+                 reference  online IPO  Nash-MD  Nash-EMA   SPO   SPO (avg)
+  online IPO       0.531        —        0.414    0.410    0.352    0.356
+  Nash-MD          0.603      0.586        —      0.499    0.402    0.411
+  Nash-EMA         0.613      0.590      0.501      —      0.404    0.415
+  SPO              0.659      0.648      0.598    0.596      —      0.513
+  SPO (average)    0.654      0.644      0.589    0.585    0.487      —
+
+(95 % intervals ±0.005-0.015.) Every self-play policy beats the reference; SPO's win rates
+over its group are the strongest signal on this judge, and its average iterate is within
+0.01 of its last one.
 """
 
 from __future__ import annotations
@@ -37,8 +50,6 @@ scripts.make_importable(__file__, __package__)
 
 from experiments import lm_common, lm_online
 from experiments.configs.lm_online import arithmetic
-
-FIGURES = ""
 
 METHODS = {  # name: config argument of lm_online/arithmetic.py
     "online IPO": "algorithm=online_ipo,judge=raters",

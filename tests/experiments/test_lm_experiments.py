@@ -410,3 +410,42 @@ def test_selfplay_lm_table_judges_every_pair_of_policies(reference_dir, tmp_path
         assert w == pytest.approx(1.0, abs=1e-12)
   assert (tmp_path / "selfplay_lm.md").read_text().strip() == out["table"].strip()
   assert json.loads((tmp_path / "selfplay_lm.json").read_text())["pairs"] == out["pairs"]
+
+
+# ----------------------------------------------------------------------------- RLHF
+
+
+def test_reward_model_trains_exports_and_judges_an_online_run(reference_dir, tmp_path):
+  """experiments/reward_model.py fits a Bradley–Terry head on the reference's backbone,
+  exports it in the transformers layout, and lm_online uses it as its judge (RLHF)."""
+  from experiments import reward_model
+  from experiments.configs.reward_model import arithmetic as rm_config
+
+  config = rm_config.get_config("smoke=True")
+  config.reference.model_dir = reference_dir
+  config.steps = 6
+  report = reward_model.run(config, str(tmp_path / "rm"))
+  assert report["num_test_pairs"] > 0 and 0 <= report["test_accuracy"] <= 1
+  rm, _ = convert.load_hf_reward(report["reward_model_dir"])
+  backbone = nnx.state(rm.backbone, nnx.Param)
+  ref = reference_params(reference_dir)
+  np.testing.assert_array_equal(  # the backbone started from the reference and trained
+      np.asarray(ref["embed"]["embedding"][...]).shape,
+      np.asarray(backbone["embed"]["embedding"][...]).shape,
+  )
+  assert (
+      np.abs(
+          np.asarray(backbone["embed"]["embedding"][...])
+          - np.asarray(ref["embed"]["embedding"][...])
+      ).max()
+      > 0
+  )
+  online = configure(
+      online_config,
+      "",
+      reference_dir,
+      **{"judge.name": "reward_model", "judge.model_dir": report["reward_model_dir"]},
+  )
+  out = lm_online.run(online, str(tmp_path / "rlhf"), devices=ONE_DEVICE)
+  assert_moved(out["params"], ref)
+  assert {"win_rate", "reward"} <= set(out["final"])

@@ -8,8 +8,21 @@ completion by synthetic_language eq. 3 (exact answer 1, a near miss less, malfor
 compares two completions by their scores. Evaluation: win rate of the policy over the
 reference on held-out prompts (one sample each at T = 1; 0.5 means no better).
 
-Expected (2-core CPU; numbers in the closing section of this docstring are measured with the
-command above, see FIGURES below).
+Measured (2-core CPU, 600-step reference, 1024 held-out prompts, one sample each at T = 1;
+a 95 % interval on a win rate is about ±0.03; each run 40-60 s):
+
+  command argument                 iterations  win rate vs ref  exact answers (ref 0.204)
+  algorithm=grpo                       300          0.560            0.247
+  algorithm=grpo                      1000          0.618            0.311
+  algorithm=rloo                       300          0.558            0.255
+  algorithm=online_ipo                 300          0.535            0.218
+  algorithm=online_ipo                1000          0.572            0.260
+  algorithm=nash_md,judge=raters       300          0.604            (preference judge)
+  algorithm=spo,judge=raters           300          0.662 (average iterate 0.659)
+
+(1000 iterations: --config.num_iterations=1000 --config.eval.every=250.) The reference's
+greedy accuracy is 0.44, its sampled one 0.20: most of what the policy gains is putting more of
+its mass on the answer it already ranks first.
 
 Variants through the argument (`--config=...arithmetic.py:algorithm=rloo,finetune=lora`):
   algorithm  grpo (default) | rloo | online_ipo | nash_md | nash_ema | spo.
@@ -24,8 +37,6 @@ from alignjax import configs, finite
 
 ALGORITHMS = ("grpo", "rloo", "online_ipo", "nash_md", "nash_ema", "spo")
 JUDGES = ("arithmetic", "raters")
-
-FIGURES = ""
 
 
 def get_config(arg=None):
@@ -97,7 +108,14 @@ def get_config(arg=None):
 
   c.checkpoint = dict(every=100, keep=2, on_damage="error")
   c.finite = finite.config(policy="stop", max_consecutive_skips=3)
-  c.eval = dict(every=100, num_prompts=1024, temperature=1.0)
+  # eval.judge: the judge of the win rate ("" = the training judge; e.g. "arithmetic" when the
+  # training judge is a learned reward model: RLHF, scored by the gold judge).
+  c.eval = dict(
+      every=100,
+      num_prompts=1024,
+      temperature=1.0,
+      judge=dict(name="", scale=10.0, temperature=0.0, model_dir=""),
+  )
 
   if arg.algorithm == "nash_ema":
     c.nash_md.opponent = "ema"
