@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from alignjax import checkpoint, configs, finite, judges, parallel
+from alignjax import checkpoint, configs, finite, judges, metrics, parallel, training
 import alignjax.data as data_lib
 from alignjax.data import synthetic_language as lang
 from alignjax.lm import sampling
@@ -202,6 +203,58 @@ def make_judge(section, mesh=None) -> judges.Judge:
   raise configs.ConfigError(f"config.judge.name={section.name!r}: valid choices are {JUDGES}")
 
 
+def make_init_state(finetune, optimizer, plan, key):
+  """`ref_params -> TrainState` of the trainable parameters: a copy of the reference (full
+  fine-tuning; the state is donated, the reference stays) or fresh LoRA factors over it."""
+
+  def init_state(ref_params):
+    trainable, _ = finetune.split(ref_params, key, plan)
+    if finetune.mode == "full":
+      trainable = jax.tree.map(jnp.copy, trainable)
+    return training.TrainState.create(trainable, optimizer, key)
+
+  return init_state
+
+
+def write_summary(
+    workdir: str, name: str, host: dict, rows: dict, config, *, unit: str, notes=(), fields=None
+) -> str:
+  """Prints and saves the reference vs fine-tuned table (summary.md, summary.json with
+  `fields`) and the held-out win-rate curve; `rows` {label: evaluation dict}."""
+  row = lambda label, e: (
+      f"| {label} | {e['win_rate']:.3f} | {e.get('reward', np.nan):.3f} | "
+      f"{e.get('accuracy', np.nan):.3f} |"
+  )
+  table = "\n".join(
+      [
+          f"| policy (eval: {config.eval.num_prompts} held-out prompts, T="
+          f"{config.eval.temperature}) | win rate vs reference | mean reward | exact answers |",
+          "|---|---|---|---|",
+          row("reference", host["base"]),
+          *(row(label, e) for label, e in rows.items()),
+          *(["", *notes] if notes else []),
+      ]
+  )
+  print(table, flush=True)
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write(table + "\n")
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(
+        {**(fields or {}), "base": host["base"], "eval_history": host["eval_history"]},
+        f,
+        indent=2,
+    )
+  history = np.asarray(host["eval_history"], np.float64).reshape(-1, 3)
+  metrics.plot_curves(
+      os.path.join(workdir, "win_rate_curve.png"),
+      {"win rate vs reference (held-out)": (history[:, 0], history[:, 1])},
+      xlabel=unit,
+      ylabel="win rate",
+      title=name,
+  )
+  return table
+
+
 def check_judge(p) -> None:
   """The judge's probabilities lie in [0, 1] (checked on every batch; antisymmetry is the
   judges' own contract, `alignjax.judges` eq. 1)."""
@@ -264,6 +317,8 @@ __all__ = [
     "global_rows",
     "host",
     "load_reference",
+    "make_init_state",
+    "write_summary",
     "make_judge",
     "prompt_iterator",
     "eval_prompt_set",

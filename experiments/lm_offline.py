@@ -27,12 +27,12 @@ import time
 from absl import logging
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from alignjax import checkpoint, configs, finite, metrics, parallel, scripts, training
+from alignjax import checkpoint, configs, finite, judges, metrics, parallel, scripts, training
+from alignjax.data import synthetic_language as lang
 import alignjax.data as data_lib
 from alignjax import workdir as workdir_lib
 from alignjax.algorithms import dpo
@@ -81,6 +81,7 @@ def validate(config, num_devices: int) -> None:
   )
   configs.check_fraction(config, "dpo.label_smoothing", inclusive=(True, False))
   configs.check_nonnegative(config, "data.min_reward_gap")
+  configs.check_choice(config, "data.chosen", ("sampled", "gold"))
   common.validate_run_safety(config)
   data_parallel = num_devices // (config.mesh.get("tensor", 1) or 1)
   if config.batch_size % max(data_parallel, 1):
@@ -188,6 +189,8 @@ def embedded_pairs(config, ref, judge, width, key, mesh) -> tuple[PairSet, list[
   )
   a, b = r.rows(slice(0, None, 2)), r.rows(slice(1, None, 2))
   ca, cb = lm_common.completions(a), lm_common.completions(b)
+  if config.data.chosen == "gold":
+    return gold_pairs(config, prompts, ca, judge)
   p_a = np.asarray(judge.win_probability(ca, cb))
   decisive = p_a != 0.5
   if config.data.min_reward_gap > 0:  # only pairs the judge's rewards separate clearly
@@ -213,6 +216,37 @@ def embedded_pairs(config, ref, judge, width, key, mesh) -> tuple[PairSet, list[
       for i, w, p in zip(keep, a_wins, p_chosen)
   ]
   return PairSet(chosen, rejected, p_chosen), records
+
+
+def gold_pairs(config, prompts, sampled, judge) -> tuple[PairSet, list[dict]]:
+  """data.chosen = "gold": the correct answer (chosen) against each wrong reference sample
+  (rejected), as in self-play fine-tuning on demonstrations (SPIN, Chen et al. 2024); the
+  label is the judge's P(gold ≻ sample)."""
+  n = sampled.tokens.shape[1]
+  gold = [lang.encode(str(lang.true_answer(p)), bos=False, eos=True) for p in prompts]
+  tokens = np.full((len(prompts), n), lang.PAD_ID, np.int32)
+  valid = np.zeros((len(prompts), n), bool)
+  for i, ids in enumerate(gold):
+    tokens[i, : min(len(ids), n)], valid[i, : min(len(ids), n)] = ids[:n], True
+  gold_c = judges.Completions(sampled.prompt_tokens, sampled.prompt_valid, tokens, valid)
+  p = np.asarray(judge.win_probability(gold_c, sampled))
+  keep = np.flatnonzero(p > 0.5)  # the sample is worse than the answer
+  seq = lambda c: [
+      np.concatenate([c.prompt_tokens, c.tokens], 1)[keep],
+      np.concatenate([c.prompt_valid, c.valid], 1)[keep],
+      np.concatenate([np.zeros_like(c.prompt_valid), c.valid], 1)[keep],
+  ]
+  texts = lm_common.decode_texts(sampled.tokens, sampled.valid)
+  records = [
+      {
+          "prompt": prompts[i],
+          "chosen": str(lang.true_answer(prompts[i])),
+          "rejected": texts[i],
+          "p_chosen": float(p[i]),
+      }
+      for i in keep
+  ]
+  return PairSet(seq(gold_c), seq(sampled), p[keep]), records
 
 
 def file_pairs(config) -> PairSet:
@@ -284,11 +318,7 @@ def train(config, workdir: str, devices) -> dict:
 
   plan = lora.lm_lora_plan(nnx.merge(graphdef, ref.params), tuple(config.finetune.lora_modules))
 
-  def init_state(ref_params):
-    trainable, _ = finetune.split(ref_params, init_key, plan)
-    if finetune.mode == "full":  # a copy: the state is donated, the reference stays
-      trainable = jax.tree.map(jnp.copy, trainable)
-    return training.TrainState.create(trainable, optimizer, init_key)
+  init_state = lm_common.make_init_state(finetune, optimizer, plan, init_key)
 
   state_shapes = jax.eval_shape(init_state, ref.params)
   rules = lm_common.sharding_rules(config)
@@ -420,46 +450,11 @@ def write_summary(workdir: str, host: dict, final: dict, config) -> str:
   if config.loss == "dpo" and config.dpo.label_smoothing > 0:
     name = "cDPO"
   name += f", {config.finetune.mode}, {config.num_steps} steps"
-  base = host["base"]
-  row = lambda label, e: (
-      f"| {label} | {e['win_rate']:.3f} | {e.get('reward', np.nan):.3f} | "
-      f"{e.get('accuracy', np.nan):.3f} |"
+  notes = [f"{host['base']['num_pairs']} decisive pairs from {config.data.num_prompts} prompts."]
+  fields = {"loss": config.loss, "final": final, "steps": config.num_steps}
+  return lm_common.write_summary(
+      workdir, name, host, {name: final}, config, unit="step", notes=notes, fields=fields
   )
-  table = "\n".join(
-      [
-          f"| policy (eval: {config.eval.num_prompts} held-out prompts, T="
-          f"{config.eval.temperature}) | win rate vs reference | mean reward | exact answers |",
-          "|---|---|---|---|",
-          row("reference", base),
-          row(name, final),
-          "",
-          f"{base['num_pairs']} decisive pairs from {config.data.num_prompts} prompts.",
-      ]
-  )
-  print(table, flush=True)
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write(table + "\n")
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(
-        {
-            "loss": config.loss,
-            "base": base,
-            "final": final,
-            "steps": config.num_steps,
-            "eval_history": host["eval_history"],
-        },
-        f,
-        indent=2,
-    )
-  history = np.asarray(host["eval_history"], np.float64).reshape(-1, 3)
-  metrics.plot_curves(
-      os.path.join(workdir, "win_rate_curve.png"),
-      {"win rate vs reference (held-out)": (history[:, 0], history[:, 1])},
-      xlabel="step",
-      ylabel="win rate",
-      title=name,
-  )
-  return table
 
 
 if __name__ == "__main__":

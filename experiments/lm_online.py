@@ -27,7 +27,6 @@ in a checkpoint; LoRA trains adapters over it (`config.finetune`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -202,19 +201,6 @@ OBJECTIVES = {
 }
 
 
-def make_init_state(finetune, optimizer, plan, key):
-  """`ref_params -> TrainState` of the trainable parameters: a copy of the reference (full
-  fine-tuning; the state is donated, the reference stays) or fresh LoRA factors over it."""
-
-  def init_state(ref_params):
-    trainable, _ = finetune.split(ref_params, key, plan)
-    if finetune.mode == "full":
-      trainable = jax.tree.map(jnp.copy, trainable)
-    return training.TrainState.create(trainable, optimizer, key)
-
-  return init_state
-
-
 def make_update(config, graphdef, finetune, optimizer):
   """The policy update `(state, lora_base, batch) -> (state, metrics)`: the algorithm's loss
   (OBJECTIVES) of the rollout's log-probs under θ = finetune.params(trainable, lora_base),
@@ -344,7 +330,7 @@ def train(config, workdir: str, devices) -> dict:
 
   plan = lora.lm_lora_plan(nnx.merge(graphdef, ref.params), tuple(config.finetune.lora_modules))
 
-  init_state = make_init_state(finetune, optimizer, plan, init_key)
+  init_state = lm_common.make_init_state(finetune, optimizer, plan, init_key)
   state_shapes = jax.eval_shape(init_state, ref.params)
   rules = lm_common.sharding_rules(config)
   state_shardings = parallel.param_shardings(state_shapes, mesh, rules)
@@ -539,54 +525,11 @@ def write_summary(workdir: str, host: dict, final: dict, config) -> str:
   if config.algorithm == "nash_md" and config.nash_md.opponent == "ema":
     name = "Nash-EMA"
   name += f", {config.finetune.mode}, {config.num_iterations} iterations"
-  base = host["base"]
-  row = lambda label, e: (
-      f"| {label} | {e['win_rate']:.3f} | {e.get('reward', np.nan):.3f} | "
-      f"{e.get('accuracy', np.nan):.3f} |"
-  )
-  table = "\n".join(
-      [
-          f"| policy (eval: {config.eval.num_prompts} held-out prompts, T="
-          f"{config.eval.temperature}) | win rate vs reference | mean reward | exact answers |",
-          "|---|---|---|---|",
-          row("reference", base),
-          row(name, final),
-      ]
-      + (
-          [
-              row(
-                  name + ", average iterate",
-                  {k[8:]: v for k, v in final.items() if k[:8] == "average_"},
-              )
-          ]
-          if "average_win_rate" in final
-          else []
-      )
-  )
-  print(table, flush=True)
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write(table + "\n")
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(
-        {
-            "algorithm": config.algorithm,
-            "base": base,
-            "final": final,
-            "iterations": config.num_iterations,
-            "eval_history": host["eval_history"],
-        },
-        f,
-        indent=2,
-    )
-  history = np.asarray(host["eval_history"], np.float64).reshape(-1, 3)
-  metrics.plot_curves(
-      os.path.join(workdir, "win_rate_curve.png"),
-      {"win rate vs reference (held-out)": (history[:, 0], history[:, 1])},
-      xlabel="iteration",
-      ylabel="win rate",
-      title=name,
-  )
-  return table
+  rows = {name: final}
+  if "average_win_rate" in final:
+    rows[name + ", average iterate"] = {k[8:]: v for k, v in final.items() if k[:8] == "average_"}
+  fields = {"algorithm": config.algorithm, "final": final, "iterations": config.num_iterations}
+  return lm_common.write_summary(workdir, name, host, rows, config, unit="iteration", fields=fields)
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def test_llama_1b_config_lowers_one_sharded_training_step(finetune):
   finetune_ = training.Finetune.from_config(config.finetune)
   optimizer = training.make_optimizer(config.optimizer)
   plan = lora.lm_lora_plan(abstract, tuple(config.finetune.lora_modules))
-  init_state = lm_online.make_init_state(finetune_, optimizer, plan, jax.random.key(0))
+  init_state = lm_common.make_init_state(finetune_, optimizer, plan, jax.random.key(0))
   state_shapes = jax.eval_shape(init_state, ref_shapes)
   rules = lm_common.sharding_rules(config)
   state_shardings = parallel.param_shardings(state_shapes, mesh, rules)
@@ -449,3 +449,14 @@ def test_reward_model_trains_exports_and_judges_an_online_run(reference_dir, tmp
   out = lm_online.run(online, str(tmp_path / "rlhf"), devices=ONE_DEVICE)
   assert_moved(out["params"], ref)
   assert {"win_rate", "reward"} <= set(out["final"])
+
+
+def test_offline_gold_pairs_put_the_answer_against_each_wrong_sample(reference_dir, tmp_path):
+  config = configure(offline_config, "", reference_dir, **{"data.chosen": "gold"})
+  out = lm_offline.run(config, str(tmp_path), devices=ONE_DEVICE)
+  records = [json.loads(l) for l in open(tmp_path / "preferences.jsonl")]
+  assert len(records) == out["num_pairs"] > 0
+  for rec in records:
+    assert rec["chosen"] == str(lang.true_answer(rec["prompt"])) != rec["rejected"]
+    assert rec["p_chosen"] == 1.0
+  assert_moved(out["params"], reference_params(reference_dir))

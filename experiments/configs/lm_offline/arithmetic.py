@@ -69,6 +69,7 @@ def get_config(arg=None):
       split_seed=0,
       num_prompts=4096,
       min_reward_gap=0.5,
+      chosen="sampled",  # "gold": the correct answer against each wrong sample (SPIN-like)
   )
   c.judge = dict(name="arithmetic", scale=10.0, temperature=0.0)
   c.sampling = dict(max_new_tokens=5, temperature=1.0, top_k=0, top_p=1.0)
