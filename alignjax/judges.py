@@ -26,6 +26,7 @@ the lexicographically smaller text first).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Callable
 
@@ -87,14 +88,14 @@ def _pad_to(tokens, valid, n: int):
   )
 
 
-class Judge:
+class Judge(abc.ABC):
   """The judge interface (module docstring); subclasses implement `win_probability`."""
 
   has_reward: bool = False
 
+  @abc.abstractmethod
   def win_probability(self, a: Completions, b: Completions):
     """P(a ≻ b | x) [B] for completions of the same prompts."""
-    raise NotImplementedError
 
   def reward(self, c: Completions):
     raise TypeError(

@@ -224,6 +224,13 @@ def make_update(config, graphdef, finetune, optimizer):
   return update
 
 
+def needs_old_logp(config) -> bool:
+  """Whether the update reads the sampling policy's log-probs (module docstring)."""
+  if config.algorithm == "rloo":
+    return config.rloo.kl_coef > 0
+  return config.algorithm in ("grpo", "spo")
+
+
 def track_iterates(tracked: dict, params, ema_decay: float) -> dict:
   """One iteration of the tracked iterates (see `train`): the running average of θ_0 .. θ_n
   ("count" = n) and the EMA with decay `ema_decay`."""
@@ -433,12 +440,16 @@ def train(config, workdir: str, devices) -> dict:
     opponent = None
     if config.algorithm == "nash_md":  # y' ~ π^β ∝ π_θ^(1-β) π_ref^β, token by token
       opponent = sample_opponent(policy, batch, jax.random.fold_in(it_key, 1))
-    old_logp = score(policy, r)
+    # π_old's log-probs only where the loss or the KL-shaped reward reads them (GRPO's and
+    # SPO's ratios, RLOO's KL shaping): Nash-MD and online IPO never do.
+    old_logp = score(policy, r) if needs_old_logp(config) else None
     ref_logp = score(ref.params, r)
     constants, batch_metrics = advantages_and_targets(
         config, judge, r, old_logp, ref_logp, mesh, opponent
     )
-    full = {"rollout": r, "old_logp": old_logp, "ref_logp": ref_logp, "mask": r.valid, **constants}
+    full = {"rollout": r, "ref_logp": ref_logp, "mask": r.valid, **constants}
+    if old_logp is not None:
+      full["old_logp"] = old_logp
 
     step_metrics = []
     for _ in range(config.num_epochs):
