@@ -1,4 +1,4 @@
-r"""Offline preference optimisation of a language model: DPO, cDPO, IPO or SPPO on fixed pairs.
+r"""Offline preference optimisation of a language model: DPO, cDPO, RPO, IPO or SPPO on fixed pairs.
 
   python -m experiments.lm_offline --config=experiments/configs/lm_offline/arithmetic.py:loss=dpo --workdir=runs/dpo
 
@@ -11,7 +11,7 @@ A linear trainer (fork it rather than subclass it):
      label is the judge's P(chosen ≻ rejected);
   2. log π_ref of every chosen and rejected response, once (the reference is frozen);
   3. `num_steps` minibatch updates on the loss (`alignjax.algorithms.dpo`: DPO / cDPO eq. 2,
-     IPO eq. 4, SPPO on pairs eq. 6), each jitted with the state donated and guarded by the
+     RPO eq. 8, IPO eq. 4, SPPO on pairs eq. 6), each jitted with the state donated and guarded by the
      finite checks; the minibatches walk seeded epoch permutations (alignjax.data.BatchIterator)
      whose position is saved in every checkpoint, so a resumed run continues where it stopped;
   4. evaluation every `eval.every` steps: the win rate of the policy's samples over the
@@ -45,7 +45,7 @@ scripts.make_importable(__file__, __package__)
 
 from experiments import common, lm_common
 
-LOSSES = ("dpo", "ipo", "sppo")
+LOSSES = ("dpo", "rpo", "ipo", "sppo")
 
 
 # ============================================================================ validation
@@ -76,11 +76,12 @@ def validate(config, num_devices: int) -> None:
       "eval.every",
       "eval.num_prompts",
       "dpo.beta",
+      "rpo.beta",
       "ipo.tau",
       "sppo.eta",
   )
   configs.check_fraction(config, "dpo.label_smoothing", inclusive=(True, False))
-  configs.check_nonnegative(config, "data.min_reward_gap")
+  configs.check_nonnegative(config, "data.min_reward_gap", "rpo.alpha")
   configs.check_choice(config, "data.chosen", ("sampled", "gold"))
   common.validate_run_safety(config)
   data_parallel = num_devices // (config.mesh.get("tensor", 1) or 1)
@@ -106,6 +107,19 @@ def dpo_objective(lp, batch, options):
   )
 
 
+def rpo_objective(lp, batch, options):
+  """RPO (dpo eq. 8): DPO plus α times the chosen responses' per-token NLL."""
+  return dpo.rpo_loss(
+      lp["chosen"],
+      lp["rejected"],
+      batch["ref_chosen"],
+      batch["ref_rejected"],
+      batch["chosen"][2].sum(axis=-1),
+      beta=options.beta,
+      alpha=options.alpha,
+  )
+
+
 def ipo_objective(lp, batch, options):
   """IPO (dpo eq. 4)."""
   return dpo.ipo_loss(
@@ -125,7 +139,12 @@ def sppo_objective(lp, batch, options):
   )
 
 
-OBJECTIVES = {"dpo": dpo_objective, "ipo": ipo_objective, "sppo": sppo_objective}
+OBJECTIVES = {
+    "dpo": dpo_objective,
+    "rpo": rpo_objective,
+    "ipo": ipo_objective,
+    "sppo": sppo_objective,
+}
 
 
 # ============================================================================ the pairs
@@ -446,7 +465,7 @@ def train(config, workdir: str, devices) -> dict:
 
 def write_summary(workdir: str, host: dict, final: dict, config) -> str:
   """Prints and saves the reference vs fine-tuned table and the win-rate curve."""
-  name = {"dpo": "DPO", "ipo": "IPO", "sppo": "SPPO"}[config.loss]
+  name = {"dpo": "DPO", "rpo": "RPO", "ipo": "IPO", "sppo": "SPPO"}[config.loss]
   if config.loss == "dpo" and config.dpo.label_smoothing > 0:
     name = "cDPO"
   name += f", {config.finetune.mode}, {config.num_steps} steps"

@@ -46,6 +46,14 @@ mask, or importance weights; w = 1 by default):
 
   (7)  L = Σ_b w_b ℓ_b / Σ_b w_b   (0 when all weights are 0).
 
+RPO (Pang, Yuan, Cho, He, Sukhbaatar, Weston 2024, "Iterative Reasoning Preference
+Optimization", eq. 1; TRL's `rpo_alpha`) adds the chosen completion's negative log-likelihood,
+normalised by its length |y_c| in tokens, to DPO. Offline DPO can lower the likelihood of the
+chosen and rejected completions alike and move the mass to completions neither contains
+(likelihood displacement); the NLL term keeps the chosen likely:
+
+  (8)  ℓ_RPO = ℓ_DPO − α log π_θ(y_c) / |y_c|,   α ≥ 0 (α = 0 is DPO).
+
 Population minimisers (what `tests/algorithms/test_dpo.py` checks on a K-armed bandit with a
 tabular softmax policy; g_i = log π_θ(i) − log π_ref(i)):
 
@@ -72,7 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["dpo_loss", "ipo_loss", "sppo_loss", "sppo_pair_loss"]
+__all__ = ["dpo_loss", "ipo_loss", "rpo_loss", "sppo_loss", "sppo_pair_loss"]
 
 
 # --------------------------------------------------------------------------- checks
@@ -168,6 +176,45 @@ def dpo_loss(
       label_smoothing * jax.nn.log_sigmoid(-beta * h)
   )  # eq. (2)
   return _mean(losses, w), _pair_metrics(log_ratio_c, log_ratio_r, beta, w)
+
+
+def rpo_loss(
+    policy_chosen: jax.Array,
+    policy_rejected: jax.Array,
+    ref_chosen: jax.Array,
+    ref_rejected: jax.Array,
+    chosen_lengths: jax.Array,
+    *,
+    beta: float,
+    alpha: float,
+    label_smoothing: float = 0.0,
+    weights: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """RPO, eqs. (1)-(3), (7) and (8): DPO plus α times the chosen completions' per-token NLL.
+
+  chosen_lengths: |y_c| in tokens [B] (> 0). alpha: the NLL weight α ≥ 0. Metrics: those of
+  `dpo_loss` and nll_chosen (the batch mean of −log π_θ(y_c) / |y_c|).
+  """
+  try:
+    a = float(alpha)
+  except TypeError:
+    a = None
+  if a is not None and not (a >= 0 and np.isfinite(a)):
+    raise ValueError(f"alpha={alpha}: must be a finite number >= 0")
+  loss, metrics = dpo_loss(
+      policy_chosen,
+      policy_rejected,
+      ref_chosen,
+      ref_rejected,
+      beta=beta,
+      label_smoothing=label_smoothing,
+      weights=weights,
+  )
+  pc, n, w = _as_arrays(
+      "rpo_loss", ("policy_chosen", "chosen_lengths"), (policy_chosen, chosen_lengths), weights
+  )
+  nll = _mean(-pc / jnp.maximum(n, 1.0), w)  # eq. (8)
+  return loss + alpha * nll, {**metrics, "nll_chosen": nll}
 
 
 def ipo_loss(

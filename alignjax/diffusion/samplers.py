@@ -273,6 +273,10 @@ def ddim_step(
 def classifier_free_guidance(eps_fn: EpsFn, guidance_scale, null_cond: int = 10) -> EpsFn:
   """The guided EpsFn of eq. 7 (one model call on 2B examples).
 
+  null_cond: the null condition, broadcast to each example's condition: a class index for
+  class-conditional models, or the empty prompt's text embedding [S, D] for text-conditional
+  ones (conditions [B, S, D]).
+
   guidance_scale 1 returns eps_fn itself (conditional only) and 0 the unconditional
   prediction, each with a single pass over B examples.
   """
@@ -281,14 +285,15 @@ def classifier_free_guidance(eps_fn: EpsFn, guidance_scale, null_cond: int = 10)
     raise ValueError(f"guidance_scale={guidance_scale}: must be finite")
   if w == 1.0:
     return eps_fn
+  null = lambda cond: jnp.broadcast_to(jnp.asarray(null_cond, cond.dtype), cond.shape)
   if w == 0.0:
-    return lambda x, t, cond: eps_fn(x, t, jnp.full_like(cond, null_cond))
+    return lambda x, t, cond: eps_fn(x, t, null(cond))
 
   def guided(x, t, cond):
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (b,))
     pair = lambda a, c: jnp.stack([a, c], axis=1).reshape((2 * b,) + a.shape[1:])
-    eps = eps_fn(pair(x, x), pair(t, t), pair(cond, jnp.full_like(cond, null_cond)))
+    eps = eps_fn(pair(x, x), pair(t, t), pair(cond, null(cond)))
     eps = eps.reshape((b, 2) + x.shape[1:])
     eps_cond, eps_uncond = eps[:, 0], eps[:, 1]
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # eq. 7
@@ -315,8 +320,9 @@ def sample(
   """Runs num_steps DDIM steps (eqs. 1-6) from x_T ~ N(0, I) in one lax.scan.
 
   Args:
-    eps_fn: the (possibly guided) EpsFn, eps_fn(x [B, *shape], t [B] int32, cond [B]).
-    cond: [B] conditioning; its length is the batch size B.
+    eps_fn: the (possibly guided) EpsFn, eps_fn(x [B, *shape], t [B] int32, cond [B, ...]).
+    cond: [B, ...] conditioning (class labels [B], text embeddings [B, S, D]); its length is
+      the batch size B.
     key: PRNG key. x_T and the per-step noise use independent keys split from it.
     shape: the shape of ONE sample, e.g. (8, 8, 1); latents are [B, *shape]. Static.
     num_steps: T, 1 <= T <= num_train_timesteps ("leading" timesteps shifted by
@@ -330,8 +336,8 @@ def sample(
   eta = _check_eta(eta)
   clip = _check_clip(clip_sample)
   cond = jnp.asarray(cond)
-  if cond.ndim != 1:
-    raise ValueError(f"cond must be [B], got shape {cond.shape}")
+  if cond.ndim < 1:
+    raise ValueError(f"cond must be [B, ...] (one condition per example), got shape {cond.shape}")
   batch = cond.shape[0]
   full_shape = (batch,) + tuple(int(d) for d in shape)
   n, offset = schedule.num_train_timesteps, schedule.steps_offset

@@ -95,6 +95,34 @@ def test_dpo_matches_trl_formulas(label_smoothing, weighted):
       np.testing.assert_allclose(metrics[key], value, rtol=1e-12, atol=1e-12, err_msg=key)
 
 
+def test_rpo_is_dpo_plus_the_chosen_per_token_nll():
+  """TRL's rpo_alpha term: α · (−log π_θ(y_c) / |y_c|), weighted like the DPO term."""
+  pc, pr, rc, rr, _, _, w = _batch(2)
+  lengths = np.random.default_rng(3).integers(1, 9, size=pc.shape)
+  beta, alpha = 0.2, 0.7
+  with jax.enable_x64(True):
+    loss, metrics = dpo.rpo_loss(pc, pr, rc, rr, lengths, beta=beta, alpha=alpha, weights=w)
+    dpo_part, _ = _trl_dpo(pc, pr, rc, rr, beta, 0.0, w)
+    nll = _wmean(-pc / lengths, w)
+    np.testing.assert_allclose(metrics["nll_chosen"], nll, rtol=1e-12)
+    np.testing.assert_allclose(loss, dpo_part + alpha * nll, rtol=1e-12)
+    np.testing.assert_allclose(
+        dpo.rpo_loss(pc, pr, rc, rr, lengths, beta=beta, alpha=0.0)[0],
+        dpo.dpo_loss(pc, pr, rc, rr, beta=beta)[0],
+        rtol=1e-12,
+    )
+    # The NLL's gradient reaches the chosen log-probs only: d/d pc = dDPO/dpc − α w/(|y_c| Σw).
+    g = jax.grad(
+        lambda x: dpo.rpo_loss(x, pr, rc, rr, lengths, beta=beta, alpha=alpha, weights=w)[0]
+    )(pc)
+    g0 = jax.grad(lambda x: dpo.dpo_loss(x, pr, rc, rr, beta=beta, weights=w)[0])(pc)
+    np.testing.assert_allclose(g - g0, -alpha * w / lengths / w.sum(), rtol=1e-10, atol=1e-14)
+  with pytest.raises(ValueError, match="alpha=-1"):
+    dpo.rpo_loss(pc, pr, rc, rr, lengths, beta=beta, alpha=-1.0)
+  with pytest.raises(ValueError, match="chosen_lengths has shape"):
+    dpo.rpo_loss(pc, pr, rc, rr, lengths[:3], beta=beta, alpha=1.0)
+
+
 def test_ipo_and_sppo_match_numpy():
   pc, pr, rc, rr, win_c, win_r, w = _batch(1, b=48)
   tau, eta = 0.4, 2.5

@@ -427,7 +427,7 @@ def test_bad_inputs(linear_eps):
     samplers.ddim_step(sched, x, x, 40, 39, "high", key=key)
   with pytest.raises(ValueError, match="eps shape"):
     samplers.ddim_step(sched, x[:, :1], x, 40, 39, 1.0, key=key)
-  with pytest.raises(ValueError, match=r"cond must be \[B\]"):
-    samplers.sample(linear_eps.jax, sched, c[:, None], key, eta=1.0, **kw)
+  with pytest.raises(ValueError, match=r"cond must be \[B, ...\]"):
+    samplers.sample(linear_eps.jax, sched, c[0], key, eta=1.0, **kw)
   with pytest.raises(ValueError, match="initial_latents shape"):
     samplers.sample(linear_eps.jax, sched, c, key, eta=1.0, initial_latents=x[:1], **kw)

@@ -143,7 +143,7 @@ def test_online_bad_configs_fail_clearly(overrides, message, reference_dir, tmp_
 # ----------------------------------------------------------------------------- offline
 
 
-@pytest.mark.parametrize("loss", ["dpo", "cdpo", "ipo", "sppo"])
+@pytest.mark.parametrize("loss", ["dpo", "cdpo", "rpo", "ipo", "sppo"])
 def test_offline_losses_train_on_judged_pairs(loss, reference_dir, tmp_path):
   config = configure(offline_config, f"loss={loss}", reference_dir)
   out = lm_offline.run(config, str(tmp_path), devices=ONE_DEVICE)

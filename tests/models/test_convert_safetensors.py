@@ -87,3 +87,37 @@ def test_bad_files_are_named(tmp_path):
     json.dump({"weight_map": {"a": "s2.safetensors"}}, f)
   with pytest.raises(CheckpointError, match=r"shard file\(s\) \['s2.safetensors'\]"):
     SafetensorsCheckpoint(str(tmp_path))
+
+
+def test_variant_names_follow_transformers_and_diffusers(tmp_path):
+  from alignjax.models.convert.safetensors_io import DIFFUSERS_WEIGHTS, weight_files
+
+  assert weight_files() == ("model.safetensors", "model.safetensors.index.json")
+  assert weight_files(DIFFUSERS_WEIGHTS, "fp16") == (
+      "diffusion_pytorch_model.fp16.safetensors",
+      "diffusion_pytorch_model.safetensors.index.fp16.json",
+  )
+  with pytest.raises(ValueError, match="must end with .safetensors"):
+    weight_files("model.bin")
+  with pytest.raises(ValueError, match="variant 'fp 16'"):
+    weight_files(variant="fp 16")
+  arrays = {f"t{i}": np.full((10, 10), i, np.float16) for i in range(3)}
+  entries = [(k, v.dtype, v.shape) for k, v in arrays.items()]
+  files = write_checkpoint(
+      str(tmp_path),
+      entries,
+      arrays.__getitem__,
+      max_shard_bytes=250,
+      weights_name=DIFFUSERS_WEIGHTS,
+      variant="fp16",
+  )
+  assert files == [
+      "diffusion_pytorch_model.fp16-00001-of-00003.safetensors",
+      "diffusion_pytorch_model.fp16-00002-of-00003.safetensors",
+      "diffusion_pytorch_model.fp16-00003-of-00003.safetensors",
+      "diffusion_pytorch_model.safetensors.index.fp16.json",
+  ]
+  ckpt = SafetensorsCheckpoint(str(tmp_path), DIFFUSERS_WEIGHTS, variant="fp16")
+  np.testing.assert_array_equal(ckpt.get("t2"), arrays["t2"])
+  with pytest.raises(CheckpointError, match="no diffusion_pytorch_model.safetensors or"):
+    SafetensorsCheckpoint(str(tmp_path), DIFFUSERS_WEIGHTS)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from typing import Callable
 
@@ -23,6 +24,23 @@ import numpy as np
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def weight_files(weights_name: str = SINGLE_FILE, variant: str | None = None) -> tuple[str, str]:
+  """(single file, index file) names of a checkpoint whose weights file is `weights_name`,
+  with the naming transformers and diffusers use for a variant ("fp16", "bf16"):
+  model.safetensors -> model.fp16.safetensors, model.safetensors.index.fp16.json."""
+  if not weights_name.endswith(".safetensors"):
+    raise ValueError(f"weights_name {weights_name!r}: must end with .safetensors")
+  index = weights_name + ".index.json"
+  if variant is None:
+    return weights_name, index
+  if not re.fullmatch(r"[A-Za-z0-9_]+", variant):
+    raise ValueError(f"variant {variant!r}: expected a name such as 'fp16' or 'bf16'")
+  stem = weights_name[: -len(".safetensors")]
+  return f"{stem}.{variant}.safetensors", f"{weights_name}.index.{variant}.json"
+
 
 _DTYPES = {
     "F64": np.float64,
@@ -64,9 +82,10 @@ def _read_header(path: str) -> tuple[dict, int]:
 class SafetensorsCheckpoint:
   """Tensor names, shapes and lazily read values of a (possibly sharded) checkpoint."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, weights_name: str = SINGLE_FILE, variant: str | None = None):
     self.directory = directory
-    single, index = (os.path.join(directory, n) for n in (SINGLE_FILE, INDEX_FILE))
+    single_name, index_name = weight_files(weights_name, variant)
+    single, index = (os.path.join(directory, n) for n in (single_name, index_name))
     if os.path.exists(index):
       with open(index) as f:
         weight_map = json.load(f).get("weight_map")
@@ -74,10 +93,10 @@ class SafetensorsCheckpoint:
         raise CheckpointError(f"{index}: no 'weight_map' mapping")
       files = sorted(set(weight_map.values()))
     elif os.path.exists(single):
-      weight_map, files = None, [SINGLE_FILE]
+      weight_map, files = None, [single_name]
     else:
       raise CheckpointError(
-          f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are "
+          f"{directory}: no {single_name} or {index_name} (only safetensors checkpoints are "
           f"supported; found {sorted(os.listdir(directory)) if os.path.isdir(directory) else []})"
       )
     missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
@@ -145,9 +164,12 @@ def write_checkpoint(
     produce: Callable[[str], np.ndarray],
     *,
     max_shard_bytes: int,
+    weights_name: str = SINGLE_FILE,
+    variant: str | None = None,
 ) -> list[str]:
   """Write tensors `entries` = [(name, dtype, shape)], each made by `produce(name)` only when
-  it is written; returns the files written (one file, or shards plus the index)."""
+  it is written; returns the files written (one file, or shards plus the index), named as
+  `weight_files(weights_name, variant)` and, for shards, `<stem>[.variant]-00001-of-00002`."""
   if max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes={max_shard_bytes}: must be > 0")
   shards: list[list] = [[]]
@@ -160,8 +182,10 @@ def write_checkpoint(
     shards[-1].append(entry)
     used += size
   n = len(shards)
+  single_name, index_name = weight_files(weights_name, variant)
+  stem = single_name[: -len(".safetensors")]
   names = (
-      [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+      [single_name] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
   )
   os.makedirs(directory, exist_ok=True)
   weight_map, total = {}, 0
@@ -182,7 +206,7 @@ def write_checkpoint(
         total += size
     os.replace(path + ".partial", path)
   if n > 1:
-    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+    with open(os.path.join(directory, index_name), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    names.append(INDEX_FILE)
+    names.append(index_name)
   return names

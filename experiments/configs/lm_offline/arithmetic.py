@@ -33,7 +33,7 @@ import ml_collections
 
 from alignjax import configs, finite
 
-LOSSES = ("dpo", "cdpo", "ipo", "sppo")
+LOSSES = ("dpo", "cdpo", "rpo", "ipo", "sppo")
 
 
 def get_config(arg=None):
@@ -75,6 +75,8 @@ def get_config(arg=None):
   c.sampling = dict(max_new_tokens=5, temperature=1.0, top_k=0, top_p=1.0)
 
   c.dpo = dict(beta=0.1, label_smoothing=0.1 if arg.loss == "cdpo" else 0.0)
+  # RPO (dpo eq. 8): DPO plus alpha times the chosen responses' per-token NLL.
+  c.rpo = dict(beta=0.1, alpha=1.0)
   c.ipo = dict(tau=0.1)
   c.sppo = dict(eta=1.0)
 
