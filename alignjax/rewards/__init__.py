@@ -8,21 +8,35 @@ np.float32 [B] for either kind.
 
 from alignjax.rewards.base import RANGE_TOLERANCE, Reward, check_images, check_prompts, evaluate_reward
 from alignjax.rewards.classifier import class_log_prob, classifier_log_prob
+from alignjax.rewards.clip_rewards import (
+    AestheticScorer,
+    CLIPScorer,
+    aesthetic_reward,
+    clip_preference_reward,
+    clip_score_reward,
+    load_aesthetic_mlp,
+)
 from alignjax.rewards.host import HostRewardPool
 from alignjax.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility, jpeg_size_kb
 from alignjax.rewards.statistics import brightness
 
 __all__ = [
+    "AestheticScorer",
+    "CLIPScorer",
     "RANGE_TOLERANCE",
     "HostRewardPool",
     "Reward",
+    "aesthetic_reward",
     "brightness",
     "check_images",
     "check_prompts",
     "class_log_prob",
     "classifier_log_prob",
+    "clip_preference_reward",
+    "clip_score_reward",
     "evaluate_reward",
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "jpeg_size_kb",
+    "load_aesthetic_mlp",
 ]

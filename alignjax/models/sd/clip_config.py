@@ -57,6 +57,7 @@ HARMLESS_KEYS = frozenset(
         "problem_type",
         "chunk_size_feed_forward",
         "is_encoder_decoder",
+        "tie_encoder_decoder",
         "is_decoder",
         "add_cross_attention",
         "cross_attention_hidden_size",

@@ -45,15 +45,39 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from alignjax.models.sd.attention import attention, merge_heads, split_heads
 
 
+def split(key, n: int) -> list:
+  """n child keys of `key` (fold_in 0..n-1: one compiled program for every n, where
+  `jax.random.split` compiles once per n when run eagerly)."""
+  return [jax.random.fold_in(key, i) for i in range(n)]
+
+
 def _uniform(key, shape, fan_in: int, dtype):
-  """torch's default init for nn.Linear / nn.Conv2d weights and biases: U(-1/sqrt(fan_in), .)."""
+  """torch's default init of nn.Linear / nn.Conv2d weights and biases, U(-1/sqrt(fan_in), .),
+  drawn on the host by numpy seeded from `key`: the same values eagerly and under jit, with
+  nothing to compile per shape (threefry costs ~0.5 s of compilation per shape on CPU). Under
+  `nnx.eval_shape` nothing is drawn."""
   bound = 1.0 / math.sqrt(fan_in)
-  return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+  shape, dtype = tuple(shape), jnp.dtype(dtype)
+
+  def draw(data):
+    rng = np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
+    return rng.uniform(-bound, bound, shape).astype(np.float32).astype(dtype)
+
+  data = jax.random.key_data(key)
+  if isinstance(data, jax.core.Tracer):
+    return jax.pure_callback(draw, jax.ShapeDtypeStruct(shape, dtype), data)
+  return jnp.asarray(draw(data))
+
+
+def _full(shape, value: float, dtype):
+  """A constant parameter made on the host (no per-shape compilation when eager)."""
+  return jnp.asarray(np.full(shape, value, jnp.dtype(dtype)))
 
 
 class Linear(nnx.Module):
@@ -61,7 +85,7 @@ class Linear(nnx.Module):
   1x1 nn.Conv2d applied to NHWC)."""
 
   def __init__(self, n_in: int, n_out: int, *, key, bias: bool = True, dtype, param_dtype):
-    kw, kb = jax.random.split(key)
+    kw, kb = split(key, 2)
     self.kernel = nnx.Param(_uniform(kw, (n_in, n_out), n_in, param_dtype))
     self.bias = nnx.Param(_uniform(kb, (n_out,), n_in, param_dtype)) if bias else None
     self.dtype = dtype
@@ -87,7 +111,7 @@ class Conv2d(nnx.Module):
       dtype,
       param_dtype,
   ):
-    kw, kb = jax.random.split(key)
+    kw, kb = split(key, 2)
     fan_in = cin * kernel_size * kernel_size
     shape = (kernel_size, kernel_size, cin, cout)
     self.kernel = nnx.Param(_uniform(kw, shape, fan_in, param_dtype))
@@ -115,8 +139,8 @@ class GroupNorm(nnx.Module):
     if channels % groups:
       raise ValueError(f"GroupNorm: {channels} channels are not divisible by {groups} groups")
     self.groups, self.eps = groups, eps
-    self.scale = nnx.Param(jnp.ones((channels,), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((channels,), param_dtype))
+    self.scale = nnx.Param(_full((channels,), 1.0, param_dtype))
+    self.bias = nnx.Param(_full((channels,), 0.0, param_dtype))
 
   def __call__(self, x):
     b, c = x.shape[0], x.shape[-1]
@@ -133,8 +157,8 @@ class LayerNorm(nnx.Module):
 
   def __init__(self, size: int, *, eps: float, param_dtype):
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((size,), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((size,), param_dtype))
+    self.scale = nnx.Param(_full((size,), 1.0, param_dtype))
+    self.bias = nnx.Param(_full((size,), 0.0, param_dtype))
 
   def __call__(self, x):
     xf = x.astype(jnp.float32)
@@ -162,7 +186,7 @@ class ResnetBlock2D(nnx.Module):
       dtype,
       param_dtype,
   ):
-    k1, k2, kt, ks = jax.random.split(key, 4)
+    k1, k2, kt, ks = split(key, 4)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.norm1 = GroupNorm(cin, groups, eps=eps, param_dtype=param_dtype)
     self.conv1 = Conv2d(cin, cout, key=k1, **kw)
@@ -224,8 +248,11 @@ def timestep_embedding(
 ) -> jax.Array:
   """Eq. 3: timesteps t [B] (int or float) -> [B, dim] float32."""
   half = dim // 2
-  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
-  args = jnp.asarray(t).astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  # The frequencies are constants, computed by numpy in float32 as torch does (XLA's exp
+  # differs in the last bit, which t ~ 1000 amplifies to 1e-4 in the sines).
+  exponent = -math.log(max_period) * np.arange(half, dtype=np.float32)
+  freqs = np.exp(exponent / np.float32(half - freq_shift)).astype(np.float32)
+  args = jnp.asarray(t).astype(jnp.float32)[:, None] * jnp.asarray(freqs)[None, :]
   emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
   if flip_sin_to_cos:
     emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
@@ -248,7 +275,7 @@ class TimestepEmbedding(nnx.Module):
   """Eq. 4."""
 
   def __init__(self, n_in: int, n_out: int, *, key, dtype, param_dtype):
-    k1, k2 = jax.random.split(key)
+    k1, k2 = split(key, 2)
     self.linear_1 = Linear(n_in, n_out, key=k1, dtype=dtype, param_dtype=param_dtype)
     self.linear_2 = Linear(n_out, n_out, key=k2, dtype=dtype, param_dtype=param_dtype)
 
@@ -272,7 +299,7 @@ class Attention(nnx.Module):
       dtype,
       param_dtype,
   ):
-    kq, kk, kv, ko = jax.random.split(key, 4)
+    kq, kk, kv, ko = split(key, 4)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     inner, cdim = heads * head_dim, context_dim or query_dim
     self.to_q = Linear(query_dim, inner, key=kq, bias=bias, **kw)
@@ -311,7 +338,7 @@ class FeedForward(nnx.Module):
   """Eq. 9: net = [GEGLU(dim, 4 dim), dropout (identity at inference), Linear(4 dim, dim)]."""
 
   def __init__(self, dim: int, *, mult: int = 4, key, dtype, param_dtype):
-    k1, k2 = jax.random.split(key)
+    k1, k2 = split(key, 2)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     inner = dim * mult
     self.net = nnx.List(
@@ -340,7 +367,7 @@ class BasicTransformerBlock(nnx.Module):
       dtype,
       param_dtype,
   ):
-    k1, k2, k3 = jax.random.split(key, 3)
+    k1, k2, k3 = split(key, 3)
     kw = dict(upcast=upcast, dtype=dtype, param_dtype=param_dtype)
     self.only_cross_attention = only_cross_attention
     self.norm1 = LayerNorm(dim, eps=1e-5, param_dtype=param_dtype)
@@ -376,8 +403,10 @@ class Transformer2DModel(nnx.Module):
       param_dtype,
   ):
     if channels % heads:
-      raise ValueError(f"Transformer2DModel: {channels} channels are not divisible by {heads} heads")
-    ki, ko, *kb = jax.random.split(key, 2 + num_layers)
+      raise ValueError(
+          f"Transformer2DModel: {channels} channels are not divisible by {heads} heads"
+      )
+    ki, ko, *kb = split(key, 2 + num_layers)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.norm = GroupNorm(channels, groups, eps=1e-6, param_dtype=param_dtype)
     # A 1x1 conv (use_linear_projection False) and a linear layer are the same map on NHWC;
@@ -424,7 +453,7 @@ class VAEAttention(nnx.Module):
       dtype,
       param_dtype,
   ):
-    kq, kk, kv, ko = jax.random.split(key, 4)
+    kq, kk, kv, ko = split(key, 4)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.group_norm = GroupNorm(channels, groups, eps=eps, param_dtype=param_dtype)
     self.to_q = Linear(channels, channels, key=kq, **kw)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from alignjax.models.sd.layers import Conv2d, GroupNorm, TimestepEmbedding, Timesteps
+from alignjax.models.sd.layers import Conv2d, GroupNorm, TimestepEmbedding, Timesteps, split
 from alignjax.models.sd.unet_blocks import AttnSpec, DownBlock, UNetMidBlock2DCrossAttn, UpBlock
 
 CLASS_NAME = "UNet2DConditionModel"
@@ -157,14 +157,14 @@ class UNetConfig:
             f"same (non-zero) length; got {self.down_block_types}, {self.up_block_types}, "
             f"{self.block_out_channels}"
         )
-    for name, value in (("only_cross_attention", self.only_cross_attention),) + (
-        ("attention_head_dim", self.attention_head_dim),
-    ):
-      if isinstance(value, list):
-        object.__setattr__(self, name, tuple(value))
+    for name in ("only_cross_attention", "attention_head_dim"):
+      if isinstance(getattr(self, name), list):
+        object.__setattr__(self, name, tuple(getattr(self, name)))
     for t in self.down_block_types:
       if t not in DOWN_TYPES:
-        raise ValueError(f"UNetConfig: down block type {t!r} is not supported; supported: {DOWN_TYPES}")
+        raise ValueError(
+            f"UNetConfig: down block type {t!r} is not supported; supported: {DOWN_TYPES}"
+        )
     for t in self.up_block_types:
       if t not in UP_TYPES:
         raise ValueError(f"UNetConfig: up block type {t!r} is not supported; supported: {UP_TYPES}")
@@ -175,6 +175,14 @@ class UNetConfig:
       )
     if self.act_fn not in ACT_FNS:
       raise ValueError(f"UNetConfig: act_fn={self.act_fn!r} is not supported; supported: {ACT_FNS}")
+    for name in ("flip_sin_to_cos", "use_linear_projection", "upcast_attention"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"UNetConfig: {name}={getattr(self, name)!r} must be true or false")
+    if self.mid_block_only_cross_attention not in (None, False, True):
+      raise ValueError(
+          f"UNetConfig: mid_block_only_cross_attention={self.mid_block_only_cross_attention!r} "
+          "must be null, true or false"
+      )
     for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
       if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
         raise ValueError(f"UNetConfig: {name}={getattr(self, name)!r} must be an integer >= 1")
@@ -267,7 +275,9 @@ class UNetConfig:
       raise ValueError(f"UNetConfig: expected a config dict, got {type(d).__name__}")
     name = d.get("_class_name", CLASS_NAME)
     if name != CLASS_NAME:
-      raise ValueError(f"UNetConfig: _class_name={name!r} is not supported; supported: {CLASS_NAME}")
+      raise ValueError(
+          f"UNetConfig: _class_name={name!r} is not supported; supported: {CLASS_NAME}"
+      )
     fields = {f.name for f in dataclasses.fields(cls)} - {"diffusers_version"}
     unknown = sorted(set(d) - fields - set(FIXED) - METADATA_KEYS - {"_use_default_values"})
     if unknown:
@@ -299,6 +309,19 @@ class UNetConfig:
     return out
 
 
+def _call(block, x, temb, context):
+  return block(x, temb, context)
+
+
+def _up_call(size):
+  """An up block's call with its (static) output size closed over, for `nnx.remat`."""
+
+  def call(block, x, skips, temb, context):
+    return block(x, skips, temb, context, size=size)
+
+  return call
+
+
 class UNet2DConditionModel(nnx.Module):
   """Eqs. 1-5. __call__(sample [B, H, W, C_in], timesteps [B] or scalar, encoder_hidden_states
   [B, S, cross_attention_dim]) -> [B, H, W, C_out]. remat: recompute each down / mid / up
@@ -318,7 +341,7 @@ class UNet2DConditionModel(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     key = rngs.params()
     n = len(c.block_out_channels)
-    k_in, k_t, k_mid, k_out, *kb = jax.random.split(key, 4 + 2 * n)
+    k_in, k_t, k_mid, k_out, *kb = split(key, 4 + 2 * n)
     ch0, temb = c.block_out_channels[0], c.time_embed_dim
     groups, eps = c.norm_num_groups, c.norm_eps
     self.conv_in = Conv2d(c.in_channels, ch0, key=k_in, **kw)
@@ -392,16 +415,12 @@ class UNet2DConditionModel(nnx.Module):
     x = self.conv_in(sample.astype(self.dtype))
     skips = [x]
     for block in self.down_blocks:  # eq. 2
-      x, s = wrap(lambda m, h, e, k: m(h, e, k))(block, x, emb, ctx)
+      x, s = wrap(_call)(block, x, emb, ctx)
       skips.extend(s)
-    x = wrap(lambda m, h, e, k: m(h, e, k))(self.mid_block, x, emb, ctx)  # eq. 3
+    x = wrap(_call)(self.mid_block, x, emb, ctx)  # eq. 3
     for i, block in enumerate(self.up_blocks):  # eq. 4
       n = len(block.resnets)
       res, skips = skips[-n:], skips[:-n]
       size = tuple(skips[-1].shape[1:3]) if i < len(self.up_blocks) - 1 else None
-
-      def up(m, h, r, e, k, size=size):
-        return m(h, r, e, k, size=size)
-
-      x = wrap(up)(block, x, tuple(res), emb, ctx)
+      x = wrap(_up_call(size))(block, x, tuple(res), emb, ctx)
     return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))  # eq. 5

@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from alignjax.models.sd.layers import Downsample2D, ResnetBlock2D, Transformer2DModel, Upsample2D
+from alignjax.models.sd.layers import (
+    Downsample2D,
+    ResnetBlock2D,
+    Transformer2DModel,
+    Upsample2D,
+    split,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +75,18 @@ class DownBlock(nnx.Module):
       dtype,
       param_dtype,
   ):
-    keys = jax.random.split(key, 2 * num_layers + 1)
+    keys = split(key, 2 * num_layers + 1)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.resnets = nnx.List(
         [
             ResnetBlock2D(
-                cin if j == 0 else cout, cout, temb_channels, groups=groups, eps=eps, key=keys[j], **kw
+                cin if j == 0 else cout,
+                cout,
+                temb_channels,
+                groups=groups,
+                eps=eps,
+                key=keys[j],
+                **kw,
             )
             for j in range(num_layers)
         ]
@@ -122,7 +133,7 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
       dtype,
       param_dtype,
   ):
-    k0, k1, ka = jax.random.split(key, 3)
+    k0, k1, ka = split(key, 3)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     rkw = dict(groups=groups, eps=eps, output_scale_factor=output_scale_factor, **kw)
     self.resnets = nnx.List(
@@ -159,7 +170,7 @@ class UpBlock(nnx.Module):
       param_dtype,
   ):
     n = len(resnet_in)
-    keys = jax.random.split(key, 2 * n + 1)
+    keys = split(key, 2 * n + 1)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.resnets = nnx.List(
         [
@@ -172,9 +183,7 @@ class UpBlock(nnx.Module):
         if attn is not None
         else None
     )
-    self.upsamplers = (
-        nnx.List([Upsample2D(cout, key=keys[-1], **kw)]) if add_upsample else None
-    )
+    self.upsamplers = nnx.List([Upsample2D(cout, key=keys[-1], **kw)]) if add_upsample else None
 
   def __call__(self, x, skips, temb, context, size=None):
     skips = list(skips)

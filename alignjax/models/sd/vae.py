@@ -36,6 +36,7 @@ from alignjax.models.sd.layers import (
     ResnetBlock2D,
     Upsample2D,
     VAEAttention,
+    split,
 )
 from alignjax.models.sd.unet import DEFAULT_DIFFUSERS_VERSION, check_fixed
 
@@ -43,7 +44,9 @@ CLASS_NAME = "AutoencoderKL"
 DOWN_TYPES = ("DownEncoderBlock2D",)
 UP_TYPES = ("UpDecoderBlock2D",)
 ACT_FNS = ("silu", "swish")
-METADATA_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
+METADATA_KEYS = frozenset(
+    {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
+)
 FIXED = {"shift_factor": None, "latents_mean": None, "latents_std": None}
 EPS = 1e-6
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -96,7 +99,12 @@ class VAEConfig:
             f"VAEConfig: block width {c!r} must be divisible by norm_num_groups="
             f"{self.norm_num_groups}"
         )
-    for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "force_upcast"):
+    for name in (
+        "use_quant_conv",
+        "use_post_quant_conv",
+        "mid_block_add_attention",
+        "force_upcast",
+    ):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"VAEConfig: {name}={getattr(self, name)!r} must be true or false")
 
@@ -140,7 +148,7 @@ class VAEConfig:
 class DownEncoderBlock2D(nnx.Module):
 
   def __init__(self, cin, cout, num_layers, *, add_downsample, groups, key, dtype, param_dtype):
-    keys = jax.random.split(key, num_layers + 1)
+    keys = split(key, num_layers + 1)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.resnets = nnx.List(
         [
@@ -161,7 +169,7 @@ class DownEncoderBlock2D(nnx.Module):
 class UpDecoderBlock2D(nnx.Module):
 
   def __init__(self, cin, cout, num_layers, *, add_upsample, groups, key, dtype, param_dtype):
-    keys = jax.random.split(key, num_layers + 1)
+    keys = split(key, num_layers + 1)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.resnets = nnx.List(
         [
@@ -181,7 +189,7 @@ class UNetMidBlock2D(nnx.Module):
   """R(A(R(h))) (A omitted without attention)."""
 
   def __init__(self, channels, *, attention: bool, groups, key, dtype, param_dtype):
-    k0, k1, ka = jax.random.split(key, 3)
+    k0, k1, ka = split(key, 3)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.resnets = nnx.List(
         [
@@ -206,7 +214,7 @@ class Encoder(nnx.Module):
 
   def __init__(self, c: VAEConfig, *, key, dtype, param_dtype):
     ch, n = c.block_out_channels, len(c.block_out_channels)
-    k_in, k_mid, k_out, *kb = jax.random.split(key, 3 + n)
+    k_in, k_mid, k_out, *kb = split(key, 3 + n)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     g = c.norm_num_groups
     self.conv_in = Conv2d(c.in_channels, ch[0], key=k_in, **kw)
@@ -242,7 +250,7 @@ class Decoder(nnx.Module):
 
   def __init__(self, c: VAEConfig, *, key, dtype, param_dtype):
     rev, n = list(reversed(c.block_out_channels)), len(c.block_out_channels)
-    k_in, k_mid, k_out, *kb = jax.random.split(key, 3 + n)
+    k_in, k_mid, k_out, *kb = split(key, 3 + n)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     g = c.norm_num_groups
     self.conv_in = Conv2d(c.latent_channels, rev[0], key=k_in, **kw)
@@ -281,7 +289,7 @@ class AutoencoderKL(nnx.Module):
     c = self.config = config
     self.dtype = dtype
     self.scaling_factor = c.scaling_factor
-    ke, kd, kq, kp = jax.random.split(rngs.params(), 4)
+    ke, kd, kq, kp = split(rngs.params(), 4)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     lat = c.latent_channels
     self.encoder = Encoder(c, key=ke, **kw)

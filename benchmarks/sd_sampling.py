@@ -1,0 +1,209 @@
+r"""DDIM sampling with classifier-free guidance on the Stable Diffusion 1.5 UNet: alignjax against
+diffusers (PyTorch), same weights, inputs, dtype, latent size and step count, in one process.
+
+  python -m benchmarks.sd_sampling                       # 2-core CPU: 32x32 latents, 4 steps
+  python -m benchmarks.sd_sampling --latent=64 --steps=50 --batch=8 --dtype=bfloat16 \
+      --torch_device=cuda [--torch_compile]              # GPU: 512x512 images, 50 steps
+
+Both run the SD 1.5 UNet (859.5M parameters, its config written below) with random weights:
+diffusers' `UNet2DConditionModel.from_config` initialises it and alignjax receives the same
+tensors through its key table (`convert.unet_keys`, no disk round trip). The loop is what
+`StableDiffusionPipeline` runs for DDIM: per step one UNet call on the 2B batch [x; x] with
+[text; empty-prompt] embeddings (random [B, 77, 768] and [77, 768] here, the text encoder is
+not timed), eps = eps_u + w (eps_c − eps_u), `DDIMScheduler.step(eta=0)`; alignjax runs
+`alignjax.diffusion.samplers.sample` (one jitted `lax.scan` over the steps with guidance,
+samplers eq. 7). The VAE decode is not timed. Timing: wall clock of whole sampling runs
+ending in host arrays, one untimed warm-up each (compilation excluded), repeats interleaved
+(alignjax, diffusers, alignjax, ...) so that machine load hits both alike; the best repeat is
+kept. images/s = B / t. The final latents of the two are compared (max |difference|).
+
+The load average is printed first: a ratio taken while other processes run is not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
+}
+SD_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+class _InMemory:
+  """A state dict standing in for a SafetensorsCheckpoint (torch_keys.load_state reads
+  `tensors`, `get` and `directory`)."""
+
+  def __init__(self, state_dict):
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from alignjax.models.convert.safetensors_io import TensorInfo  # pylint: disable=import-outside-toplevel
+
+    self.directory = "<memory>"
+    self._arrays = {k: v.detach().float().cpu().numpy() for k, v in state_dict.items()}
+    self.tensors = {
+        k: TensorInfo(("<memory>", np.dtype(np.float32), tuple(a.shape)))
+        for k, a in self._arrays.items()
+    }
+
+  def get(self, key):
+    return self._arrays[key]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--latent", type=int, default=32, help="latent side (64 = 512x512 images)")
+  parser.add_argument("--steps", type=int, default=4)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--guidance", type=float, default=7.5)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--torch_device", default="cpu")
+  parser.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet")
+  args = parser.parse_args()
+  print(
+      f"load average {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} cores; "
+      f"SD 1.5 UNet, batch {args.batch}, latents {args.latent}x{args.latent}, "
+      f"{args.steps} DDIM steps, guidance {args.guidance}, {args.dtype}",
+      flush=True,
+  )
+  # pylint: disable=import-outside-toplevel
+  import diffusers
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  from flax import nnx
+
+  from alignjax.diffusion import pipeline, samplers, schedules
+  from alignjax.models.convert import torch_keys, unet_keys
+  from alignjax.models.sd.unet import UNet2DConditionModel, UNetConfig
+
+  torch.manual_seed(0)
+  theirs = diffusers.UNet2DConditionModel.from_config(SD15_UNET).eval()
+  config = UNetConfig.from_diffusers(SD15_UNET)
+  graphdef, abstract = nnx.split(
+      nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
+  )
+  state = torch_keys.load_state(
+      abstract, unet_keys.unet_key_table(config), _InMemory(theirs.state_dict()), what="UNet"
+  )
+  dtype = jnp.dtype(args.dtype)
+  if args.dtype != "float32":
+    state = jax.tree.map(lambda x: x.astype(dtype), state)
+  ours = nnx.merge(graphdef, state)
+  print(f"parameters: {sum(p.numel() for p in theirs.parameters()) / 1e6:.1f}M", flush=True)
+
+  torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+  device = torch.device(args.torch_device)
+  theirs = theirs.to(device=device, dtype=torch_dtype)
+  unet_call = torch.compile(theirs) if args.torch_compile else theirs
+  scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER)
+  schedule = schedules.make_schedule(
+      "scaled_linear", 1000, 0.00085, 0.012, set_alpha_to_one=False, steps_offset=1
+  )
+
+  rng = np.random.default_rng(0)
+  b, s = args.batch, args.latent
+  latents = rng.normal(size=(b, 4, s, s)).astype(np.float32)
+  text = rng.normal(size=(b, 77, 768)).astype(np.float32)
+  empty = rng.normal(size=(77, 768)).astype(np.float32)
+
+  eps_fn = pipeline.unet_eps_fn(ours, schedule, compute_dtype=args.dtype)
+  guided = samplers.classifier_free_guidance(eps_fn, args.guidance, null_cond=jnp.asarray(empty))
+
+  @jax.jit
+  def run_ours(x, cond):
+    traj = samplers.sample(
+        guided,
+        schedule,
+        cond,
+        jax.random.key(0),
+        shape=(s, s, 4),
+        num_steps=args.steps,
+        eta=0.0,
+        initial_latents=x,
+    )
+    return traj.latents[:, -1]
+
+  x_ours = jnp.asarray(latents.transpose(0, 2, 3, 1))
+  cond_ours = jnp.asarray(text)
+
+  def alignjax_sample():
+    return np.asarray(run_ours(x_ours, cond_ours))
+
+  t_text = torch.from_numpy(text).to(device, torch_dtype)
+  t_empty = torch.from_numpy(empty).to(device, torch_dtype)[None].expand(b, -1, -1)
+  embeds = torch.cat([t_empty, t_text])
+
+  @torch.no_grad()
+  def diffusers_sample():
+    scheduler.set_timesteps(args.steps, device=device)
+    x = torch.from_numpy(latents).to(device, torch_dtype)
+    for t in scheduler.timesteps:
+      eps = unet_call(torch.cat([x, x]), t, encoder_hidden_states=embeds).sample
+      eps_u, eps_c = eps.chunk(2)
+      eps = eps_u + args.guidance * (eps_c - eps_u)
+      x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+    return x.float().cpu().numpy()
+
+  def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+  t_compile, _ = timed(alignjax_sample)
+  t_warm, _ = timed(diffusers_sample)
+  print(f"warm-up: alignjax {t_compile:.1f} s (with compilation), diffusers {t_warm:.1f} s")
+  ours_t, theirs_t = [], []
+  for _ in range(args.repeats):
+    t, a = timed(alignjax_sample)
+    ours_t.append(t)
+    t, d = timed(diffusers_sample)
+    theirs_t.append(t)
+  diff = float(np.max(np.abs(a.transpose(0, 3, 1, 2) - d)))
+  best_a, best_d = min(ours_t), min(theirs_t)
+  print(f"alignjax  {b / best_a:.4f} images/s  ({' '.join(f'{t:.2f}' for t in ours_t)} s)")
+  print(f"diffusers {b / best_d:.4f} images/s  ({' '.join(f'{t:.2f}' for t in theirs_t)} s)")
+  print(f"ratio alignjax / diffusers: x{best_d / best_a:.2f}; max |latents difference| {diff:.2e}")
+  print(f"load average {os.getloadavg()[0]:.2f} (1 min) after the run")
+
+
+if __name__ == "__main__":
+  main()
