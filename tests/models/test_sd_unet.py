@@ -322,3 +322,22 @@ def test_full_size_key_table_matches_diffusers(cfg, count):
   torch_keys.check_table(table, nnx.state(abstract, nnx.Param), "UNet")
   ours = {k.torch: torch_keys.torch_shape(k.layout, shapes[k.ours].shape) for k in table}
   assert ours == expected
+
+
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 1), (0, 1))])
+def test_small_feature_maps_use_one_patch_product_equal_to_the_convolution(padding):
+  """On the CPU, 3x3 convolutions of maps with <= 64 positions run as one matmul over the
+  patches (layers._conv_as_matmul); it equals XLA's convolution to float32 rounding."""
+  from alignjax.models.sd import layers
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)).astype(np.float32))
+  k = jnp.asarray(rng.normal(size=(3, 3, 16, 24)).astype(np.float32))
+  want = jax.lax.conv_general_dilated(
+      x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  got = layers._conv_as_matmul(x, k, padding)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert layers._patch_matmul_applies(x, k, 1) == (jax.default_backend() == "cpu")
+  assert not layers._patch_matmul_applies(jnp.zeros((1, 16, 16, 16)), k, 1)
+  assert not layers._patch_matmul_applies(x, k, 2)

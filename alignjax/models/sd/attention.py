@@ -9,6 +9,13 @@ scores and softmax in float32 (diffusers' `upcast_attention`, SD 2.x); otherwise
 computed in the inputs' dtype as diffusers does. The computation goes through
 `jax.nn.dot_product_attention`, which picks cuDNN's fused (flash) kernel on GPUs where the
 dtype and shapes allow and XLA's program elsewhere.
+
+On the CPU, long unmasked attention (the UNet's self-attention over 32 x 32 = 1024 latent
+positions) runs instead in blocks of `QUERY_BLOCK` queries, head-major, one `lax.map` step per
+block: eq. 1 for each block's rows with the block's [N, QUERY_BLOCK, S] scores kept in cache.
+XLA:CPU's single program for the whole [B, N, L, S] score tensor is ~2.4x slower there (2-core
+EPYC, B 2, L = S = 1024, N 8, D 40: 205 ms against 80-90 ms). GPU and TPU programs are
+untouched.
 """
 
 from __future__ import annotations
@@ -39,8 +46,41 @@ def attention(
   dtype = q.dtype
   if upcast:
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal)
+  if _blocked_applies(q, mask, causal):
+    out = _blocked_attention(q, k, v, scale)
+  else:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal)
   return out.astype(dtype)
+
+
+QUERY_BLOCK = 128
+
+
+def _blocked_applies(q, mask, causal: bool) -> bool:
+  length = q.shape[1]
+  return (
+      jax.default_backend() == "cpu"
+      and mask is None
+      and not causal
+      and length >= 4 * QUERY_BLOCK
+      and length % QUERY_BLOCK == 0
+  )
+
+
+def _blocked_attention(q, k, v, scale):
+  """Eq. 1 in blocks of QUERY_BLOCK queries (module docstring); same shapes as `attention`."""
+  b, length, n, d = q.shape
+  scale = d**-0.5 if scale is None else scale
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, N, T, D]
+  blocks = q.reshape(b, n, length // QUERY_BLOCK, QUERY_BLOCK, d).transpose(2, 0, 1, 3, 4)
+
+  def one(qb):
+    s = jnp.matmul(qb * jnp.asarray(scale, qb.dtype), k.swapaxes(-1, -2))
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    return jnp.matmul(e, v) / jnp.sum(e, axis=-1, keepdims=True)
+
+  out = jax.lax.map(one, blocks)  # [L / QUERY_BLOCK, B, N, QUERY_BLOCK, D]
+  return out.transpose(1, 0, 3, 2, 4).reshape(b, length, n, d)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:

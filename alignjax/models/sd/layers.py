@@ -122,14 +122,42 @@ class Conv2d(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype),
-        self.kernel[...].astype(self.dtype),
-        window_strides=(self.stride, self.stride),
-        padding=self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
+    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    if _patch_matmul_applies(x, kernel, self.stride):
+      y = _conv_as_matmul(x, kernel, self.padding)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x,
+          kernel,
+          window_strides=(self.stride, self.stride),
+          padding=self.padding,
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
     return y + self.bias[...].astype(self.dtype)
+
+
+# XLA:CPU's convolution reaches ~30 GFLOP/s on the UNet's 8x8 and 4x4 feature maps with 1280
+# channels, where one matrix product over the k*k*C patches runs at ~95 (2-core EPYC, float32;
+# ~100 for both at 32x32, where the convolution is kept). GPU and TPU programs are untouched.
+_PATCH_MATMUL_MAX_POSITIONS = 64
+
+
+def _patch_matmul_applies(x, kernel, stride: int) -> bool:
+  return (
+      jax.default_backend() == "cpu"
+      and stride == 1
+      and kernel.shape[0] > 1
+      and x.shape[1] * x.shape[2] <= _PATCH_MATMUL_MAX_POSITIONS
+  )
+
+
+def _conv_as_matmul(x, kernel, padding):
+  """The stride-1 convolution as one product of the [B, H', W', k*k*C] patches (im2col)."""
+  kh, kw, cin, cout = kernel.shape
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  h, w = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  patches = [xp[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)]
+  return jnp.concatenate(patches, axis=-1) @ kernel.reshape(kh * kw * cin, cout)
 
 
 class GroupNorm(nnx.Module):
