@@ -26,27 +26,23 @@ torch are imported only by the tokenizer functions.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from alignjax.models.convert import torch_keys
 from alignjax.models.convert.safetensors_io import (
-    CheckpointError,
+    SINGLE_FILE,
     SafetensorsCheckpoint,
-    weight_files,
-    write_checkpoint,
 )
 from alignjax.models.convert.torch_keys import Key
 from alignjax.models.sd.clip import CLIPTextModel, CLIPVisionModelWithProjection
-from alignjax.models.sd.clip_config import DTYPES, CLIPTextConfig, CLIPVisionConfig
+from alignjax.models.sd.clip_config import CLIPTextConfig, CLIPVisionConfig
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = torch_keys.CONFIG_FILE
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 TEXT_PREFIX = "text_model."
 VISION_PREFIX = "vision_model."
@@ -104,26 +100,7 @@ def clip_vision_key_table(config: CLIPVisionConfig, prefix: str = VISION_PREFIX)
 def read_clip_config(directory: str, kind: str) -> CLIPTextConfig | CLIPVisionConfig:
   """The tower config of directory/config.json; kind is "text" or "vision"."""
   cls = {"text": CLIPTextConfig, "vision": CLIPVisionConfig}[kind]
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"{directory}: not a directory")
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise CheckpointError(f"{directory}: not a CLIP {kind} checkpoint (no {CONFIG_FILE})")
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
-  try:
-    return cls.from_hf(d)
-  except ValueError as e:
-    raise CheckpointError(f"{path}: {e}") from e
-
-
-def _dtype(dtype: str):
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
-  return jnp.dtype(dtype)
+  return torch_keys.read_config(directory, cls.from_hf, f"CLIP {kind}")
 
 
 def _load(directory, kind, model_cls, table_fn, prefix, ignored, *, variant, dtype, mesh, rules):
@@ -135,7 +112,7 @@ def _load(directory, kind, model_cls, table_fn, prefix, ignored, *, variant, dty
     if any(n.split(".")[0] in ("embeddings", "encoder", "final_layer_norm") for n in names):
       prefix = ""
   table = table_fn(config, prefix)
-  dt = _dtype(dtype)
+  dt = torch_keys.check_dtype(dtype)
   graphdef, abstract = nnx.split(
       nnx.eval_shape(lambda: model_cls(config, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)))
   )
@@ -189,34 +166,18 @@ def load_clip_vision(
   )
 
 
-def _param_dtype(model) -> str:
-  leaves = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-  return str(jnp.dtype(leaves[0].dtype))
-
-
 def _save(directory, model, table, *, dtype, variant, max_shard_bytes, overwrite) -> list[str]:
-  out_dtype = dtype or _param_dtype(model)
-  _dtype(out_dtype)
-  single, index = weight_files(variant=variant)
-  stem = single[: -len(".safetensors")]
-  os.makedirs(directory, exist_ok=True)
-  stale = [
-      f
-      for f in os.listdir(directory)
-      if f in (single, index, CONFIG_FILE)
-      or (f.startswith(stem + "-") and f.endswith(".safetensors"))
-  ]
-  if stale and not overwrite:
-    raise FileExistsError(f"{directory}: already holds {sorted(stale)}; pass overwrite=True")
-  for f in stale:
-    os.remove(os.path.join(directory, f))
-  entries, produce = torch_keys.torch_entries(nnx.state(model, nnx.Param), table, out_dtype)
-  written = write_checkpoint(
-      directory, entries, produce, max_shard_bytes=max_shard_bytes, variant=variant
+  return torch_keys.save_directory(
+      directory,
+      model,
+      table,
+      lambda out_dtype: model.config.to_hf(dtype=out_dtype),
+      weights_name=SINGLE_FILE,
+      dtype=dtype,
+      variant=variant,
+      max_shard_bytes=max_shard_bytes,
+      overwrite=overwrite,
   )
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(model.config.to_hf(dtype=out_dtype), f, indent=2, sort_keys=True)
-  return [CONFIG_FILE] + written
 
 
 def save_clip_text(

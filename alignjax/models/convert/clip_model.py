@@ -19,8 +19,6 @@ Only safetensors are read (no torch import).
 
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import jax.numpy as jnp
@@ -28,15 +26,13 @@ from flax import nnx
 
 from alignjax.models.convert import torch_keys
 from alignjax.models.convert.clip_keys import (
-    CONFIG_FILE,
     TEXT_PREFIX,
     VISION_PREFIX,
     clip_text_key_table,
     clip_vision_key_table,
 )
-from alignjax.models.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from alignjax.models.convert.safetensors_io import SafetensorsCheckpoint
 from alignjax.models.convert.torch_keys import Key
-from alignjax.models.sd.clip_config import DTYPES
 from alignjax.models.sd.clip_dual import CLIPModel, CLIPModelConfig
 
 __all__ = ["clip_model_key_table", "load_clip_model", "read_clip_model_config"]
@@ -64,20 +60,7 @@ def clip_model_key_table(config: CLIPModelConfig) -> list[Key]:
 
 def read_clip_model_config(directory: str) -> CLIPModelConfig:
   """The `CLIPModelConfig` of directory/config.json (CheckpointError naming the file)."""
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"{directory}: not a directory")
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise CheckpointError(f"{directory}: not a CLIPModel checkpoint (no {CONFIG_FILE})")
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
-  try:
-    return CLIPModelConfig.from_hf(d)
-  except ValueError as e:
-    raise CheckpointError(f"{path}: {e}") from e
+  return torch_keys.read_config(directory, CLIPModelConfig.from_hf, "CLIPModel")
 
 
 def load_clip_model(
@@ -86,8 +69,7 @@ def load_clip_model(
   """`CLIPModel` from a transformers CLIPModel checkpoint directory, parameters and activations
   in `dtype`, placed by `parallel.spec_for(path, shape, mesh, rules)` (the default device when
   mesh is None)."""
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
+  torch_keys.check_dtype(dtype)
   config = read_clip_model_config(directory)
   ckpt = SafetensorsCheckpoint(directory, variant=variant)
   dt = jnp.dtype(dtype)

@@ -21,6 +21,7 @@ every tensor of the checkpoint is used (names matching `ignored` aside). Each fa
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from typing import Sequence
@@ -32,7 +33,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from alignjax import parallel
-from alignjax.models.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from alignjax.models.convert.safetensors_io import (
+    CheckpointError,
+    SafetensorsCheckpoint,
+    weight_files,
+    write_checkpoint,
+)
 from alignjax.parallel import path_str
 
 LAYOUTS = ("same", "linear", "conv", "conv1x1")
@@ -182,3 +188,84 @@ def torch_entries(state: nnx.State, table: Sequence[Key], dtype) -> tuple[list, 
     return np.ascontiguousarray(to_torch(k.layout, _to_host(params[k.ours]))).astype(np_dtype)
 
   return entries, produce
+
+
+# --------------------------------------------------------------------------- directories
+
+CONFIG_FILE = "config.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype: str) -> np.dtype:
+  """The numpy dtype of a parameter dtype name; ValueError listing the valid names."""
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
+  return jax.numpy.dtype(dtype)
+
+
+def read_config(directory: str, parse, what: str):
+  """`parse(directory/config.json as a dict)`; CheckpointError naming the path otherwise."""
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{directory}: not a directory (expected a {what} checkpoint)")
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{directory}: not a {what} checkpoint (no {CONFIG_FILE})")
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+  try:
+    return parse(d)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: {e}") from e
+
+
+def param_dtype(model: nnx.Module) -> str:
+  """The dtype name of the model's parameters (the first one's)."""
+  leaves = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  return str(jax.numpy.dtype(leaves[0].dtype))
+
+
+def save_directory(
+    directory: str,
+    model: nnx.Module,
+    table: Sequence[Key],
+    config_dict,
+    *,
+    weights_name: str,
+    dtype: str | None,
+    variant: str | None,
+    max_shard_bytes: int,
+    overwrite: bool,
+) -> list[str]:
+  """Write config.json (`config_dict(stored dtype name)`) and the safetensors of `model` by
+  `table` (stored as `dtype`, default the parameters'); returns the files written. Refuses to
+  replace an earlier checkpoint in `directory` unless `overwrite`."""
+  out_dtype = dtype or param_dtype(model)
+  check_dtype(out_dtype)
+  single, index = weight_files(weights_name, variant)
+  stem = single[: -len(".safetensors")]
+  os.makedirs(directory, exist_ok=True)
+  stale = [
+      f
+      for f in os.listdir(directory)
+      if f in (single, index, CONFIG_FILE)
+      or (f.startswith(stem + "-") and f.endswith(".safetensors"))
+  ]
+  if stale and not overwrite:
+    raise FileExistsError(f"{directory}: already holds {sorted(stale)}; pass overwrite=True")
+  for f in stale:
+    os.remove(os.path.join(directory, f))
+  entries, produce = torch_entries(nnx.state(model, nnx.Param), table, out_dtype)
+  written = write_checkpoint(
+      directory,
+      entries,
+      produce,
+      max_shard_bytes=max_shard_bytes,
+      weights_name=weights_name,
+      variant=variant,
+  )
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump(config_dict(out_dtype), f, indent=2, sort_keys=True)
+  return [CONFIG_FILE] + written

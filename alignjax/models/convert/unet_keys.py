@@ -20,27 +20,21 @@ Loading builds the model abstractly (`nnx.eval_shape`), fills it one tensor at a
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Callable
 
-import jax.numpy as jnp
 from flax import nnx
 
 from alignjax.models.convert import torch_keys
 from alignjax.models.convert.safetensors_io import (
     DIFFUSERS_WEIGHTS,
-    CheckpointError,
     SafetensorsCheckpoint,
-    weight_files,
-    write_checkpoint,
 )
 from alignjax.models.convert.torch_keys import Key
 from alignjax.models.sd.unet import UNet2DConditionModel, UNetConfig
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = torch_keys.CONFIG_FILE
 DEFAULT_MAX_SHARD_BYTES = 10 * 2**30  # diffusers' default max_shard_size "10GB"
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = torch_keys.DTYPES
 
 
 # --- key-table pieces (shared with vae_keys) ------------------------------------------------
@@ -130,32 +124,13 @@ def unet_key_table(config: UNetConfig) -> list[Key]:
 
 def read_config(directory: str, from_diffusers: Callable, what: str):
   """`from_diffusers(directory/config.json)`; CheckpointError naming the path otherwise."""
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"{directory}: not a directory (expected a diffusers {what} checkpoint)")
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise CheckpointError(f"{directory}: not a diffusers {what} checkpoint (no {CONFIG_FILE})")
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
-  try:
-    return from_diffusers(d)
-  except ValueError as e:
-    raise CheckpointError(f"{path}: {e}") from e
-
-
-def _dtype(dtype: str):
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
-  return jnp.dtype(dtype)
+  return torch_keys.read_config(directory, from_diffusers, f"diffusers {what}")
 
 
 def load_model(directory, config, model_cls, table, *, variant, dtype, mesh, rules):
   """`model_cls(config)` filled from the diffusers safetensors of `directory` by `table`."""
   ckpt = SafetensorsCheckpoint(directory, weights_name=DIFFUSERS_WEIGHTS, variant=variant)
-  dt = _dtype(dtype)
+  dt = torch_keys.check_dtype(dtype)
   graphdef, abstract = nnx.split(
       nnx.eval_shape(lambda: model_cls(config, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)))
   )
@@ -165,40 +140,19 @@ def load_model(directory, config, model_cls, table, *, variant, dtype, mesh, rul
   return nnx.merge(graphdef, state)
 
 
-def _param_dtype(model) -> str:
-  leaves = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-  return str(jnp.dtype(leaves[0].dtype))
-
-
 def save_model(directory, model, table, config_dict, *, dtype, variant, max_shard_bytes, overwrite):
   """Write config.json + diffusers safetensors of `model` by `table`; returns the files."""
-  out_dtype = dtype or _param_dtype(model)
-  _dtype(out_dtype)
-  single, index = weight_files(DIFFUSERS_WEIGHTS, variant)
-  stem = single[: -len(".safetensors")]
-  os.makedirs(directory, exist_ok=True)
-  stale = [
-      f
-      for f in os.listdir(directory)
-      if f in (single, index, CONFIG_FILE)
-      or (f.startswith(stem + "-") and f.endswith(".safetensors"))
-  ]
-  if stale and not overwrite:
-    raise FileExistsError(f"{directory}: already holds {sorted(stale)}; pass overwrite=True")
-  for f in stale:
-    os.remove(os.path.join(directory, f))
-  entries, produce = torch_keys.torch_entries(nnx.state(model, nnx.Param), table, out_dtype)
-  written = write_checkpoint(
+  return torch_keys.save_directory(
       directory,
-      entries,
-      produce,
-      max_shard_bytes=max_shard_bytes,
+      model,
+      table,
+      lambda _: config_dict,
       weights_name=DIFFUSERS_WEIGHTS,
+      dtype=dtype,
       variant=variant,
+      max_shard_bytes=max_shard_bytes,
+      overwrite=overwrite,
   )
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(config_dict, f, indent=2, sort_keys=True)
-  return [CONFIG_FILE] + written
 
 
 # --- UNet -------------------------------------------------------------------------------------
