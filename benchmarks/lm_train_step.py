@@ -75,49 +75,15 @@ import argparse
 import copy
 import os
 import tempfile
-import time
 
-SIZES = {
-    "full": dict(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        intermediate_size=2048,
-        vocab_size=32000,
-    ),
-    "small": dict(
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=512,
-        vocab_size=8000,
-    ),
-}
+# The model shapes, thread pinning and timer of the decode benchmark: both time the same Llama.
+from benchmarks.lm_decode import SIZES, pin_threads, timed
 
 BETA = 0.1
 LEARNING_RATE = 1e-5
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 WEIGHT_DECAY = 0.0
-
-
-def pin_threads(threads: int | None) -> int:
-  """Pins this process to its first `threads` allowed cores (all when None); returns the count.
-  Must run before jax or torch start their thread pools."""
-  allowed = sorted(os.sched_getaffinity(0))
-  threads = len(allowed) if threads is None else threads
-  if not 1 <= threads <= len(allowed):
-    raise ValueError(f"--threads={threads}: must lie in [1, {len(allowed)}] (cores allowed)")
-  os.sched_setaffinity(0, allowed[:threads])
-  return threads
-
-
-def timed(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
 
 
 def main():
