@@ -10,7 +10,9 @@ A thin wrapper around Orbax's `CheckpointManager`. Each step directory holds thr
                                       and content hash, the config) + how PRNG keys were saved
 
 Frozen weights (base model, reference policy, reward models) are never saved here: the
-metadata refers to them by path and `content_hash`. JSON items are written by process 0
+metadata refers to them by path and `content_hash` (a full sha256, cached per file by size,
+mtime, ctime and inode so that a start or resume does not re-read gigabytes of unchanged
+weights: alignjax.run_identity eq. 1). JSON items are written by process 0
 only (Orbax's JsonCheckpointHandler writes on the primary host); arrays by all processes.
 
 When a save happens (`maybe_save`): `force=True`, or `step % save_every == 0`, or a

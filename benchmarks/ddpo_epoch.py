@@ -31,11 +31,9 @@ from flax import nnx
 
 from alignjax import testing
 from alignjax.algorithms import ddpo
-from alignjax.diffusion import samplers, schedules
+from alignjax.diffusion import digits_pretraining, digits_training, samplers, schedules
 from alignjax.models import unet as unet_lib
 from alignjax.training import TrainState
-from experiments import pretrain_diffusion
-from experiments.configs.pretrain_diffusion import digits as digits_config
 
 _SAMPLES = flags.DEFINE_integer("samples", 128, "Trajectories per epoch.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Denoising steps per trajectory.")
@@ -45,7 +43,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed calls per variant (best kep
 
 def build(samples: int, steps: int):
   """(graphdef, params, schedule, trajectory, advantages) of the digits UNet."""
-  config = pretrain_diffusion.unet_config(digits_config.get_config())
+  config = digits_training.unet_config(digits_pretraining.default_config())
   unet = testing.host_init(lambda rngs: unet_lib.UNet(config, rngs=rngs), 0)
   graphdef, params = nnx.split(unet)
   schedule = schedules.make_schedule("linear")
@@ -121,7 +119,7 @@ def main(argv):
           jax.tree_util.tree_leaves(results["scan"][1]),
       )
   )
-  pairs = _SAMPLES.value * ddpo.num_train_steps(_STEPS.value, 0.5)
+  pairs = _SAMPLES.value * ddpo.num_train_steps(_STEPS.value, 0.5, schedule=schedule, eta=1.0)
   print(
       f"DDPO epoch, digits UNet, {_SAMPLES.value} samples x {_STEPS.value} steps, "
       f"{pairs} pairs in {_MINIBATCHES.value} minibatches, {jax.devices()[0].device_kind}"

@@ -19,7 +19,9 @@ log-probs: chosen and rejected concatenated into one batch of 2B rows):
      (alignjax: `scoring.score` inside `jax.value_and_grad`; PyTorch: one forward of
      `LlamaForCausalLM` giving the [2B, L, V] logits, log_softmax of the shifted logits gathered
      at the labels (the ids, -100 in the prompt) and summed per row, as TRL's `get_batch_logps`
-     does, then `loss.backward()`);
+     does, then `loss.backward()`). alignjax's scorer gets `start=P` (in 1. too): the output
+     matrix and the log-softmax only at the 2B (L - P) response slots, the network over all
+     L; `--score_all_slots` gives it start=0, every slot, as the PyTorch side computes;
   3. the DPO loss, −mean log σ(β((π_c − ref_c) − (π_r − ref_r))) with β = 0.1
      (`alignjax.algorithms.dpo.dpo_loss`; PyTorch: the same formula written here);
   4. AdamW, lr 1e-5, betas (0.9, 0.999), eps 1e-8, weight decay 0 (TRL's default), no gradient
@@ -58,15 +60,36 @@ forward + backward (scores, DPO loss against fixed reference scores, gradient), 
 reference's forward (no gradient), (c) the optimizer update alone (alignjax: `apply_gradients`
 with the state donated; PyTorch: `step()` then `zero_grad(set_to_none=True)`).
 
-Measured on the 2-core AMD EPYC this project is developed on (full size, 134.1M parameters,
-8 pairs x 256 tokens, --threads=2, 3 interleaved repeats, load average 2.1 before and 1.9
-after: the benchmark's own two threads):
+Before (measured on the 2-core AMD EPYC this project is developed on, full size, 134.1M
+parameters, 8 pairs x 256 tokens, --threads=2, 3 interleaved repeats, load average 2.1 before
+and 1.9 after: the benchmark's own two threads):
 
   alignjax 73.7 s/step (111 scoring tok/s), PyTorch 56.2 s/step (146): x0.76 (medians x0.77)
 
-Agreement: per-row log-prob sums 1.2e-7 relative; step-2 loss 1.1e-5 relative. The target is
-x1.2; where the time goes (`--profile`, one run of ~15 minutes) is not yet measured on an
-idle machine.
+Agreement: per-row log-prob sums 1.2e-7 relative; step-2 loss 1.1e-5 relative.
+
+Where the policy's forward + backward went (before `score`'s start and eq. 5 gradient; one
+`jax.profiler` trace of `jax.grad` of the scores, full size, per-op times summed, taken under
+load 7.5, so shares only): 84.7 s of op time, of which the output-matrix head ~20% (its
+[4080, 32000] logits product fused with the max 6.9 s, dz W^T 3.1 s, a transposed copy of dz
+[32000, 4080] for dW 5.4 s, the gather's gradient scattered into zeros [16, 255, 32000] and
+the log-softmax passes ~1 s), attention ~20% (the [16, 12, 256, 256] score and softmax ops and
+their head-major [16, 12, 64, 256] operands: 4% of the flops), transposed copies of the MLP
+activation gradients for the weight gradients ([2048, 4096], ~0.5 s each, 24 of them) ~14%,
+the other matmuls and elementwise ops (norms, RoPE, SiLU) the remaining ~37%. The AdamW
+update is not in it (not traced). Since then `scoring.score` applies the output matrix
+only from `start` on (here 3072 rows, not 4080) and writes the head's gradient out (eq. 5 of
+`alignjax.lm.scoring`: one pass over [N, V], no scatter, no transposed copy).
+
+After (the same machine, `python -m benchmarks.lm_train_step --threads=2 --repeats=2`, load
+average 0.5 before and 5.0 after: other jobs started during the run, so the best-of figures
+are indicative):
+
+  alignjax 35.5 s/step (231 scoring tok/s), PyTorch 30.6 s/step (267): x0.86 (medians x1.29)
+
+Agreement: sums 6.0e-8 relative; step-2 loss 9.0e-8 relative. Still open: the MLP and
+attention weight-gradient copies come from `lm_layers.dense_product` contracting a [B, L, H]
+operand (its tensordot fallback; a [B L, H] dot has none), and attention's [L, L] ops.
 """
 
 from __future__ import annotations
@@ -114,6 +137,12 @@ def main():
       "for CPU tensors)",
   )
   parser.add_argument("--profile", action="store_true", help="also time the parts of a step")
+  parser.add_argument(
+      "--score_all_slots",
+      action="store_true",
+      help="alignjax: apply the output matrix at every slot (score's start=0), not only from "
+      "the response on",
+  )
   args = parser.parse_args()
   threads = pin_threads(args.threads)
   # pylint: disable=import-outside-toplevel
@@ -186,13 +215,15 @@ def main():
       jnp.asarray(mask, bool),
   )
 
+  start = 0 if args.score_all_slots else p  # the prompt's slots are not scored
+
   def policy_loss(trainable, ref_sums, batch):
-    sums = scoring.score(graphdef, trainable, *batch).sums
+    sums = scoring.score(graphdef, trainable, *batch, start=start).sums
     loss, _ = dpo.dpo_loss(sums[:b], sums[b:], ref_sums[:b], ref_sums[b:], beta=BETA)
     return loss, sums
 
   def reference_sums(ref_params, batch):
-    return jax.lax.stop_gradient(scoring.score(graphdef, ref_params, *batch).sums)
+    return jax.lax.stop_gradient(scoring.score(graphdef, ref_params, *batch, start=start).sums)
 
   def update(state, ref_params, batch):
     ref_sums = reference_sums(ref_params, batch)

@@ -14,7 +14,7 @@ same held-out seeds: mean reward, recognition rate, and diversity
 `alignjax.metrics.within_class_diversity`). The maths is
 in alignjax/algorithms/adjoint_matching_ddpm.py (the DDPM chain, eta = 1, `model.kind=eps`)
 and alignjax/algorithms/adjoint_matching.py (rectified flow, memoryless SDE, `model.kind=flow`;
-the UNet's time input follows experiments/pretrain_diffusion.py eq. 4).
+the UNet's time input follows alignjax/diffusion/flow.py eq. 8).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from alignjax import checkpoint, configs, finite, metrics, parallel, scripts, te
 from alignjax import workdir as workdir_lib
 from alignjax.algorithms import adjoint_matching as am_flow
 from alignjax.algorithms import adjoint_matching_ddpm as am_ddpm
-from alignjax.diffusion import samplers
+from alignjax.diffusion import digits_pretraining, flow, samplers
 from alignjax.models import classifier as classifier_lib
 from alignjax.models import io as model_io
 from alignjax.models import unet as unet_lib
@@ -42,7 +42,6 @@ from alignjax.models import unet as unet_lib
 scripts.make_importable(__file__, __package__)
 
 from experiments import common
-from experiments import pretrain_diffusion as pd
 
 MODEL_KINDS = ("eps", "flow")
 DIFFERENTIABLE_REWARDS = ("classifier", "brightness")
@@ -112,9 +111,7 @@ def load_models(config, mesh) -> tuple[common.DiffusionModels, float]:
   subdirectory of the cache). time_scale maps flow time to the UNet's timestep input."""
   if config.model.kind == "eps":
     return common.load_diffusion_models(config, mesh), 0.0
-  from experiments.configs.pretrain_diffusion import digits_flow
-
-  flow_config = digits_flow.get_config()
+  flow_config = digits_pretraining.default_config("flow")
   if config.model.init == "random":
     unet = testing.tiny_unet(seed=config.seed)
     classifier = testing.tiny_classifier(seed=config.seed + 1)
@@ -125,8 +122,9 @@ def load_models(config, mesh) -> tuple[common.DiffusionModels, float]:
         "seed": config.seed,
     }
   else:
-    cache = os.path.join(config.model.cache_dir, pd.FLOW_SUBDIR) if config.model.cache_dir else None
-    paths = pd.ensure_pretrained(cache, flow_config)
+    cache = config.model.cache_dir
+    cache = os.path.join(cache, digits_pretraining.FLOW_SUBDIR) if cache else None
+    paths = digits_pretraining.ensure_pretrained(cache, flow_config)
     unet = model_io.load_model(paths["unet_dir"], unet_lib.UNet, unet_lib.UNetConfig)
     classifier = model_io.load_model(
         paths["classifier_dir"], classifier_lib.DigitsClassifier, classifier_lib.ClassifierConfig
@@ -226,8 +224,8 @@ def train(config, workdir: str, devices) -> dict:
   else:
 
     def velocity(params, cond):
-      vel = pd.guided_velocity(
-          pd.unet_velocity(model_fn(params), time_scale), sample_cfg.guidance_scale, null_cond
+      vel = flow.guided_velocity(
+          flow.unet_velocity(model_fn(params), time_scale), sample_cfg.guidance_scale, null_cond
       )
       return lambda x, t: vel(x, t, cond)
 

@@ -16,28 +16,111 @@ from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 
 from alignjax import checkpoint, configs, finite, parallel, rewards, scripts, testing, training
-from alignjax.diffusion import schedules
+from alignjax.data import diffusion_prompts
+from alignjax.diffusion import backend as backend_lib
+from alignjax.diffusion import digits_pretraining, pipeline, schedules
 from alignjax.models import classifier as classifier_lib
 from alignjax.models import io as model_io
 from alignjax.models import unet as unet_lib
+from alignjax.rewards import configured
 
 MODEL_INITS = ("pretrained", "random")
 RANDOM_PRESETS = ("tiny",)
-REWARDS = ("classifier", "brightness", "jpeg_compressibility", "jpeg_incompressibility")
+FAMILIES = backend_lib.FAMILIES
+REWARDS = configured.REWARDS["digits"]  # the digits model's; REWARDS_BY_FAMILY for both
+REWARDS_BY_FAMILY = configured.REWARDS
 NUM_CLASSES = 10
 
 
+def family(config) -> str:
+  """The base model family: config.model.family, "digits" when the config predates it."""
+  return config.model.get("family", "digits")
+
+
 def validate_model_and_reward(config) -> None:
-  configs.check_choice(config, "model.init", MODEL_INITS)
-  configs.check_choice(config, "model.random_preset", RANDOM_PRESETS)
-  configs.check_choice(config, "reward.name", REWARDS)
-  if config.reward.name == "classifier" and not -1 <= config.reward.target < NUM_CLASSES:
-    raise configs.ConfigError(
-        f"config.reward.target={config.reward.target}: valid choices are -1 (the prompt's "
-        f"digit) or a digit 0..{NUM_CLASSES - 1}"
-    )
+  """The model and reward keys, for the digits model or a Stable Diffusion pipeline."""
+  configs.check_choice(config, "model.family", FAMILIES) if "family" in config.model else None
+  configs.check_choice(config, "reward.name", REWARDS_BY_FAMILY[family(config)])
+  if family(config) == "digits":
+    configs.check_choice(config, "model.init", MODEL_INITS)
+    configs.check_choice(config, "model.random_preset", RANDOM_PRESETS)
+    if config.reward.name == "classifier" and not -1 <= config.reward.target < NUM_CLASSES:
+      raise configs.ConfigError(
+          f"config.reward.target={config.reward.target}: valid choices are -1 (the prompt's "
+          f"digit) or a digit 0..{NUM_CLASSES - 1}"
+      )
+  else:
+    path = config.model.get("path", "")
+    if not path or not os.path.isdir(path):
+      raise configs.ConfigError(
+          f"config.model.path={path!r}: must be a diffusers Stable Diffusion pipeline "
+          "directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+      )
+    configs.check_choice(config, "model.compute_dtype", pipeline.COMPUTE_DTYPES)
   if config.reward.name.startswith("jpeg"):
     configs.check_positive(config, "reward.jpeg_quality", "reward.jpeg_upscale")
+  if config.mesh.get("tensor", 1) not in (1, -1):
+    raise configs.ConfigError(
+        f"config.mesh.tensor={config.mesh.tensor}: the diffusion models are not sharded over "
+        "a tensor axis; use mesh.fsdp to shard parameters and optimizer state (and mesh.data "
+        "for the batch)"
+    )
+
+
+def prompt_list(config) -> list[str]:
+  """The text prompts of config.prompts: a shipped set (`set`) or a file (`file`: .txt or
+  .jsonl), each formatted with `template` (alignjax.data.diffusion_prompts)."""
+  cfg = config.prompts
+  if cfg.get("file"):
+    subjects = diffusion_prompts.load_prompt_file(cfg.file)
+  else:
+    subjects = diffusion_prompts.prompt_set(cfg.set)
+  return diffusion_prompts.format_prompts(subjects, cfg.get("template", "{}"))
+
+
+def base_schedule(config) -> schedules.NoiseSchedule:
+  """The base model's noise schedule, before any model is loaded (for validation): the
+  digits UNet's (linear) or the pipeline directory's scheduler config."""
+  if family(config) == "digits":
+    return schedules.make_schedule("linear")
+  from alignjax.models.convert import sd_pipeline
+
+  path = os.path.join(config.model.path, "scheduler", sd_pipeline.SCHEDULER_FILE)
+  with open(path) as f:
+    return sd_pipeline.schedule_from_diffusers(json.load(f), path)[0]
+
+
+def _digits_export(directory: str, unet) -> None:
+  model_io.save_model(directory, unet, unet.config)
+
+
+def load_backend(config, mesh=None, rules=None):
+  """(backend, reward): the base model behind `alignjax.diffusion.backend`'s interface and
+  the configured reward (`alignjax.rewards.configured.ParamReward`, weights as arguments)."""
+  if family(config) == "stable_diffusion":
+    sampling = pipeline.SamplingConfig(
+        num_steps=config.sampling.num_steps,
+        guidance_scale=config.sampling.guidance_scale,
+        height=config.model.get("height") or None,
+        width=config.model.get("width") or None,
+        compute_dtype=config.model.get("compute_dtype", "float32"),
+        clip_skip=config.model.get("clip_skip") or None,
+    )
+    reward = configured.make_reward(config.reward, "stable_diffusion")
+    backend = backend_lib.load_stable_diffusion_backend(
+        config.model.path,
+        prompt_list(config),
+        sampling=sampling,
+        remat=bool(config.model.get("remat", False)),
+        variant=config.model.get("variant") or None,
+        mesh=mesh,
+        rules=rules,
+        extra_inputs=reward.extra_inputs,
+    )
+    return backend, reward
+  models = load_diffusion_models(config, mesh)
+  backend = backend_lib.digits_backend(models.unet, models.schedule, models.base, _digits_export)
+  return backend, configured.make_reward(config.reward, "digits", classifier=models.classifier)
 
 
 @dataclasses.dataclass
@@ -58,9 +141,7 @@ def load_diffusion_models(config, mesh=None) -> DiffusionModels:
     schedule = schedules.make_schedule("linear")
     base = {"init": "random", "preset": config.model.random_preset, "seed": config.seed}
   else:
-    from experiments import pretrain_diffusion  # pretrains on first use
-
-    paths = pretrain_diffusion.ensure_pretrained(config.model.cache_dir or None)
+    paths = digits_pretraining.ensure_pretrained(config.model.cache_dir or None)  # pretrains once
     unet = model_io.load_model(paths["unet_dir"], unet_lib.UNet, unet_lib.UNetConfig)
     classifier = model_io.load_model(
         paths["classifier_dir"], classifier_lib.DigitsClassifier, classifier_lib.ClassifierConfig
@@ -71,6 +152,9 @@ def load_diffusion_models(config, mesh=None) -> DiffusionModels:
         **checkpoint.frozen_model_metadata(paths["unet_dir"]),
         "classifier": checkpoint.frozen_model_metadata(paths["classifier_dir"]),  # the reward's
     }
+  if mesh is not None:  # the base weights live sharded from the start
+    graphdef, state = nnx.split(unet)
+    unet = nnx.merge(graphdef, jax.device_put(state, parallel.param_shardings(state, mesh)))
   cfg = unet.config
   return DiffusionModels(
       unet=unet,
@@ -93,22 +177,8 @@ def check_eval_batches(config) -> None:
 
 
 def make_reward(reward_cfg, classifier) -> rewards.Reward:
-  """The Reward named by `config.reward.name` (a small enum, see REWARDS)."""
-  if reward_cfg.name == "classifier":
-    graphdef, params = nnx.split(classifier)
-
-    def logits_fn(images):
-      return nnx.merge(graphdef, params)(images)
-
-    target = None if reward_cfg.target < 0 else int(reward_cfg.target)
-    return rewards.classifier_log_prob(logits_fn, target=target)
-  if reward_cfg.name == "brightness":
-    return rewards.brightness()
-  jpeg = {
-      "jpeg_compressibility": rewards.jpeg_compressibility,
-      "jpeg_incompressibility": rewards.jpeg_incompressibility,
-  }[reward_cfg.name]
-  return jpeg(quality=reward_cfg.jpeg_quality, upscale=reward_cfg.jpeg_upscale)
+  """The digits Reward named by `config.reward.name` with its weights bound (see REWARDS)."""
+  return configured.make_reward(reward_cfg, "digits", classifier=classifier).bind()
 
 
 def images_from(x: jax.Array) -> jax.Array:
@@ -134,9 +204,11 @@ def to_host_tree(tree):
 
 
 def export_finetuned(
-    workdir: str, graphdef, model_config, trainable, frozen, finetune: training.Finetune
+    workdir: str, graphdef, export, trainable, frozen, finetune: training.Finetune
 ):
-  """Saves the trainable leaves (final_params.npz) and the merged model (final_model/).
+  """Saves the trainable leaves (final_params.npz) and the merged model (final_model/):
+  `export(directory, model)` writes the family's format (a backend's `export`), or `export`
+  is the digits UNet's config.
 
   Raises NonFiniteError, writing nothing, if any value is NaN or infinite.
   """
@@ -144,7 +216,11 @@ def export_finetuned(
   leaves, _ = parallel.flatten_with_paths(trainable)
   np.savez(os.path.join(workdir, "final_params.npz"), **dict(leaves))
   model = nnx.merge(graphdef, finetune.params(trainable, frozen))
-  model_io.save_model(os.path.join(workdir, "final_model"), model, model_config)
+  directory = os.path.join(workdir, "final_model")
+  if callable(export):
+    export(directory, model)
+  else:
+    model_io.save_model(directory, model, export)
 
 
 class _Done:
@@ -159,34 +235,45 @@ class _Done:
 class RewardEvaluator:
   """Rewards for sampled images as float32 numpy [B], identical on every process.
 
-  Differentiable rewards run jitted on the device; host rewards (JPEG) run in a worker thread
-  (`submit`) so that the device goes on sampling the next batch meanwhile. In a multi-host job
-  each process scores its share of the batch and the rewards are all-gathered.
+  Differentiable rewards run jitted on the device, their weights passed as an argument
+  (`configured.ParamReward`); host rewards (JPEG) run in a worker thread (`submit`) so that
+  the device goes on sampling the next batch meanwhile. In a multi-host job each process
+  scores its share of the batch and the rewards are all-gathered.
   """
 
-  def __init__(self, reward: rewards.Reward, mesh):
+  def __init__(self, reward, mesh):
+    if isinstance(reward, rewards.Reward):  # weights (if any) already bound
+      bound = reward
+      reward = configured.ParamReward(
+          bound.name, lambda params, images, cond: bound.fn(images, cond), {}, bound.differentiable
+      )
+    if reward.differentiable and mesh is not None:  # the weights live on the run's devices
+      reward = dataclasses.replace(
+          reward, params=jax.device_put(reward.params, parallel.replicated(mesh))
+      )
     self.reward = reward
-    self._device_fn = reward.jitted() if reward.differentiable else None
+    self.name = reward.name
+    self._host_reward = None if reward.differentiable else reward.bind()
+    self._device_fn = jax.jit(reward.fn) if reward.differentiable else None
     self._pool = None if reward.differentiable else futures.ThreadPoolExecutor(max_workers=1)
 
-  def _host_rewards(self, images, prompts) -> np.ndarray:
-    images, prompts = to_host(images), to_host(prompts)
+  def _host_rewards(self, images) -> np.ndarray:
+    images = to_host(images)
     n, pid, count = images.shape[0], jax.process_index(), jax.process_count()
     lo, hi = n * pid // count, n * (pid + 1) // count
-    local = np.asarray(
-        rewards.evaluate_reward(self.reward, images[lo:hi], prompts[lo:hi]), np.float32
-    )
+    local = np.asarray(rewards.evaluate_reward(self._host_reward, images[lo:hi]), np.float32)
     if count == 1:
       return local
     return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
-  def submit(self, images, prompts):
+  def submit(self, images, cond):
     if self._device_fn is not None:
-      return _Done(to_host(self._device_fn(images, prompts)).astype(np.float32))
-    return self._pool.submit(self._host_rewards, images, prompts)
+      out = self._device_fn(self.reward.params, images, cond)
+      return _Done(to_host(out).astype(np.float32))
+    return self._pool.submit(self._host_rewards, images)
 
-  def __call__(self, images, prompts) -> np.ndarray:
-    return self.submit(images, prompts).result()
+  def __call__(self, images, cond) -> np.ndarray:
+    return self.submit(images, cond).result()
 
 
 def sharding_rules(config):
@@ -202,8 +289,9 @@ def validate_run_safety(config) -> None:
   configs.check_choice(config, "checkpoint.on_damage", checkpoint.ON_DAMAGE)
 
 
-def make_checkpointer(config, workdir: str, script: str, models: DiffusionModels):
-  """The run's Checkpointer: run identity = the script, the full config and the base model.
+def make_checkpointer(config, workdir: str, script: str, models):
+  """The run's Checkpointer: run identity = the script, the full config and the base model
+  (`models.base`: a backend's or DiffusionModels' metadata).
 
   The caller installs the preemption handler once the checkpoint (if any) is restored.
   """

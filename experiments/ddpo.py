@@ -22,6 +22,7 @@ from flax import nnx
 from alignjax import configs, finite, metrics, parallel, scripts, training
 from alignjax import workdir as workdir_lib
 from alignjax.algorithms import ddpo
+from alignjax.diffusion import backend as backend_lib
 from alignjax.diffusion import samplers
 
 scripts.make_importable(__file__, __package__)
@@ -72,7 +73,10 @@ def validate(config, num_devices: int) -> None:
         f"{round_batch} samples (sampling.batch_size × sampling.batches_per_round)"
     )
   pairs = (round_batch // config.ddpo.num_minibatches) * ddpo.num_train_steps(
-      config.sampling.num_steps, config.ddpo.timestep_fraction
+      config.sampling.num_steps,
+      config.ddpo.timestep_fraction,
+      schedule=common.base_schedule(config),
+      eta=config.sampling.eta,
   )
   if pairs % config.ddpo.num_microbatches:
     raise configs.ConfigError(
@@ -124,19 +128,17 @@ def train(config, workdir: str, devices) -> dict:
   replicated = parallel.replicated(mesh)
 
   # ---------------------------------------------------------------- models and reward
-  models = common.load_diffusion_models(config, mesh)
-  graphdef, base_params = nnx.split(models.unet)
-  reward = common.make_reward(config.reward, models.classifier)
-  schedule = models.schedule
+  rules = common.sharding_rules(config)
+  backend, reward = common.load_backend(config, mesh, rules)
+  graphdef, base_params = nnx.split(backend.denoiser)
+  schedule = backend.schedule
   sample_cfg = config.sampling
-  null_cond = models.num_classes
+  null_cond = backend.null_cond
 
   finetune = training.Finetune.from_config(config.finetune)
 
   def eps_fn_builder(trainable, frozen):
-    params = finetune.params(trainable, frozen)
-    model = nnx.merge(graphdef, params)
-    return lambda x, t, c: model(x, t, c)
+    return backend.eps_fn(nnx.merge(graphdef, finetune.params(trainable, frozen)))
 
   # ---------------------------------------------------------------- train state
   optimizer = training.make_optimizer(config.optimizer)
@@ -144,10 +146,9 @@ def train(config, workdir: str, devices) -> dict:
   eval_key = jax.random.fold_in(eval_key, config.eval.seed)
 
   def init_state(base_params):
-    trainable, frozen = finetune.split(base_params, init_key)
+    trainable, frozen = finetune.split(base_params, init_key, backend.lora_plan)
     return training.TrainState.create(trainable, optimizer, init_key), frozen
 
-  rules = common.sharding_rules(config)
   state_shapes, frozen_shapes = jax.eval_shape(init_state, base_params)
   state_shardings = parallel.param_shardings(state_shapes, mesh, rules)
   frozen_shardings = parallel.param_shardings(frozen_shapes, mesh, rules)
@@ -166,13 +167,19 @@ def train(config, workdir: str, devices) -> dict:
         schedule,
         cond,
         key,
-        shape=models.image_shape,
+        shape=backend.latent_shape,
         num_steps=sample_cfg.num_steps,
         eta=sample_cfg.eta,
         clip_sample=sample_cfg.clip_sample,
     )
 
-  cond_shape = jax.ShapeDtypeStruct((sample_cfg.batch_size,), jnp.int32)
+  def draw_prompts(seed_key, num) -> backend_lib.PromptBatch:
+    """Prompts drawn on the host from a key, so every process draws the same ones."""
+    return backend.prompts.train(int(jax.random.randint(seed_key, (), 0, 2**31 - 1)), num)
+
+  cond_shape = jax.eval_shape(
+      lambda c: c, backend.condition(backend.prompts.eval(0, sample_cfg.batch_size))
+  )
   traj_sharding = jax.tree_util.tree_map(
       lambda _: batch_sharding,
       jax.eval_shape(sample_batch, state.params, frozen, sample_key, cond_shape),
@@ -182,7 +189,8 @@ def train(config, workdir: str, devices) -> dict:
   )
   compiler_options = dict(config.compiler_options) or None
   sample_fn = jax.jit(sample_batch, out_shardings=traj_sharding, compiler_options=compiler_options)
-  decode_fn = jax.jit(common.images_from, out_shardings=batch_sharding)
+  decoder_params = backend.decoder_params
+  decode_fn = jax.jit(backend.decode, out_shardings=batch_sharding)
   epoch_fn = jax.jit(
       finite.guard(
           ddpo.make_epoch_fn(
@@ -210,24 +218,20 @@ def train(config, workdir: str, devices) -> dict:
   )
   rewards_fn = common.RewardEvaluator(reward, mesh)
 
-  def draw_prompts(seed_key, num) -> jax.Array:
-    """Class ids drawn on the host from a key, so every process draws the same ones."""
-    seed = int(jax.random.randint(seed_key, (), 0, 2**31 - 1))
-    cond = np.random.default_rng(seed).integers(0, models.num_classes, num, dtype=np.int32)
-    return common.global_array(cond, batch_sharding)
-
   def evaluate(trainable, num_samples):
-    """(rewards [num_samples], within-class diversity (alignjax.metrics eq. 2), images) on
-    held-out seeds: fixed keys, every digit in turn, same sampler as training. Batch b always
-    draws the same seeds, so a smaller `num_samples` evaluates the first of the same seeds."""
+    """(rewards [num_samples], within-prompt diversity (alignjax.metrics eq. 2), images) on
+    held-out seeds: fixed keys, the prompts in turn (every digit, or the prompt list), same
+    sampler as training. Batch b always draws the same seeds, so a smaller `num_samples`
+    evaluates the first of the same seeds."""
     rewards_, images, labels = [], [], []
     for b in range(num_samples // sample_cfg.batch_size):
-      cond = (np.arange(sample_cfg.batch_size) + b * sample_cfg.batch_size) % models.num_classes
-      cond = common.global_array(cond.astype(np.int32), batch_sharding)
-      batch = decode_fn(sample_fn(trainable, frozen, jax.random.fold_in(eval_key, b), cond).final)
+      prompts = backend.prompts.eval(b, sample_cfg.batch_size)
+      cond = backend.condition(prompts, batch_sharding)
+      traj = sample_fn(trainable, frozen, jax.random.fold_in(eval_key, b), cond)
+      batch = decode_fn(decoder_params, traj.final)
       rewards_.append(rewards_fn(batch, cond))
       images.append(common.to_host(batch))
-      labels.append(common.to_host(cond))
+      labels.append(prompts.labels)
     images = np.concatenate(images)
     diversity = metrics.within_class_diversity(images, np.concatenate(labels))
     return np.concatenate(rewards_), diversity, images
@@ -240,17 +244,17 @@ def train(config, workdir: str, devices) -> dict:
     host["eval_history"].append([round_, float(np.mean(rewards_[:curve_samples]))])
 
   def write_eval_images(step, name, images):
-    # eval prompts cycle through the digits: with one column per class, column c shows digit c
+    # eval prompts cycle through the prompts: for digits, column c shows digit c
     writer.write_images(
         step,
         name,
         images[: config.log.num_images],
-        ncols=models.num_classes,
+        ncols=backend.image_columns,
         scale=config.log.image_scale,
     )
 
   # ---------------------------------------------------------------- restore or start
-  ckpt = common.make_checkpointer(config, workdir, "experiments.ddpo", models)
+  ckpt = common.make_checkpointer(config, workdir, "experiments.ddpo", backend)
   host = {
       "round": 0,
       "tracker": None,
@@ -297,58 +301,61 @@ def train(config, workdir: str, devices) -> dict:
   ):
     t0 = time.perf_counter()
     round_key = jax.random.fold_in(sample_key, round_)
-    trajs, pending = [], []
+    trajs, pending, keys = [], [], []
     for b in range(sample_cfg.batches_per_round):  # host rewards overlap the next batch
       batch_key = jax.random.fold_in(round_key, b)
-      traj = sample_fn(
-          state.params,
-          frozen,
-          batch_key,
-          draw_prompts(jax.random.fold_in(batch_key, 1), sample_cfg.batch_size),
-      )
+      prompts = draw_prompts(jax.random.fold_in(batch_key, 1), sample_cfg.batch_size)
+      cond = backend.condition(prompts, batch_sharding)
+      traj = sample_fn(state.params, frozen, batch_key, cond)
       trajs.append(traj)
-      pending.append(rewards_fn.submit(decode_fn(traj.final), traj.cond))
+      keys.append(prompts.keys)
+      pending.append(rewards_fn.submit(decode_fn(decoder_params, traj.final), cond))
     traj = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *trajs)
     traj = traj.replace(
         timesteps=trajs[0].timesteps, prev_timesteps=trajs[0].prev_timesteps, stds=trajs[0].stds
     )
     rewards = np.concatenate([p.result() for p in pending])
-    prompts = common.to_host(traj.cond)
     if config.ddpo.per_prompt_stat_tracking:
-      advantages = tracker.update(prompts, rewards)
+      advantages = tracker.update(list(np.concatenate(keys)), rewards)
     else:
       advantages = ddpo.batch_advantages(rewards)
     advantages = np.clip(advantages, -config.ddpo.adv_clip_max, config.ddpo.adv_clip_max)
     advantages = common.global_array(advantages, batch_sharding)
     t_sample = time.perf_counter() - t0
 
+    epochs = []  # every inner epoch's metrics, each [num_minibatches]
     for _ in range(config.ddpo.inner_epochs):
       state, epoch_metrics, nonfinite = epoch_fn(state, frozen, traj, advantages)
       common.check_finite(monitor, round_ + 1, nonfinite, ckpt, writer)
-    epoch_metrics = jax.device_get(epoch_metrics)
+      epochs.append(epoch_metrics)
+    epochs = jax.device_get(epochs)
     scalars = {
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
-        **{k: float(np.mean(v)) for k, v in epoch_metrics.items()},
+        **{k: float(np.mean([e[k] for e in epochs])) for k in epochs[0]},
         "seconds_sampling": t_sample,
         "seconds_round": time.perf_counter() - t0,
         "finite/skipped_rounds": monitor.skipped,
     }
-    scalars["ratio_min"] = float(np.min(epoch_metrics["ratio_min"]))
-    scalars["ratio_max"] = float(np.max(epoch_metrics["ratio_max"]))
+    scalars["ratio_min"] = float(min(np.min(e["ratio_min"]) for e in epochs))
+    scalars["ratio_max"] = float(max(np.max(e["ratio_max"]) for e in epochs))
     # The first minibatch is on-policy: |ρ − 1| there measures sampler/trainer mismatch.
+    first = epochs[0]
     scalars["on_policy_ratio_error"] = float(
-        max(abs(epoch_metrics["ratio_max"][0] - 1.0), abs(epoch_metrics["ratio_min"][0] - 1.0))
+        max(abs(first["ratio_max"][0] - 1.0), abs(first["ratio_min"][0] - 1.0))
     )
+    if len(epochs) > 1:  # each inner epoch's means, to see the policy drift within a round
+      for i, e in enumerate(epochs):
+        scalars.update({f"inner_epoch_{i}/{k}": float(np.mean(v)) for k, v in e.items()})
     writer.write_scalars(round_ + 1, scalars)
     host["history"].append([round_ + 1, scalars["reward_mean"]])
     if (round_ + 1) % config.log.image_every == 0:
-      images = common.to_host(decode_fn(traj.final))
+      images = common.to_host(decode_fn(decoder_params, traj.final))
       writer.write_images(
           round_ + 1,
           "train",
           images[: config.log.num_images],
-          ncols=models.num_classes,
+          ncols=backend.image_columns,
           scale=config.log.image_scale,
       )
     # Held-out points for the curve, saved with the round's checkpoint; the last round is
@@ -406,7 +413,7 @@ def train(config, workdir: str, devices) -> dict:
         workdir, "DDPO", reward.name, host, final_reward, config, eval_history=eval_history
     )
     common.export_finetuned(
-        workdir, graphdef, models.unet.config, trainable, common.to_host_tree(frozen), finetune
+        workdir, graphdef, backend.export, trainable, common.to_host_tree(frozen), finetune
     )
   writer.close()
   return {

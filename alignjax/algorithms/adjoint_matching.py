@@ -45,19 +45,25 @@ independently, M of the K steps without replacement; the Monte-Carlo estimate of
 with C the per-(sample, time) loss clip (∞ disables it; clipped terms give no gradient).
 Any σ > 0 may be used (e.g. a constant) to study the bias of non-memoryless fine-tuning:
 then p* carries the initial value-function bias of the paper and is NOT the tilted law.
+
+Conditional models (`make_conditional_update_fn`) take the conditioning as a pytree whose
+leaves are all [B, ...] (class ids [B], or text embeddings with their token ids), as in
+alignjax.diffusion.samplers; the loss's B·M rows repeat every leaf sample-major. The
+builders are called once for the sampled trajectory and once for the loss, outside every
+scan, so a LoRA merge they perform runs twice per update, not once per step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alignjax.diffusion import flow
+from alignjax.diffusion import flow, samplers
 from alignjax.diffusion.schedules import expand_like
 from alignjax.training import TrainState
 
@@ -233,8 +239,9 @@ def make_conditional_update_fn(
   The builders also receive the conditioning of the rows they are applied to (e.g. class
   ids), since a VelFn v(x, t) closes over it: `vel_fn_builder(trainable, frozen, cond)`,
   `base_vel_fn_builder(frozen, cond)`, `reward_fn_builder(frozen, cond)`. One step samples
-  len(cond) = B trajectories; the loss (eq. 6) evaluates the velocities on the B·M
-  subsampled (sample, time) rows, sample-major, so its builders get `jnp.repeat(cond, M)`.
+  B trajectories (cond: a pytree of [B, ...] leaves, `samplers.batch_size`); the loss (eq. 6)
+  evaluates the velocities on the B·M subsampled (sample, time) rows, sample-major, so its
+  builders get every leaf repeated, `jnp.repeat(leaf, M, axis=0)`.
   """
   if sigma_fn is None:
     sigma_fn = flow.memoryless_sigma(1.0 / num_steps)
@@ -245,10 +252,10 @@ def make_conditional_update_fn(
         "divides by σ; σ = 0 (the ODE) has no Adjoint Matching loss"
     )
 
-  def update(state: TrainState, frozen, key: jax.Array, cond: jax.Array):
+  def update(state: TrainState, frozen, key: jax.Array, cond: Any):
     k_x0, k_sde, k_sub = jax.random.split(key, 3)
     base_vel, reward_fn = base_vel_fn_builder(frozen, cond), reward_fn_builder(frozen, cond)
-    x0 = jax.random.normal(k_x0, (cond.shape[0],) + tuple(shape), jnp.float32)
+    x0 = jax.random.normal(k_x0, (samplers.batch_size(cond),) + tuple(shape), jnp.float32)
     traj = sample_memoryless(
         vel_fn_builder(state.params, frozen, cond),
         x0,
@@ -258,7 +265,8 @@ def make_conditional_update_fn(
     )
     adj = lean_adjoint(base_vel, traj, terminal_adjoint(reward_fn, traj.final, lam), sigma_fn)
 
-    rows = jnp.repeat(cond, num_steps if num_timesteps is None else num_timesteps, axis=0)
+    m = num_steps if num_timesteps is None else num_timesteps
+    rows = jax.tree_util.tree_map(lambda c: jnp.repeat(c, m, axis=0), cond)
 
     def loss_fn(params):
       return adjoint_matching_loss(

@@ -58,12 +58,19 @@ draws, per trajectory, M of the K steps without replacement; the estimate of (6)
 with C the per-(sample, step) clip (∞ disables it; clipped terms give no gradient). With
 σ_k ≈ σ(t)√h, (6) is the flow module's eq. 6 on the DDPM chain: ‖u_k + σ_k ã‖² = h ‖u + σ ã‖²
 for the continuous control u.
+
+The conditioning c is a pytree whose leaves are all [B, ...] (class ids [B], or text
+embeddings with their token ids), as in alignjax.diffusion.samplers; the ε functions and the
+reward receive it whole (guidance, with a null condition of c's structure, lives inside the
+EpsFns: `samplers.classifier_free_guidance`). LoRA-style parameter transforms need no special
+option here: `eps_fn_builder(params, frozen)` is called once for the sampled chain and once
+for the loss, outside every scan, so a merge it performs runs twice per update, not per step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +88,7 @@ from alignjax.diffusion.schedules import (
 from alignjax.training import TrainState
 
 EpsFn = samplers.EpsFn
-CondRewardFn = Callable[[jax.Array, jax.Array], jax.Array]  # r(x [B, ...], cond [B]) -> [B]
+CondRewardFn = Callable[[jax.Array, Any], jax.Array]  # r(x [B, ...], cond) -> [B]
 
 
 def _check_eta(eta) -> float:
@@ -100,7 +107,7 @@ def step_mean(
     x: jax.Array,
     t: jax.Array,
     prev_t: jax.Array,
-    cond: jax.Array,
+    cond: Any,
     *,
     eta: float = 1.0,
     clip_sample=None,
@@ -115,7 +122,7 @@ def step_mean(
 def sample_chain(
     eps_fn: EpsFn,
     schedule: NoiseSchedule,
-    cond: jax.Array,
+    cond: Any,
     key: jax.Array,
     *,
     shape: tuple[int, ...],
@@ -137,7 +144,7 @@ def sample_chain(
   return jax.lax.stop_gradient(traj)
 
 
-def terminal_adjoint(reward_fn: CondRewardFn, x: jax.Array, cond: jax.Array, lam) -> jax.Array:
+def terminal_adjoint(reward_fn: CondRewardFn, x: jax.Array, cond: Any, lam) -> jax.Array:
   """ã_K = −λ ∇r(X_K) of eq. 5 (per example: r is applied row by row)."""
   return -lam * jax.grad(lambda y: jnp.sum(reward_fn(y, cond)))(x)
 
@@ -204,7 +211,7 @@ def adjoint_matching_loss(
   x = take(traj.latents[:, :-1]).reshape((batch * m,) + traj.latents.shape[2:])
   a = take(adjoint[:, 1:]).reshape(x.shape)  # ã_{k+1}, eq. 6
   t, prev_t = traj.timesteps[idx].reshape(-1), traj.prev_timesteps[idx].reshape(-1)
-  cond = jnp.repeat(traj.cond, m)
+  cond = jax.tree_util.tree_map(lambda c: jnp.repeat(c, m, axis=0), traj.cond)  # sample-major
   std = samplers.ddim_std(schedule, t, prev_t, eta)  # samplers eq. 2
   stochastic = std > 0
   safe_std = jnp.where(stochastic, std, 1.0)
@@ -242,10 +249,11 @@ def make_update_fn(
 
   `eps_fn_builder(trainable, frozen)` gives ε_θ and `base_eps_fn_builder(frozen)` the frozen
   ε_base (EpsFns, guidance included if wanted); `reward_fn_builder(frozen)` gives the
-  differentiable r(x [B, ...], cond [B]) -> [B] (x in the model's space; reward weights are
-  frozen arguments, not constants of the compiled step). One step samples len(cond) chains of
-  shape [B, *shape] from ε_θ (eq. 1, stop-gradient), solves eq. 5 and takes one optimizer step
-  on eq. 8. Pure: jit it, donating the state.
+  differentiable r(x [B, ...], cond) -> [B] (x in the model's space; reward weights are
+  frozen arguments, not constants of the compiled step). cond is a pytree of [B, ...] leaves
+  (`samplers.batch_size`). One step samples B chains of shape [B, *shape] from ε_θ (eq. 1,
+  stop-gradient), solves eq. 5 and takes one optimizer step on eq. 8. Pure: jit it,
+  donating the state.
   """
   eta = _check_eta(eta)
   if not isinstance(num_steps, int) or num_steps < 1:
@@ -265,7 +273,7 @@ def make_update_fn(
         "so the control (eq. 2) is undefined everywhere"
     )
 
-  def update(state: TrainState, frozen, key: jax.Array, cond: jax.Array):
+  def update(state: TrainState, frozen, key: jax.Array, cond: Any):
     k_chain, k_sub = jax.random.split(key)
     base_eps, reward_fn = base_eps_fn_builder(frozen), reward_fn_builder(frozen)
     traj = sample_chain(

@@ -26,9 +26,22 @@ Diagnostics:
 
   (6)  approx_kl = ½ E[(log π_θ − log π_old)²],   clipfrac = E[ |ρ − 1| > ε ].
 
-One inner epoch shuffles the samples, draws a random subset of `timestep_fraction · T` steps
-for every sample (independently per sample), flattens samples × steps into one batch per
-minibatch, and takes one optimizer step per minibatch — all inside one jitted program.
+Which steps train. A step with σ_t = 0 (samplers eq. 2: every step when eta = 0, and the last
+one when the chain ends at abar = 1, the default `set_alpha_to_one=True`, e.g. the digits'
+"linear" schedule) is deterministic: its log π is defined as 0 (samplers eq. 6), so ρ = 1 and
+its gradient is 0 in (4)-(5); it would only dilute the means of (4)-(6). Only the stochastic
+steps train, and `timestep_fraction` f is a fraction of those:
+
+  (7)  S = {i : σ_{τ_i} > 0} (0-based trajectory steps, τ_i the i-th inference timestep),
+       n = max(1, ⌊f · |S|⌋) steps per sample, drawn uniformly without replacement from S.
+
+S depends only on the schedule, T and eta, so it is computed on the host while tracing
+(`stochastic_steps`) and n is static. With every step stochastic (Stable Diffusion's
+set_alpha_to_one=False, steps_offset=1) S is all T steps and (7) draws exactly as before.
+
+One inner epoch shuffles the samples, draws n steps of S for every sample (independently per
+sample), flattens samples × steps into one batch per minibatch, and takes one optimizer step
+per minibatch — all inside one jitted program.
 """
 
 from __future__ import annotations
@@ -42,7 +55,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from alignjax.diffusion import samplers
+from alignjax.diffusion import samplers, schedules
 from alignjax.diffusion.schedules import NoiseSchedule
 from alignjax.training import TrainState
 
@@ -136,11 +149,50 @@ def policy_diagnostics(log_prob, old_log_prob, clip_range) -> dict[str, jax.Arra
 # --------------------------------------------------------------------------- training pairs
 
 
-def num_train_steps(num_steps: int, timestep_fraction: float) -> int:
-  """How many of a trajectory's T steps train per sample and epoch (at least one)."""
+def stochastic_steps(schedule: NoiseSchedule, num_steps: int, eta: float) -> np.ndarray:
+  """S of rule (7): the indices (ascending ints) of the T-step chain's steps with σ > 0.
+
+  Evaluated on the host with the sampler's own σ (samplers.ddim_std) at the sampler's
+  inference timesteps, so it agrees with the trajectory's `stds`; the schedule and eta must be
+  concrete (also when called while tracing).
+  """
+  n, offset = schedule.num_train_timesteps, schedule.steps_offset
+  t = schedules.inference_timesteps(n, num_steps, offset)
+  prev_t = schedules.inference_prev_timesteps(n, num_steps, offset)
+  try:
+    with jax.ensure_compile_time_eval():
+      std = np.asarray(samplers.ddim_std(schedule, t, prev_t, eta))
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as e:
+    raise ValueError(
+        "stochastic_steps needs a concrete schedule and eta (they decide statically which "
+        "steps train, rule (7)); build the epoch function outside jit"
+    ) from e
+  return np.flatnonzero(std > 0)
+
+
+def num_train_steps(
+    num_steps: int,
+    timestep_fraction: float,
+    *,
+    schedule: NoiseSchedule | None = None,
+    eta: float = 1.0,
+) -> int:
+  """n of rule (7): how many steps of a T-step trajectory train per sample and epoch (>= 1).
+
+  With `schedule` (and the sampler's eta) n counts only the stochastic steps S; without it
+  every one of the T steps is taken to be stochastic (true of Stable Diffusion's schedule,
+  not of a schedule ending at abar = 1 such as the digits' "linear" one, where |S| = T − 1).
+  """
   if not 0.0 < timestep_fraction <= 1.0:
     raise ValueError(f"timestep_fraction={timestep_fraction}: must lie in (0, 1]")
-  return max(1, int(num_steps * timestep_fraction))
+  trainable = num_steps if schedule is None else len(stochastic_steps(schedule, num_steps, eta))
+  if trainable == 0:
+    raise ValueError(
+        f"none of the {num_steps} denoising steps is stochastic (σ = 0 for all, eta={eta}): "
+        "DDPO has no policy gradient to follow; use eta > 0 and more steps, or a schedule "
+        "with set_alpha_to_one=False"
+    )
+  return max(1, int(trainable * timestep_fraction))  # rule (7)
 
 
 def training_pairs(
@@ -150,20 +202,46 @@ def training_pairs(
     *,
     timestep_fraction: float,
     num_minibatches: int,
+    steps: Sequence[int] | np.ndarray | None = None,
 ) -> dict[str, jax.Array]:
   """Shuffled (sample, step) pairs, shaped [num_minibatches, pairs_per_minibatch, ...].
 
-  A minibatch holds B / num_minibatches whole samples with `num_train_steps` randomly chosen
-  steps each, so one optimizer step sees every training step of its samples, as in DDPO.
+  A minibatch holds B / num_minibatches whole samples with n randomly chosen steps of S each
+  (rule 7), so one optimizer step sees every training step of its samples, as in DDPO.
+
+  steps: S, the trajectory steps that may train (static ints), normally
+    `stochastic_steps(schedule, T, eta)`; None reads it from `traj.stds > 0`, which needs a
+    concrete trajectory (not under jit).
   """
   batch, num_steps = traj.log_probs.shape
   if batch % num_minibatches:
     raise ValueError(f"batch {batch} does not split into num_minibatches={num_minibatches}")
-  n_train = num_train_steps(num_steps, timestep_fraction)
+  if steps is None:
+    try:
+      steps = np.flatnonzero(np.asarray(traj.stds) > 0)
+    except jax.errors.TracerArrayConversionError as e:
+      raise ValueError(
+          "training_pairs under jit needs steps=stochastic_steps(schedule, T, eta) "
+          "(which steps train is decided statically, rule (7))"
+      ) from e
+  steps = np.asarray(steps, np.int32)
+  if steps.size == 0:
+    raise ValueError(f"no step of the {num_steps} may train: all have σ = 0 (rule 7)")
+  if (
+      steps.ndim != 1
+      or len(np.unique(steps)) != steps.size
+      or not (0 <= steps.min() and steps.max() < num_steps)
+  ):
+    raise ValueError(f"steps={steps.tolist()}: need distinct step indices in [0, {num_steps})")
+  if not 0.0 < timestep_fraction <= 1.0:
+    raise ValueError(f"timestep_fraction={timestep_fraction}: must lie in (0, 1]")
+  n_train = max(1, int(steps.size * timestep_fraction))  # rule (7)
   key_samples, key_steps = jax.random.split(key)
   rows = jax.random.permutation(key_samples, batch)
   step_keys = jax.random.split(key_steps, batch)
-  steps = jax.vmap(lambda k: jax.random.permutation(k, num_steps)[:n_train])(step_keys)
+  # With S = all T steps, jnp.asarray(steps)[perm] = perm: the same draws as without (7).
+  pick = lambda k: jnp.asarray(steps)[jax.random.permutation(k, steps.size)[:n_train]]
+  steps = jax.vmap(pick)(step_keys)
   rows = jnp.broadcast_to(rows[:, None], steps.shape)
   pairs = {
       "x_t": traj.latents[rows, steps],
@@ -171,7 +249,7 @@ def training_pairs(
       "t": traj.timesteps[steps],
       "prev_t": traj.prev_timesteps[steps],
       "old_log_prob": traj.log_probs[rows, steps],
-      "cond": traj.cond[rows],
+      "cond": jax.tree_util.tree_map(lambda c: c[rows], traj.cond),  # a pytree of [B, ...]
       "advantages": advantages[rows],
   }
   return jax.tree_util.tree_map(lambda x: x.reshape((num_minibatches, -1) + x.shape[2:]), pairs)
@@ -203,6 +281,9 @@ def make_epoch_fn(
   `eps_fn_builder(trainable, frozen)` returns the model's unguided EpsFn; guidance is applied
   here exactly as at sampling time. Jit the result with the state donated. Each minibatch's
   gradient is accumulated over `num_microbatches` chunks (a `lax.scan`) to bound memory.
+  Only the stochastic steps of `schedule` at `eta` train (rule 7): a minibatch holds
+  B / num_minibatches × num_train_steps(T, timestep_fraction, schedule=schedule, eta=eta)
+  pairs, which num_microbatches must divide.
 
   minibatch_loop: "unrolled" (default) writes the minibatch steps one after the other into
   the program; "scan" loops over them with `lax.scan` (a program whose size does not grow with
@@ -272,8 +353,23 @@ def make_epoch_fn(
 
   def epoch(state: TrainState, frozen, traj: samplers.Trajectory, advantages: jax.Array):
     key = jax.random.fold_in(state.key, state.step)
+    batch, num_steps = traj.log_probs.shape
+    trainable_steps = stochastic_steps(schedule, num_steps, eta)  # rule (7), static
+    n_train = num_train_steps(num_steps, timestep_fraction, schedule=schedule, eta=eta)
+    samples = batch // num_minibatches
+    if batch % num_minibatches == 0 and (samples * n_train) % num_microbatches:
+      raise ValueError(
+          f"num_microbatches={num_microbatches} must divide the {samples * n_train} (sample, "
+          f"step) pairs of a minibatch: {samples} samples × {n_train} of the "
+          f"{len(trainable_steps)} stochastic steps (rule 7)"
+      )
     pairs = training_pairs(
-        traj, advantages, key, timestep_fraction=timestep_fraction, num_minibatches=num_minibatches
+        traj,
+        advantages,
+        key,
+        timestep_fraction=timestep_fraction,
+        num_minibatches=num_minibatches,
+        steps=trainable_steps,
     )
     pairs = constrain(pairs, P(None, data_axes))
     if minibatch_loop == "scan":

@@ -50,6 +50,31 @@ with D the number of elements of one sample and the states x_i those of the DRaF
 Gaussian steps of equal variance this is, up to a per-step constant factor, the KL divergence
 between the fine-tuned and base transition kernels at the visited states.
 
+Conditioning c is a pytree whose leaves are all [B, ...] (class ids [B]; for text models e.g.
+{"text": embeddings [B, S, D], "prompt_ids": token ids [B, S]}), as in alignjax.diffusion.
+samplers (`samplers.batch_size`); `null_cond` is one example's null condition of the same
+structure (samplers eq. 7), and DRaFT-LV tiles every leaf n times. The reward sees the same
+pytree and picks the leaves it needs.
+
+Decoding and the reward. The reward of eq. 2 is taken of decode(x_T), differentiably:
+
+  (6)  r_b = reward(decode(x_T)_b, c_b),   decode = clip((x + 1) / 2, 0, 1) by default,
+
+with `decode_builder(frozen) -> decode` (e.g. a VAE decoder for a latent model) and
+`reward_builder(frozen) -> reward` built from `frozen`, a jit argument, so decoder and reward
+weights are data of the compiled step rather than constants baked into it; a plain
+`reward_fn(images, c)` closure is the alternative to `reward_builder` (exactly one of the two).
+
+Parameter transforms (`prepare`). With LoRA the model's weights are a function of the
+trainable factors, W = W_0 + A B. Building the model inside every step of the chain would
+recompute that merge in every scanned step (and again in the rematerialised backward pass).
+`prepare(trainable, frozen) -> prepared` computes it ONCE per loss evaluation, outside the
+scans and differentiably (the gradient flows back through it to `trainable`), and every step
+then builds its EpsFn as `eps_fn_builder(prepared, frozen)`; the no-gradient first T − K
+steps use stop_gradient(prepared). Without `prepare`, `eps_fn_builder(trainable, frozen)` is
+called in each step. `sample_differentiable` and `lv_denoise` take whatever the builder takes
+(pass them prepared parameters).
+
 Memory: the steps in W run inside one `lax.scan` whose body is wrapped in `jax.checkpoint`
 with a policy from `REMAT_POLICIES` ("none": no rematerialisation, activations of every step
 are stored; "full": only each step's input x_i is stored and the step is recomputed in the
@@ -109,6 +134,9 @@ def _int(name: str, value, minimum: int) -> int:
 def _check_options(
     *,
     reward_fn,
+    reward_builder=None,
+    decode_builder=None,
+    prepare=None,
     num_steps,
     truncation_k,
     lv_samples,
@@ -137,15 +165,25 @@ def _check_options(
           f"truncation_k={truncation_k} (use None or 1)"
       )
     k = 0  # the whole chain runs without gradient, eq. 4
+  if (reward_fn is None) == (reward_builder is None):
+    raise ValueError(
+        "give exactly one of reward_fn (images, cond) -> [B] and reward_builder(frozen) -> "
+        f"reward; got reward_fn={type(reward_fn).__name__}, "
+        f"reward_builder={type(reward_builder).__name__}"
+    )
   if isinstance(reward_fn, Reward) and not reward_fn.differentiable:
     raise ValueError(
         f"reward {reward_fn.name!r} is a host reward; DRaFT needs a "
         "differentiable reward (Reward.differentiable=True)"
     )
-  if not callable(reward_fn):
-    raise TypeError(
-        f"reward_fn must be callable (images, prompts) -> [B]; got " f"{type(reward_fn).__name__}"
-    )
+  for name, fn, kind in (
+      ("reward_fn", reward_fn, "(images, cond) -> [B]"),
+      ("reward_builder", reward_builder, "(frozen) -> reward (images, cond) -> [B]"),
+      ("decode_builder", decode_builder, "(frozen) -> decode (x) -> images"),
+      ("prepare", prepare, "(trainable, frozen) -> prepared parameters"),
+  ):
+    if fn is not None and not callable(fn):
+      raise TypeError(f"{name} must be None or callable {kind}; got {type(fn).__name__}")
   if not 0.0 <= float(eta) <= 1.0:
     raise ValueError(f"eta={eta}: must lie in [0, 1] (0: deterministic DDIM, as in DRaFT)")
   if not (
@@ -185,7 +223,7 @@ def _step_fn(
     penalty: bool,
 ):
   """Φ_i of eq. 1 as a scan body: (x, (t, prev_t, key)) -> (x_prev, penalty term of eq. 5)."""
-  batch = cond.shape[0]
+  batch = samplers.batch_size(cond)
 
   def step(x, inputs):
     t, prev_t, key = inputs
@@ -214,14 +252,14 @@ def sample_differentiable(
     trainable,
     frozen,
     schedule: NoiseSchedule,
-    cond: jax.Array,
+    cond: Any,
     key: jax.Array,
     *,
     num_steps: int,
     truncation_k: int | None = None,
     eta: float = 0.0,
     guidance_scale: float = 1.0,
-    null_cond: int = 10,
+    null_cond: Any = 10,
     shape: tuple[int, ...],
     remat_policy: str = "full",
     base_eps_fn_builder: Callable | None = None,
@@ -232,15 +270,14 @@ def sample_differentiable(
   """The DDIM chain of eq. 1 with gradients through its last K steps (eq. 3).
 
   Returns (x_T [B, *shape], R) with R the penalty of eq. 5 over the last K steps (0 unless
-  kl). truncation_k=None differentiates every step. x_0 ~ N(0, I) is drawn from `key`
-  (float32) unless `initial_latents` is given; per-step noise (eta > 0) from keys split
-  from it.
+  kl). truncation_k=None differentiates every step. cond: a pytree of [B, ...] leaves;
+  `trainable` is what eps_fn_builder takes (the prepared parameters when using `prepare`).
+  x_0 ~ N(0, I) is drawn from `key` (float32) unless `initial_latents` is given; per-step
+  noise (eta > 0) from keys split from it.
   """
   k = num_steps if truncation_k is None else truncation_k
-  cond = jnp.asarray(cond)
-  if cond.ndim != 1:
-    raise ValueError(f"cond must be [B], got shape {cond.shape}")
-  full_shape = (cond.shape[0],) + tuple(int(d) for d in shape)
+  cond = jax.tree_util.tree_map(jnp.asarray, cond)
+  full_shape = (samplers.batch_size(cond),) + tuple(int(d) for d in shape)
   n, offset = schedule.num_train_timesteps, schedule.steps_offset
   ts = jnp.asarray(inference_timesteps(n, num_steps, offset))
   prev_ts = jnp.asarray(inference_prev_timesteps(n, num_steps, offset))
@@ -287,14 +324,14 @@ def lv_denoise(
     frozen,
     schedule: NoiseSchedule,
     final: jax.Array,
-    cond: jax.Array,
+    cond: Any,
     key: jax.Array,
     *,
     num_steps: int,
     lv_samples: int,
     eta: float = 0.0,
     guidance_scale: float = 1.0,
-    null_cond: int = 10,
+    null_cond: Any = 10,
     base_eps_fn_builder: Callable | None = None,
     kl: bool = False,
     clip_sample=None,
@@ -302,7 +339,8 @@ def lv_denoise(
   """The re-noise / one-step-denoise part of DRaFT-LV (eq. 4).
 
   `final` [B, ...] is the chain's sample (gradients to it are stopped). Returns
-  (x̂ [n*B, ...] (copy j of sample b at row j*B + b), cond tiled to [n*B], R of eq. 5).
+  (x̂ [n*B, ...] (copy j of sample b at row j*B + b), cond with every leaf tiled to
+  [n*B, ...] in the same order, R of eq. 5).
   """
   n, offset = schedule.num_train_timesteps, schedule.steps_offset
   t = int(inference_timesteps(n, num_steps, offset)[-1])
@@ -313,7 +351,8 @@ def lv_denoise(
   noise = jax.random.normal(noise_key, copies.shape, final.dtype)
   x_noisy = add_noise(schedule, copies, noise, t)  # eq. 4, re-noise to the last step's t
   x_noisy = x_noisy.reshape((-1,) + final.shape[1:])
-  cond_n = jnp.tile(cond, lv_samples)
+  tile = lambda c: jnp.tile(c, (lv_samples,) + (1,) * (c.ndim - 1))
+  cond_n = jax.tree_util.tree_map(lambda c: tile(jnp.asarray(c)), cond)
   step = _step_fn(
       eps_fn_builder,
       base_eps_fn_builder,
@@ -342,18 +381,18 @@ def images_from(x: jax.Array) -> jax.Array:
 def draft_loss(
     trainable,
     frozen,
-    cond: jax.Array,
+    cond: Any,
     key: jax.Array,
     *,
     eps_fn_builder: EpsFnBuilder,
     schedule: NoiseSchedule,
-    reward_fn: Callable,
+    reward_fn: Callable | None = None,
     num_steps: int,
     truncation_k: int | None = None,
     lv_samples: int = 0,
     eta: float = 0.0,
     guidance_scale: float = 1.0,
-    null_cond: int = 10,
+    null_cond: Any = 10,
     shape: tuple[int, ...],
     remat_policy: str = "full",
     reward_scale: float = 1.0,
@@ -361,6 +400,9 @@ def draft_loss(
     base_eps_fn_builder: Callable | None = None,
     clip_sample=None,
     initial_latents: jax.Array | None = None,
+    decode_builder: Callable | None = None,
+    reward_builder: Callable | None = None,
+    prepare: Callable | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L(θ) of eq. 2 for DRaFT, DRaFT-K (eq. 3) or DRaFT-LV (eq. 4); returns (loss, metrics).
 
@@ -371,10 +413,18 @@ def draft_loss(
   Differentiate with respect to `trainable` (see `reward_gradient`). `eps_fn_builder(
   trainable, frozen)` gives the unguided EpsFn of the fine-tuned model, `base_eps_fn_builder(
   frozen)` that of the frozen base model (needed when kl_weight > 0). `reward_fn(images,
-  cond) -> [B]` is a differentiable Reward or a jittable function of images in [0, 1].
+  cond) -> [B]` is a differentiable Reward or a jittable function of the decoded images
+  (eq. 6); or, instead of it, `reward_builder(frozen)` returns that function. cond is a
+  pytree of [B, ...] leaves, `null_cond` one example's null condition of its structure.
+  `decode_builder(frozen)` returns decode(x) -> images (default `images_from`). With
+  `prepare`, `prepare(trainable, frozen)` runs once here and the chain's steps call
+  `eps_fn_builder(prepared, frozen)` (module docstring).
   """
   _check_options(
       reward_fn=reward_fn,
+      reward_builder=reward_builder,
+      decode_builder=decode_builder,
+      prepare=prepare,
       num_steps=num_steps,
       truncation_k=truncation_k,
       lv_samples=lv_samples,
@@ -386,6 +436,11 @@ def draft_loss(
       base_eps_fn_builder=base_eps_fn_builder,
   )
   kl = float(kl_weight) > 0.0
+  cond = jax.tree_util.tree_map(jnp.asarray, cond)
+  # once per loss, differentiably, outside the scans (module docstring, "prepare")
+  params = trainable if prepare is None else prepare(trainable, frozen)
+  decode = images_from if decode_builder is None else decode_builder(frozen)
+  reward = reward_fn if reward_builder is None else reward_builder(frozen)
   chain_key, lv_key = jax.random.split(key)
   common = dict(
       eta=eta,
@@ -398,7 +453,7 @@ def draft_loss(
   if lv_samples > 0:
     final, _ = sample_differentiable(  # eq. 4, first line: the chain without gradient
         eps_fn_builder,
-        jax.lax.stop_gradient(trainable),
+        jax.lax.stop_gradient(params),
         frozen,
         schedule,
         cond,
@@ -411,11 +466,11 @@ def draft_loss(
     )
     x, reward_cond, penalty = lv_denoise(
         eps_fn_builder,
-        trainable,
+        params,
         frozen,
         schedule,
         final,
-        jnp.asarray(cond),
+        cond,
         lv_key,
         num_steps=num_steps,
         lv_samples=lv_samples,
@@ -424,7 +479,7 @@ def draft_loss(
   else:
     x, penalty = sample_differentiable(
         eps_fn_builder,
-        trainable,
+        params,
         frozen,
         schedule,
         cond,
@@ -436,12 +491,12 @@ def draft_loss(
         initial_latents=initial_latents,
         **common,
     )
-    reward_cond = jnp.asarray(cond)
+    reward_cond = cond
     final = x
-  rewards = jnp.asarray(reward_fn(images_from(x), reward_cond))
+  rewards = jnp.asarray(reward(decode(x), reward_cond))  # eq. 6
   if rewards.shape != (x.shape[0],) or not jnp.issubdtype(rewards.dtype, jnp.floating):
     raise ValueError(
-        f"reward_fn must return floats [B] = ({x.shape[0]},); got "
+        f"the reward must return floats [B] = ({x.shape[0]},); got "
         f"{rewards.dtype} {rewards.shape}"
     )
   reward_mean = jnp.mean(rewards)
@@ -456,7 +511,7 @@ def draft_loss(
 
 
 def reward_gradient(
-    trainable, frozen, cond: jax.Array, key: jax.Array, **options
+    trainable, frozen, cond: Any, key: jax.Array, **options
 ) -> tuple[Any, dict[str, jax.Array]]:
   """(∇_trainable L, metrics) of `draft_loss` with the same keyword options."""
   return jax.grad(functools.partial(draft_loss, **options), has_aux=True)(
@@ -467,7 +522,7 @@ def reward_gradient(
 def make_update_fn(
     eps_fn_builder: EpsFnBuilder,
     schedule: NoiseSchedule,
-    reward_fn: Callable,
+    reward_fn: Callable | None,
     optimizer: optax.GradientTransformation,
     *,
     num_steps: int,
@@ -475,22 +530,28 @@ def make_update_fn(
     lv_samples: int = 0,
     eta: float = 0.0,
     guidance_scale: float = 1.0,
-    null_cond: int = 10,
+    null_cond: Any = 10,
     shape: tuple[int, ...],
     remat_policy: str = "full",
     reward_scale: float = 1.0,
     kl_weight: float = 0.0,
     base_eps_fn_builder: Callable | None = None,
     clip_sample=None,
+    decode_builder: Callable | None = None,
+    reward_builder: Callable | None = None,
+    prepare: Callable | None = None,
 ):
   """Builds `update(state, frozen, cond, key) -> (state, metrics)`: one DRaFT step.
 
-  Samples B = len(cond) chains from `key`, takes the gradient of eq. 2 (DRaFT / DRaFT-K /
-  DRaFT-LV per the options, see `draft_loss`) with respect to `state.params` (the trainable
-  parameters: full weights or LoRA factors, `alignjax.training.Finetune.split`) and applies
-  it. `frozen` (LoRA base weights, or the base model for the eq. 5 penalty) is never
-  differentiated. Pure and jittable; jit with the state donated. Options are checked here,
-  before compilation. metrics: those of `draft_loss` (scalars and "samples") + "grad_norm".
+  Samples B chains (cond: a pytree of [B, ...] leaves, `samplers.batch_size`) from `key`,
+  takes the gradient of eq. 2 (DRaFT / DRaFT-K / DRaFT-LV per the options, see
+  `draft_loss`) with respect to `state.params` (the trainable parameters: full weights or
+  LoRA factors, `alignjax.training.Finetune.split`) and applies it. `frozen` (LoRA base
+  weights, the base model for the eq. 5 penalty, decoder and reward weights) is never
+  differentiated; it is the argument of the builders and of `prepare` (pass reward_fn=None
+  with reward_builder: exactly one of the two). Pure and jittable; jit with the state
+  donated. Options are checked here, before compilation. metrics: those of `draft_loss`
+  (scalars and "samples") + "grad_norm".
   """
   options = dict(
       eps_fn_builder=eps_fn_builder,
@@ -508,12 +569,18 @@ def make_update_fn(
       kl_weight=kl_weight,
       base_eps_fn_builder=base_eps_fn_builder,
       clip_sample=clip_sample,
+      decode_builder=decode_builder,
+      reward_builder=reward_builder,
+      prepare=prepare,
   )
   _check_options(
       **{
           k: options[k]
           for k in (
               "reward_fn",
+              "reward_builder",
+              "decode_builder",
+              "prepare",
               "num_steps",
               "truncation_k",
               "lv_samples",
@@ -527,7 +594,7 @@ def make_update_fn(
       }
   )
 
-  def update(state: TrainState, frozen, cond: jax.Array, key: jax.Array):
+  def update(state: TrainState, frozen, cond: Any, key: jax.Array):
     grads, metrics = reward_gradient(state.params, frozen, cond, key, **options)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
     return state.apply_gradients(grads, optimizer), metrics

@@ -43,20 +43,34 @@ Sampling uses the uniform grid t_k = k / K, k = 0..K, h_k = t_{k+1} − t_k, and
 the drift being evaluated at t_0..t_{K−1} < 1 only. σ ≡ 0 gives the Euler ODE step
 X_{k+1} = X_k + h_k v(X_k, t_k). A velocity function is `vel_fn(x [B, ...], t [B]) -> v`
 (like x); conditioning, if any, is closed over. σ functions map t (any shape) to σ(t).
+
+Conditional velocity models are `vel(x [B, ...], t [B], cond) -> v` with cond a pytree whose
+leaves are all [B, ...] (alignjax.diffusion.samplers); close over cond to get a VelFn. A
+diffusion UNet net(x, τ, c) trained as a velocity model takes the diffusion timestep scale
+run backwards, so that noise sits at the large timesteps as for an ε-model:
+
+  (8)  τ(t) = time_scale · (1 − t),   v(x, t, c) = net(x, τ(t), c)   (a float τ),
+
+and classifier-free guidance (Ho & Salimans 2022) combines velocities like samplers eq. 7,
+with the null condition ∅:
+
+  (9)  v_w(x, t, c) = v(x, t, ∅) + w (v(x, t, c) − v(x, t, ∅)).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from alignjax.diffusion import samplers
 from alignjax.diffusion.schedules import expand_like
 
 VelFn = Callable[[jax.Array, jax.Array], jax.Array]
+CondVelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]  # vel(x, t, cond) -> v
 SigmaFn = Callable[[jax.Array], jax.Array]
 
 
@@ -99,6 +113,37 @@ def sample_noise_and_time(x1: jax.Array, key: jax.Array) -> tuple[jax.Array, jax
   """(x0 ~ N(0, I) like x1, t ~ U[0, 1) [B]) for a Monte-Carlo estimate of eq. 2."""
   k0, kt = jax.random.split(key)
   return (jax.random.normal(k0, x1.shape, x1.dtype), jax.random.uniform(kt, x1.shape[:1], x1.dtype))
+
+
+# ----------------------------------------------------------------------------- velocity models
+
+
+def unet_velocity(model_fn: Callable, time_scale: float) -> CondVelFn:
+  """vel(x, t, cond) = model_fn(x, τ(t), cond) with τ = time_scale (1 − t) (eq. 8)."""
+  return lambda x, t, cond: model_fn(x, time_scale * (1.0 - t), cond)  # eq. 8
+
+
+def guided_velocity(vel_fn: CondVelFn, guidance_scale: float, null_cond: Any) -> CondVelFn:
+  """v(x, t, ∅) + w (v(x, t, c) − v(x, t, ∅)) (eq. 9) as vel(x, t, cond); one call on 2B
+  examples, the B conditional rows first (w = 1: vel_fn itself, the conditional velocity).
+
+  null_cond: one example's null condition, broadcast to each example (`samplers.null_like`):
+  a class index for class ids cond [B], or a pytree of cond's structure.
+  """
+  if guidance_scale == 1.0:
+    return vel_fn
+
+  def guided(x, t, cond):
+    b = x.shape[0]
+    both = lambda c, n: jnp.concatenate([c, n])
+    v = vel_fn(
+        jnp.concatenate([x, x]),
+        jnp.concatenate([t, t]),
+        jax.tree_util.tree_map(both, cond, samplers.null_like(null_cond, cond)),
+    )
+    return v[b:] + guidance_scale * (v[:b] - v[b:])  # eq. 9
+
+  return guided
 
 
 # ----------------------------------------------------------------------------- score, drift, σ

@@ -99,7 +99,7 @@ class StableDiffusion:
     return min(length, positions) if isinstance(length, int) and length > 1 else positions
 
 
-def _cast(tree, dtype):
+def cast_floating(tree, dtype):
   """Floating leaves of `tree` to `dtype` (integers and keys untouched)."""
   return jax.tree.map(
       lambda x: x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree
@@ -123,19 +123,22 @@ def unet_eps_fn(
     schedule: NoiseSchedule,
     prediction_type: str = "epsilon",
     compute_dtype: str = "float32",
+    *,
+    remat: bool | None = None,
 ) -> samplers.EpsFn:
   """eps_fn(x [B, h, w, c], t [B], text embeddings [B, T, D]) of the UNet, converting a
-  v-prediction by eq. 5, computing in `compute_dtype` and returning float32."""
+  v-prediction by eq. 5, computing in `compute_dtype` and returning float32; `remat`
+  rematerialises each UNet block in the backward pass (None: the model's own setting)."""
   if prediction_type not in PREDICTION_TYPES:
     raise ValueError(f"prediction_type={prediction_type!r}: valid choices are {PREDICTION_TYPES}")
   dtype = jnp.dtype(compute_dtype)
   graphdef, params = nnx.split(unet)
   if dtype != jnp.float32:
-    params = _cast(params, dtype)
+    params = cast_floating(params, dtype)
   model = nnx.merge(graphdef, params)
 
   def eps_fn(x, t, cond):
-    out = model(x.astype(dtype), t, cond.astype(dtype)).astype(jnp.float32)
+    out = model(x.astype(dtype), t, cond.astype(dtype), remat=remat).astype(jnp.float32)
     if prediction_type == "epsilon":
       return out
     abar = expand_like(alpha_cumprod_at(schedule, t), x)
@@ -149,7 +152,7 @@ def decode_latents(vae: nnx.Module, latents: jax.Array, compute_dtype: str = "fl
   dtype = jnp.dtype(compute_dtype)
   if dtype != jnp.float32:
     graphdef, params = nnx.split(vae)
-    vae = nnx.merge(graphdef, _cast(params, dtype))
+    vae = nnx.merge(graphdef, cast_floating(params, dtype))
   x = vae.decode((latents / vae.config.scaling_factor).astype(dtype)).astype(jnp.float32)
   return jnp.clip(x / 2.0 + 0.5, 0.0, 1.0)
 
@@ -181,7 +184,7 @@ def generate(
   text_encoder = sd.text_encoder
   if dtype != jnp.float32:
     graphdef, params = nnx.split(text_encoder)
-    text_encoder = nnx.merge(graphdef, _cast(params, dtype))
+    text_encoder = nnx.merge(graphdef, cast_floating(params, dtype))
   cond = encode_text(text_encoder, input_ids, config.clip_skip).astype(jnp.float32)
   null = encode_text(text_encoder, empty, config.clip_skip).astype(jnp.float32)[0]
   eps_fn = unet_eps_fn(sd.unet, sd.schedule, sd.prediction_type, config.compute_dtype)

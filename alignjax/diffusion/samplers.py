@@ -52,7 +52,7 @@ then 1 up to float32 rounding of eps, amplified by 1/sigma_t (|ratio - 1| ~ 1e-6
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -66,7 +66,7 @@ from alignjax.diffusion.schedules import (
     inference_timesteps,
 )
 
-EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+EpsFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -88,7 +88,7 @@ class Trajectory:
 
   latents [B, T+1, ...], timesteps/prev_timesteps/stds [T], log_probs/log_prob_sums [B, T]
   (step i goes from latents[:, i] at timesteps[i] to latents[:, i+1] at prev_timesteps[i]),
-  cond [B].
+  cond: the conditioning pytree, every leaf [B, ...] (see `batch_size`).
   """
 
   latents: jax.Array
@@ -97,7 +97,7 @@ class Trajectory:
   log_probs: jax.Array
   log_prob_sums: jax.Array
   stds: jax.Array
-  cond: jax.Array
+  cond: Any
 
   @property
   def final(self) -> jax.Array:
@@ -116,7 +116,7 @@ class Transitions:
   x_prev: jax.Array
   t: jax.Array
   prev_t: jax.Array
-  cond: jax.Array
+  cond: Any
   log_prob: jax.Array
 
 
@@ -267,15 +267,49 @@ def ddim_step(
   )
 
 
+# ----------------------------------------------------------------------------- conditions
+
+
+def batch_size(cond: Any) -> int:
+  """B of a conditioning pytree: every leaf is [B, ...] (class ids [B]; text embeddings
+  [B, S, D] with their token ids [B, S]; ...), one condition per example."""
+  leaves = jax.tree_util.tree_leaves(cond)
+  if not leaves:
+    raise ValueError("cond is empty: give one condition per example, every leaf [B, ...]")
+  shapes = [jnp.shape(leaf) for leaf in leaves]
+  if any(len(shape) < 1 for shape in shapes) or len({shape[0] for shape in shapes}) != 1:
+    raise ValueError(
+        f"cond must be [B, ...] (one condition per example) in every leaf, got shapes {shapes}"
+    )
+  return int(shapes[0][0])
+
+
+def null_like(null_cond: Any, cond: Any) -> Any:
+  """The null condition broadcast to each example of `cond`: `null_cond` is one example's
+  condition, a pytree of `cond`'s structure (or a single value for an array `cond`). A dict
+  `null_cond` may name only the entries the model reads: the others keep `cond`'s values."""
+  if isinstance(null_cond, dict) and isinstance(cond, dict):
+    unknown = sorted(set(null_cond) - set(cond))
+    if unknown:
+      raise ValueError(f"null condition entries {unknown} are not in the condition {sorted(cond)}")
+    return {k: null_like(null_cond[k], v) if k in null_cond else v for k, v in cond.items()}
+  return jax.tree_util.tree_map(
+      lambda null, c: jnp.broadcast_to(jnp.asarray(null, jnp.asarray(c).dtype), jnp.shape(c)),
+      null_cond,
+      cond,
+  )
+
+
 # ----------------------------------------------------------------------------- guidance
 
 
-def classifier_free_guidance(eps_fn: EpsFn, guidance_scale, null_cond: int = 10) -> EpsFn:
+def classifier_free_guidance(eps_fn: EpsFn, guidance_scale, null_cond: Any = 10) -> EpsFn:
   """The guided EpsFn of eq. 7 (one model call on 2B examples).
 
-  null_cond: the null condition, broadcast to each example's condition: a class index for
-  class-conditional models, or the empty prompt's text embedding [S, D] for text-conditional
-  ones (conditions [B, S, D]).
+  null_cond: the null condition of one example, broadcast to each example's condition
+  (`null_like`): a class index for class-conditional models, the empty prompt's text
+  embedding [S, D] for text-conditional ones (conditions [B, S, D]), or a pytree of the
+  conditions' structure (leaves the model does not read may hold anything of their shape).
 
   guidance_scale 1 returns eps_fn itself (conditional only) and 0 the unconditional
   prediction, each with a single pass over B examples.
@@ -285,7 +319,7 @@ def classifier_free_guidance(eps_fn: EpsFn, guidance_scale, null_cond: int = 10)
     raise ValueError(f"guidance_scale={guidance_scale}: must be finite")
   if w == 1.0:
     return eps_fn
-  null = lambda cond: jnp.broadcast_to(jnp.asarray(null_cond, cond.dtype), cond.shape)
+  null = lambda cond: null_like(null_cond, cond)
   if w == 0.0:
     return lambda x, t, cond: eps_fn(x, t, null(cond))
 
@@ -293,7 +327,8 @@ def classifier_free_guidance(eps_fn: EpsFn, guidance_scale, null_cond: int = 10)
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (b,))
     pair = lambda a, c: jnp.stack([a, c], axis=1).reshape((2 * b,) + a.shape[1:])
-    eps = eps_fn(pair(x, x), pair(t, t), pair(cond, null(cond)))
+    pairs = jax.tree_util.tree_map(pair, cond, null(cond))
+    eps = eps_fn(pair(x, x), pair(t, t), pairs)
     eps = eps.reshape((b, 2) + x.shape[1:])
     eps_cond, eps_uncond = eps[:, 0], eps[:, 1]
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # eq. 7
@@ -307,7 +342,7 @@ def classifier_free_guidance(eps_fn: EpsFn, guidance_scale, null_cond: int = 10)
 def sample(
     eps_fn: EpsFn,
     schedule: NoiseSchedule,
-    cond: jax.Array,
+    cond: Any,
     key: jax.Array,
     *,
     shape: tuple[int, ...],
@@ -321,8 +356,8 @@ def sample(
 
   Args:
     eps_fn: the (possibly guided) EpsFn, eps_fn(x [B, *shape], t [B] int32, cond [B, ...]).
-    cond: [B, ...] conditioning (class labels [B], text embeddings [B, S, D]); its length is
-      the batch size B.
+    cond: the conditioning pytree, every leaf [B, ...] (class labels [B], text embeddings
+      [B, S, D], ...); its length is the batch size B (`batch_size`).
     key: PRNG key. x_T and the per-step noise use independent keys split from it.
     shape: the shape of ONE sample, e.g. (8, 8, 1); latents are [B, *shape]. Static.
     num_steps: T, 1 <= T <= num_train_timesteps ("leading" timesteps shifted by
@@ -335,10 +370,8 @@ def sample(
   """
   eta = _check_eta(eta)
   clip = _check_clip(clip_sample)
-  cond = jnp.asarray(cond)
-  if cond.ndim < 1:
-    raise ValueError(f"cond must be [B, ...] (one condition per example), got shape {cond.shape}")
-  batch = cond.shape[0]
+  cond = jax.tree_util.tree_map(jnp.asarray, cond)
+  batch = batch_size(cond)
   full_shape = (batch,) + tuple(int(d) for d in shape)
   n, offset = schedule.num_train_timesteps, schedule.steps_offset
   timesteps = jnp.asarray(inference_timesteps(n, num_steps, offset))
@@ -400,7 +433,9 @@ def transitions(traj: Trajectory, *, flatten: bool = True) -> Transitions:
       x_prev=traj.latents[:, 1:],
       t=per_step(traj.timesteps),
       prev_t=per_step(traj.prev_timesteps),
-      cond=jnp.broadcast_to(traj.cond[:, None], (batch, num_steps)),
+      cond=jax.tree_util.tree_map(
+          lambda c: jnp.broadcast_to(c[:, None], (batch, num_steps) + c.shape[1:]), traj.cond
+      ),
       log_prob=traj.log_probs,
   )
   if flatten:
@@ -415,7 +450,7 @@ def step_log_prob(
     x_prev: jax.Array,
     t,
     prev_t,
-    cond: jax.Array,
+    cond: Any,
     eta,
     clip_sample=None,
 ) -> jax.Array:
@@ -431,7 +466,7 @@ def step_log_prob(
       (
           jnp.broadcast_to(jnp.asarray(t, jnp.int32), batch),
           jnp.broadcast_to(jnp.asarray(prev_t, jnp.int32), batch),
-          jnp.asarray(cond),
+          jax.tree_util.tree_map(jnp.asarray, cond),
       )
   )
   eps = eps_fn(x_t, t, cond)

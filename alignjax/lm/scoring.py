@@ -10,9 +10,18 @@ next token):
                       0                                        otherwise                 (eq. 1)
     sums[b]         = sum_t log_probs[b, t]                                              (eq. 2)
 
-(the first real token of a row has no prediction and always scores 0). The plain path
-materialises the float32 logits [B, L, V]. The chunked path never does: it takes the final hidden states h [B, L, H]
-(`TransformerLM.hidden_states`) and, for one chunk of `seq_chunk` positions at a time, runs
+(the first real token of a row has no prediction and always scores 0; `start` > 0 skips the
+slots before it too, and the output matrix is applied to the N = B (L - max(start, 1)) rows
+that remain). The plain path materialises the float32 logits z [N, V] of the rows flattened,
+and its gradient is written out (a custom VJP) from the saved z and lse = logsumexp z:
+
+    dz = g (onehot(y) - e^{z - lse}) (times 1 - (z/cap)^2 under a soft cap),
+    dh = dz W^T,   dW = h^T dz                                                          (eq. 5)
+
+one elementwise pass over [N, V] and two products, where autodiff of log_softmax and the
+gather adds a scatter into zeros [N, V] and (XLA:CPU, rows [B, L] not flattened) a transposed
+copy of dz for dW. The chunked path never materialises the logits: it takes the final hidden
+states h [B, L, H] (`TransformerLM.hidden_states`) and, for one chunk of `seq_chunk` positions at a time, runs
 over vocabulary chunks W_c (columns of the output matrix: `lm_head.kernel`, or the embedding
 transposed when tied) accumulating a streaming log-sum-exp
 
@@ -30,6 +39,8 @@ LM sharding rules; the batch size must be a multiple of data*fsdp (pad with mask
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -88,12 +99,46 @@ def _chunked_lse(h, w, cap, vocab_chunk: int, acc):
   return m + jnp.log(s)
 
 
+def _full_vocab_forward(h, y, w, cap):
+  """eq. 1 over the whole vocabulary for h [N, H], y [N], w [H, V]: (log-probs [N], residuals)."""
+  acc = jnp.promote_types(jnp.promote_types(h.dtype, w.dtype), jnp.float32)
+  z = _cap(jnp.einsum("nh,hv->nv", h, w, preferred_element_type=acc), cap)  # [N, V]
+  lse = jax.nn.logsumexp(z, axis=-1)
+  target = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+  return target - lse, (h, y, w, z, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _full_vocab_log_probs(h, y, w, cap):
+  """eq. 1 with the full logits z [N, V] of 2-d h [N, H] (see `_full_vocab_backward`)."""
+  return _full_vocab_forward(h, y, w, cap)[0]
+
+
+def _full_vocab_backward(cap, residuals, g):
+  """eq. 5: the gradient of eq. 1 from the saved logits, in one pass over [N, V] and two
+  products (no scatter for the target, no transposed copy of dz for dW)."""
+  h, y, w, z, lse = residuals
+  onehot = jnp.arange(z.shape[-1]) == y[:, None]
+  dz = g[:, None] * (onehot.astype(z.dtype) - jnp.exp(z - lse[:, None]))
+  if cap is not None:  # z = cap tanh(u / cap): dz/du = 1 - (z / cap)^2
+    dz = dz * (1 - jnp.square(z / cap))
+  dh = jnp.einsum("nv,hv->nh", dz, w, preferred_element_type=z.dtype)
+  dw = jnp.einsum("nh,nv->hv", h, dz, preferred_element_type=z.dtype)
+  return dh.astype(h.dtype), None, dw.astype(w.dtype)
+
+
+_full_vocab_log_probs.defvjp(
+    lambda h, y, w, cap: _full_vocab_forward(h, y, w, cap), _full_vocab_backward
+)
+
+
 def token_log_probs(h, y, w, cap=None, *, seq_chunk: int | None = None, vocab_chunk=None):
   """log softmax(cap(h W))[y] (eq. 1; eq. 3 when chunked) without masking.
 
   h [B, S, H] hidden states, y [B, S] targets, w [H, V] output matrix, cap the final logit
   soft cap (None: none). Computed in float32, or float64 when h and w are (under x64).
-  seq_chunk / vocab_chunk: chunk sizes (None: the whole axis; both None: full logits).
+  seq_chunk / vocab_chunk: chunk sizes (None: the whole axis; both None: full logits, with
+  the gradient of eq. 5).
   """
   _check_chunks(seq_chunk, vocab_chunk)
   if h.ndim != 3 or y.shape != h.shape[:2] or w.ndim != 2 or w.shape[0] != h.shape[-1]:
@@ -103,9 +148,9 @@ def token_log_probs(h, y, w, cap=None, *, seq_chunk: int | None = None, vocab_ch
     )
   acc = jnp.promote_types(jnp.promote_types(h.dtype, w.dtype), jnp.float32)
   b, length = y.shape
-  if seq_chunk is None and vocab_chunk is None:
-    z = _cap(jnp.einsum("bsh,hv->bsv", h, w, preferred_element_type=acc), cap)
-    return jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), y[..., None], axis=-1)[..., 0]
+  if seq_chunk is None and vocab_chunk is None:  # rows flattened: [N, H] products (eq. 5)
+    lp = _full_vocab_log_probs(h.reshape(b * length, -1), y.reshape(-1), w, cap)
+    return lp.reshape(b, length)
   vc = w.shape[1] if vocab_chunk is None else min(vocab_chunk, w.shape[1])
   sc = length if seq_chunk is None else min(seq_chunk, length)
   n = -(-length // sc)
@@ -131,11 +176,15 @@ def score_model(
     *,
     seq_chunk: int | None = None,
     vocab_chunk: int | None = None,
+    start: int = 0,
     mesh=None,
 ) -> ScoreOutput:
   """Eqs. 1-2 for a `TransformerLM` (call inside jit). tokens/valid/mask [B, L].
 
   seq_chunk / vocab_chunk: chunk sizes of the chunked path (eq. 3); both None = plain path.
+  start: slots before it are not scored (log-prob 0 whatever `mask` says), and the output
+    matrix is applied only from slot `start` on (a fixed-width prompt: its width). The
+    network still runs over all L slots (the prompt is the context).
   mesh: when given, the batch (inputs and outputs) is constrained to
     `parallel.batch_sharding(mesh)` (data-parallel over data x fsdp); B must be a multiple of
     data*fsdp (ShardingError otherwise: pad the batch with masked rows).
@@ -147,6 +196,8 @@ def score_model(
     )
   _check_chunks(seq_chunk, vocab_chunk)
   b, l = tokens.shape
+  if not isinstance(start, int) or not 0 <= start < l:
+    raise ValueError(f"score: start={start!r} must be an int in [0, length={l})")
   constrain = lambda x: x
   if mesh is not None:
     parallel.check_batch_divisible(b, mesh, "score")
@@ -155,15 +206,13 @@ def score_model(
   valid = valid.astype(bool)
   previous = jnp.pad(valid[:, :-1], ((0, 0), (1, 0)))
   mask = mask.astype(bool) & valid & previous  # eq. 1: the first real token is not scored
+  first = max(start, 1)  # slot 0 has no prediction
+  mask = mask & (jnp.arange(l) >= first)
   hidden, _ = model.hidden_states(tokens, valid=valid)
-  h, y = hidden[:, :-1], tokens[:, 1:]
-  if seq_chunk is None and vocab_chunk is None:
-    lp = jax.nn.log_softmax(model.logits(h), axis=-1)  # eq. 1, full logits
-    lp = jnp.take_along_axis(lp, y[..., None], axis=-1)[..., 0]
-  else:
-    w, cap = _output_matrix(model), model.config.final_logit_softcap
-    lp = token_log_probs(h, y, w, cap, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
-  lp = jnp.concatenate([jnp.zeros((b, 1), lp.dtype), lp], axis=1)
+  h, y = hidden[:, first - 1 : -1], tokens[:, first:]  # slots first .. L-1 (eq. 1)
+  w, cap = _output_matrix(model), model.config.final_logit_softcap
+  lp = token_log_probs(h, y, w, cap, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+  lp = jnp.concatenate([jnp.zeros((b, first), lp.dtype), lp], axis=1)
   lp = constrain(jnp.where(mask, lp, 0.0))
   return ScoreOutput(log_probs=lp, sums=constrain(jnp.sum(lp, axis=-1)))  # eq. 2
 
@@ -177,11 +226,12 @@ def score(
     *,
     seq_chunk: int | None = None,
     vocab_chunk: int | None = None,
+    start: int = 0,
     mesh=None,
     rules=None,
 ) -> ScoreOutput:
-  """Pure form of `score_model` over split state (jit with graphdef, chunks, mesh and rules
-  static). With a `mesh`, the batch is data-parallel (see `score_model`) and `params` are
+  """Pure form of `score_model` over split state (jit with graphdef, chunks, start, mesh and
+  rules static). With a `mesh`, the batch is data-parallel (see `score_model`) and `params` are
   constrained to the shardings `rules` give (default `LM_SHARDING_RULES`; a no-op when they
   already have them, e.g. from `load_hf_lm(mesh=...)`)."""
   if mesh is not None:
@@ -194,5 +244,6 @@ def score(
       mask,
       seq_chunk=seq_chunk,
       vocab_chunk=vocab_chunk,
+      start=start,
       mesh=mesh,
   )

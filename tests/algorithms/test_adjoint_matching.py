@@ -386,3 +386,49 @@ def test_conditional_update_routes_each_rows_condition():
     )
     print(f"class {c_id}: mean {np.asarray(x).mean(0)} target {target} rel. err {err:.3f}")
     assert err < 0.08
+
+
+def test_pytree_cond_gives_the_array_conds_update():
+  """make_conditional_update_fn with cond {"ids", "extra" [B, S]} read through "ids" only, by
+  guided velocities (flow.guided_velocity with a null of cond's structure) and the reward, ==
+  the ids array: same loss, reward and updated parameters (the loss's B·M rows repeat every
+  leaf)."""
+  base, batch, extra_len = BASES["gauss"], 4, 5
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+  emb = jnp.asarray(rng.normal(size=(11, 2)) * 0.5, jnp.float32)
+
+  def ids(c):
+    if isinstance(c, dict):
+      assert c["extra"].shape == (c["ids"].shape[0], extra_len), c["extra"].shape
+      return c["ids"]
+    return c
+
+  def velocity(p, null, cond):
+    net = lambda x, tau, c: base(x, 1.0 - tau / 1000.0) + 0.3 * jnp.tanh(x * p["w"] + emb[ids(c)])
+    vel = flow.guided_velocity(flow.unet_velocity(net, 1000.0), 2.0, null)
+    return lambda x, t: vel(x, t, cond)
+
+  def run(cond, null):
+    update = am.make_conditional_update_fn(
+        lambda p, frozen, c: velocity(p, null, c),
+        lambda frozen, c: velocity({"w": jnp.zeros(2)}, null, c),
+        lambda frozen, c: (lambda x: x @ frozen["c"] * (1.0 + 0.1 * ids(c))),
+        optax.sgd(0.1),
+        lam=1.0,
+        num_steps=6,
+        shape=(2,),
+        num_timesteps=3,
+    )
+    state = TrainState.create(params, optax.sgd(0.1), jax.random.key(0))
+    return jax.jit(update)(state, {"c": jnp.asarray(C, jnp.float32)}, jax.random.key(3), cond)
+
+  class_ids = jnp.asarray([0, 3, 7, 9], jnp.int32)
+  extra = jnp.arange(batch * extra_len, dtype=jnp.float32).reshape(batch, extra_len)
+  state_a, m_a = run(class_ids, 10)
+  state_t, m_t = run({"ids": class_ids, "extra": extra}, {"ids": 10, "extra": jnp.zeros(extra_len)})
+  assert float(m_a["loss"]) > 0.0
+  for name in ("loss", "reward", "grad_norm"):
+    np.testing.assert_allclose(m_t[name], m_a[name], rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(state_t.params["w"], state_a.params["w"], rtol=1e-5, atol=1e-7)
+  assert np.any(np.asarray(state_a.params["w"]) != np.asarray(params["w"]))

@@ -346,3 +346,52 @@ def test_finetuning_increases_a_linear_reward():
     floor = 0.25 * lam * 0.5**2 * (c @ c)
     print(f"lam={lam} seed={seed}: reward {before:.3f} -> {after:.3f} (floor +{floor:.3f})")
     assert after > before + floor
+
+
+def test_pytree_cond_gives_the_array_conds_update():
+  """cond {"ids", "extra" [B, S]} read through "ids" only (by the guided ε-models, with a null
+  condition of the same structure, and by the reward) == the ids array: same loss, reward
+  and updated parameters, with timestep subsampling (the loss repeats every leaf M times)."""
+  base, batch, extra_len = gaussian_eps(MU, S), 4, 5
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+  emb = jnp.asarray(rng.normal(size=(11, 2)) * 0.5, jnp.float32)
+
+  def ids(c):
+    if isinstance(c, dict):
+      assert c["extra"].shape == (c["ids"].shape[0], extra_len), c["extra"].shape
+      return c["ids"]
+    return c
+
+  def eps_builder(p, frozen, null):
+    eps = lambda x, t, c: base(x, t, c) + 0.3 * jnp.tanh(x * p["w"] + emb[ids(c)])
+    return samplers.classifier_free_guidance(eps, 2.0, null)
+
+  def run(cond, null):
+    base_builder = lambda frozen: samplers.classifier_free_guidance(
+        lambda x, t, c: base(x, t, c) + 0.3 * jnp.tanh(emb[ids(c)]), 2.0, null
+    )
+    update = amd.make_update_fn(
+        lambda p, frozen: eps_builder(p, frozen, null),
+        base_builder,
+        lambda frozen: (lambda x, c: x @ frozen["c"] * (1.0 + 0.1 * ids(c))),
+        SCHEDULE,
+        optax.sgd(0.1),
+        lam=1.0,
+        num_steps=6,
+        shape=(2,),
+        num_timesteps=3,
+    )
+    state = TrainState.create(params, optax.sgd(0.1), jax.random.key(0))
+    frozen = {"c": jnp.asarray(C, jnp.float32)}
+    return jax.jit(update)(state, frozen, jax.random.key(3), cond)
+
+  class_ids = jnp.asarray([0, 3, 7, 9], jnp.int32)
+  extra = jnp.arange(batch * extra_len, dtype=jnp.float32).reshape(batch, extra_len)
+  state_a, m_a = run(class_ids, 10)
+  state_t, m_t = run({"ids": class_ids, "extra": extra}, {"ids": 10, "extra": jnp.zeros(extra_len)})
+  assert float(m_a["loss"]) > 0.0
+  for name in ("loss", "reward", "grad_norm"):
+    np.testing.assert_allclose(m_t[name], m_a[name], rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(state_t.params["w"], state_a.params["w"], rtol=1e-5, atol=1e-7)
+  assert np.any(np.asarray(state_a.params["w"]) != np.asarray(params["w"]))

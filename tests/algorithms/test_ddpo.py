@@ -149,8 +149,8 @@ def test_training_pairs_are_consistent_whole_samples():
   pairs = ddpo.training_pairs(
       traj, adv, jax.random.key(3), timestep_fraction=0.6, num_minibatches=2
   )
-  n_train = ddpo.num_train_steps(NUM_STEPS, 0.6)
-  assert n_train == 3 and pairs["x_t"].shape == (2, 3 * n_train) + SHAPE
+  n_train = ddpo.num_train_steps(NUM_STEPS, 0.6, schedule=SCHEDULE, eta=ETA)
+  assert n_train == 2 and pairs["x_t"].shape == (2, 3 * n_train) + SHAPE  # ⌊0.6 · 4⌋, rule (7)
   seen = []
   for mb in range(2):
     for i in range(3 * n_train):
@@ -163,8 +163,109 @@ def test_training_pairs_are_consistent_whole_samples():
       assert int(pairs["cond"][mb, i]) == int(traj.cond[row])
       seen.append((row, step))
   assert len(set(seen)) == len(seen)  # no (sample, step) pair twice
+  assert NUM_STEPS - 1 not in {step for _, step in seen}  # the last step has σ = 0
   rows_per_mb = [{int(r) for r in pairs["advantages"][mb]} for mb in range(2)]
   assert [len(r) for r in rows_per_mb] == [3, 3] and not rows_per_mb[0] & rows_per_mb[1]
+
+
+SD_SCHEDULE = schedules.make_schedule(  # Stable Diffusion's: the last step is stochastic too
+    "scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False, steps_offset=1
+)
+
+
+def float64_stds(schedule, num_steps, eta):
+  """σ of samplers eq. 2 at the inference timesteps, re-derived in float64 from the betas."""
+  abar = np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))
+  n, offset = schedule.num_train_timesteps, schedule.steps_offset
+  t = (np.arange(num_steps - 1, -1, -1) * (n // num_steps) + offset).astype(int)
+  s = t - n // num_steps
+  final = 1.0 if float(schedule.final_alpha_cumprod) == 1.0 else abar[0]
+  abar_t, abar_s = abar[t], np.where(s >= 0, abar[np.maximum(s, 0)], final)
+  return eta * np.sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s))
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 5, 10, 50])
+def test_stochastic_steps_are_those_with_positive_std(num_steps):
+  # The digits' linear schedule ends at abar = 1: its last step is deterministic (σ = 0).
+  expected = np.flatnonzero(float64_stds(SCHEDULE, num_steps, ETA) > 0)
+  np.testing.assert_array_equal(expected, np.arange(num_steps - 1))
+  np.testing.assert_array_equal(ddpo.stochastic_steps(SCHEDULE, num_steps, ETA), expected)
+  np.testing.assert_array_equal(
+      ddpo.stochastic_steps(SD_SCHEDULE, num_steps, 0.7), np.arange(num_steps)
+  )
+  assert ddpo.stochastic_steps(SCHEDULE, num_steps, 0.0).size == 0  # deterministic DDIM
+
+
+def test_stochastic_steps_agree_with_the_sampled_trajectory():
+  traj = toy_trajectory(toy_params())
+  assert float(traj.stds[-1]) == 0.0 and bool(jnp.all(traj.stds[:-1] > 0))
+  np.testing.assert_array_equal(
+      ddpo.stochastic_steps(SCHEDULE, NUM_STEPS, ETA), np.flatnonzero(np.asarray(traj.stds) > 0)
+  )
+
+
+@pytest.mark.parametrize(
+    "num_steps,fraction", [(5, 1.0), (5, 0.6), (10, 0.5), (10, 0.05), (4, 0.5)]
+)
+def test_num_train_steps_is_a_fraction_of_the_stochastic_steps(num_steps, fraction):
+  got = ddpo.num_train_steps(num_steps, fraction, schedule=SCHEDULE, eta=ETA)
+  assert got == max(1, int((num_steps - 1) * fraction))  # rule (7), |S| = T − 1
+  assert ddpo.num_train_steps(num_steps, fraction, schedule=SD_SCHEDULE, eta=ETA) == max(
+      1, int(num_steps * fraction)
+  )
+  assert ddpo.num_train_steps(num_steps, fraction) == max(1, int(num_steps * fraction))
+
+
+def test_num_train_steps_refuses_a_chain_without_a_stochastic_step():
+  with pytest.raises(ValueError, match="none of the 1 denoising steps is stochastic"):
+    ddpo.num_train_steps(1, 1.0, schedule=SCHEDULE, eta=ETA)
+  with pytest.raises(ValueError, match="none of the 5 denoising steps"):
+    ddpo.num_train_steps(5, 0.5, schedule=SCHEDULE, eta=0.0)
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.75, 1.0])
+def test_training_pairs_draw_the_fraction_from_the_stochastic_steps_only(fraction):
+  traj = toy_trajectory(toy_params())
+  pairs = ddpo.training_pairs(
+      traj, jnp.arange(6.0), jax.random.key(5), timestep_fraction=fraction, num_minibatches=1
+  )
+  n_train = max(1, int((NUM_STEPS - 1) * fraction))
+  assert pairs["t"].shape == (1, 6 * n_train)
+  steps = [int(np.flatnonzero(np.asarray(traj.timesteps) == int(t))[0]) for t in pairs["t"][0]]
+  assert NUM_STEPS - 1 not in steps  # the σ = 0 step never trains
+  rows = [int(a) for a in pairs["advantages"][0]]
+  assert sorted(rows) == sorted(list(range(6)) * n_train)  # n steps of every sample
+  assert len(set(zip(rows, steps))) == 6 * n_train
+  if fraction == 1.0:  # every stochastic (sample, step) pair exactly once
+    assert set(zip(rows, steps)) == {(b, k) for b in range(6) for k in range(NUM_STEPS - 1)}
+
+
+def test_training_pairs_over_all_steps_draw_as_without_rule_7():
+  """With every step stochastic (Stable Diffusion), S = all T steps: the old draws, bit for bit."""
+  traj = toy_trajectory(toy_params())
+  key = jax.random.key(9)
+  pairs = ddpo.training_pairs(
+      traj,
+      jnp.arange(6.0),
+      key,
+      timestep_fraction=0.6,
+      num_minibatches=2,
+      steps=np.arange(NUM_STEPS),
+  )
+  key_samples, key_steps = jax.random.split(key)  # the draws before rule (7)
+  rows = jax.random.permutation(key_samples, 6)
+  steps = jax.vmap(lambda k: jax.random.permutation(k, NUM_STEPS)[:3])(
+      jax.random.split(key_steps, 6)
+  )
+  rows = jnp.broadcast_to(rows[:, None], steps.shape)
+  np.testing.assert_array_equal(
+      pairs["x_t"].reshape((-1,) + SHAPE), traj.latents[rows, steps].reshape((-1,) + SHAPE)
+  )
+  np.testing.assert_array_equal(pairs["t"].reshape(-1), traj.timesteps[steps].reshape(-1))
+  with pytest.raises(ValueError, match="distinct step indices"):
+    ddpo.training_pairs(
+        traj, jnp.arange(6.0), key, timestep_fraction=1.0, num_minibatches=1, steps=[0, 5]
+    )
 
 
 def _epoch(
@@ -205,7 +306,7 @@ def test_score_function_epoch_is_one_reinforce_step():
   def reinforce_objective(p):  # eq. (4) summed step by step, independently of the pairing
     eps_fn = samplers.classifier_free_guidance(affine_eps_builder(p, {}), 1.5, 10)
     total = 0.0
-    for k in range(NUM_STEPS):
+    for k in range(NUM_STEPS - 1):  # rule (7): the last step (σ = 0, log π ≡ 0) does not train
       t = jnp.full((6,), traj.timesteps[k])
       prev_t = jnp.full((6,), traj.prev_timesteps[k])
       lp = samplers.step_log_prob(
@@ -220,10 +321,11 @@ def test_score_function_epoch_is_one_reinforce_step():
           clip_sample=CLIP,
       )
       total = total + jnp.sum(adv * lp)
-    return -total / (6 * NUM_STEPS)
+    return -total / (6 * (NUM_STEPS - 1))
 
-  grads = jax.grad(reinforce_objective)(params)
+  loss, grads = jax.value_and_grad(reinforce_objective)(params)
   assert_trees_close(jax.tree_util.tree_map(jnp.subtract, params, new_state.params), grads)
+  np.testing.assert_allclose(metrics["loss"][0], loss, rtol=1e-5)  # not diluted by 4/5
   assert int(new_state.step) == 1
   np.testing.assert_allclose(metrics["ratio_mean"], 1.0, atol=1e-6)  # on-policy
 
@@ -242,6 +344,58 @@ def test_clipped_epoch_starts_on_policy_and_matches_score_function_first_step():
   )
   assert float(m["ratio_min"][0]) == pytest.approx(1.0, abs=1e-6)
   assert float(m["ratio_max"][0]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_off_policy_clipped_epoch_matches_a_reference_over_the_stochastic_steps():
+  """Loss, diagnostics and gradient of eqs. (5)-(6) over the B·(T − 1) pairs with σ > 0 only.
+
+  Off-policy, the σ = 0 step would add terms with ρ = 1 and zero gradient: a loss shifted
+  toward −mean(A), an approx_kl shrunk by (T − 1)/T and a gradient shrunk by the same factor.
+  """
+  old_params = toy_params()
+  traj = toy_trajectory(old_params)
+  params = jax.tree_util.tree_map(lambda p: p * 1.3 + 0.01, old_params)  # another policy
+  adv = jnp.array([1.0, -1.0, 0.5, 2.0, -0.3, 0.7])
+  state = TrainState.create(params, optax.sgd(1.0), jax.random.key(0))
+  new_state, metrics = _epoch("clipped")(state, {}, traj, adv)
+
+  def reference(p):
+    eps_fn = samplers.classifier_free_guidance(affine_eps_builder(p, {}), 1.5, 10)
+    lps, olds = [], []
+    for k in np.flatnonzero(float64_stds(SCHEDULE, NUM_STEPS, ETA) > 0):
+      lps.append(
+          samplers.step_log_prob(
+              eps_fn,
+              SCHEDULE,
+              traj.latents[:, k],
+              traj.latents[:, k + 1],
+              jnp.full((6,), traj.timesteps[k]),
+              jnp.full((6,), traj.prev_timesteps[k]),
+              traj.cond,
+              ETA,
+              clip_sample=CLIP,
+          )
+      )
+      olds.append(traj.log_probs[:, k])
+    lp, old = jnp.concatenate(lps), jnp.concatenate(olds)
+    a = jnp.tile(adv, len(lps))
+    ratio = jnp.exp(lp - old)
+    loss = jnp.mean(jnp.maximum(-a * ratio, -a * jnp.clip(ratio, 0.8, 1.2)))  # eq. (5)
+    return loss, 0.5 * jnp.mean((lp - old) ** 2)  # eq. (6)
+
+  (loss, approx_kl), grads = jax.value_and_grad(reference, has_aux=True)(params)
+  assert float(approx_kl) > 1e-4  # far from on-policy: the σ = 0 step would show
+  np.testing.assert_allclose(metrics["loss"][0], loss, rtol=1e-4)
+  np.testing.assert_allclose(metrics["approx_kl"][0], approx_kl, rtol=1e-4)
+  assert_trees_close(jax.tree_util.tree_map(jnp.subtract, params, new_state.params), grads)
+
+
+def test_num_microbatches_must_divide_the_stochastic_pairs():
+  # 3 samples × 4 stochastic steps = 12 pairs per minibatch (with the σ = 0 step: 15).
+  traj = toy_trajectory(toy_params())
+  state = TrainState.create(toy_params(), optax.sgd(0.1), jax.random.key(0))
+  with pytest.raises(ValueError, match="num_microbatches=5 must divide the 12"):
+    _epoch("clipped", num_minibatches=2, num_microbatches=5)(state, {}, traj, jnp.zeros(6))
 
 
 def test_microbatching_does_not_change_the_update():

@@ -210,3 +210,51 @@ def test_sde_keeps_the_base_marginal(kind):
   # explicit keys: same key, same path; another key, another path
   np.testing.assert_array_equal(run(x0, jax.random.key(1)).final, traj.final)
   assert not np.allclose(run(x0, jax.random.key(2)).final, traj.final)
+
+
+# ----------------------------------------------------------------------------- velocity models
+
+
+def test_unet_velocity_runs_the_timestep_scale_backwards():
+  """Eq. 8 with exact values: the net sees τ = 1000 (1 − t) and the cond unchanged."""
+  net = lambda x, tau, c: x * tau[:, None] + c[:, None]
+  vel = flow.unet_velocity(net, 1000.0)
+  x = jnp.asarray([[1.0, 2.0], [3.0, 4.0]])
+  t = jnp.asarray([0.0, 0.75])
+  v = vel(x, t, jnp.asarray([1.0, 2.0]))
+  np.testing.assert_array_equal(v, [[1001.0, 2001.0], [752.0, 1002.0]])
+
+
+def test_guided_velocity_combines_one_call_of_2b_examples():
+  """Eq. 9 with exact values for v(x, t, c) = (c + 1) x + t, null class 10, w = 3:
+  v_w = 11 x + t + 3 ((c + 1) x − 11 x) = (3c − 19) x + t; w = 1 is vel_fn itself."""
+  calls = []
+
+  def vel(x, t, c):
+    calls.append(x.shape[0])
+    return (c.astype(jnp.float32) + 1.0)[:, None] * x + t[:, None]
+
+  x = jnp.asarray([[1.0, -2.0], [0.5, 4.0], [2.0, 1.0]])
+  t = jnp.asarray([0.25, 0.5, 0.75])
+  c = jnp.asarray([0, 4, 9], jnp.int32)
+  v = flow.guided_velocity(vel, 3.0, 10)(x, t, c)
+  expected = (3.0 * np.array([0, 4, 9]) - 19.0)[:, None] * np.asarray(x) + np.asarray(t)[:, None]
+  np.testing.assert_array_equal(v, expected)
+  assert calls == [6]
+  assert flow.guided_velocity(vel, 1.0, 10) is vel
+
+
+def test_guided_velocity_takes_pytree_conditions_and_null():
+  """A text-like cond {"emb" [B, S], "ids" [B, S]} with a null of the same structure: the
+  null embedding (one example's, [S]) is broadcast to each example; v = x · mean(emb)."""
+
+  def vel(x, t, c):
+    np.testing.assert_array_equal(c["ids"], np.repeat([[1], [0]], 2, axis=0) * np.ones((1, 4)))
+    return x * jnp.mean(c["emb"], axis=1, keepdims=True)
+
+  x = jnp.asarray([[1.0, 2.0], [3.0, -1.0]])
+  cond = {"emb": jnp.asarray([[1.0, 3.0, 1.0, 3.0], [4.0] * 4]), "ids": jnp.ones((2, 4), jnp.int32)}
+  null = {"emb": jnp.asarray([0.5, 0.5, 0.5, 0.5]), "ids": 0}
+  v = flow.guided_velocity(vel, 2.0, null)(x, jnp.zeros(2), cond)
+  # v_w = 0.5 x + 2 (m x − 0.5 x) with per-example means m = (2, 4)
+  np.testing.assert_array_equal(v, np.asarray(x) * np.array([[3.5], [7.5]]))

@@ -395,6 +395,51 @@ def test_sampler_batch_sharded_matches_unsharded(linear_eps):
   np.testing.assert_allclose(sharded.log_probs, plain.log_probs, rtol=1e-5, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- pytree conditions
+
+
+def test_pytree_conditions_sample_guide_and_score_like_arrays(linear_eps):
+  """A dict condition (the class ids the model reads, plus a [B, S] leaf it ignores) gives
+  the trajectory, guidance and log-probs of the bare class ids; the ignored leaf travels
+  with every example (its null value included)."""
+  sched = schedules.make_schedule("linear", 1000)
+  ids = jnp.array([0, 4, 9], jnp.int32)
+  tokens = jnp.arange(3 * 5, dtype=jnp.int32).reshape(3, 5)
+  seen = []
+
+  def dict_eps(x, t, c):
+    if not isinstance(c["tokens"], jax.core.Tracer):
+      seen.append(c["tokens"])
+    return linear_eps.jax(x, t, c["ids"])
+
+  bare = samplers.classifier_free_guidance(linear_eps.jax, 3.0, null_cond=NULL)
+  tree = samplers.classifier_free_guidance(
+      dict_eps, 3.0, null_cond={"ids": NULL, "tokens": jnp.full((5,), -1, jnp.int32)}
+  )
+  kw = dict(shape=(4, 4, 2), num_steps=6, eta=1.0)
+  want = samplers.sample(bare, sched, ids, jax.random.key(3), **kw)
+  got = samplers.sample(tree, sched, {"ids": ids, "tokens": tokens}, jax.random.key(3), **kw)
+  np.testing.assert_array_equal(got.latents, want.latents)
+  np.testing.assert_array_equal(got.log_probs, want.log_probs)
+  x = jnp.ones((3, 4, 4, 2))
+  tree(x, jnp.array([5, 6, 7]), {"ids": ids, "tokens": tokens})
+  np.testing.assert_array_equal(tree(x, 5, {"ids": ids, "tokens": tokens}), bare(x, 5, ids))
+  pairs = np.asarray(seen[0])  # cond and null interleaved per example (eq. 7's one call)
+  np.testing.assert_array_equal(pairs[0::2], tokens)
+  assert np.all(pairs[1::2] == -1)
+  tr = samplers.transitions(got)
+  assert tr.cond["tokens"].shape == (3 * 6, 5)
+  np.testing.assert_array_equal(tr.cond["tokens"][6:12], np.broadcast_to(tokens[1], (6, 5)))
+  lp = samplers.step_log_prob(tree, sched, tr.x_t, tr.x_prev, tr.t, tr.prev_t, tr.cond, 1.0)
+  # eager here, jitted in the sampler: equal to float32 rounding amplified by 1/sigma_t
+  np.testing.assert_allclose(lp, got.log_probs.reshape(-1), rtol=1e-4, atol=1e-5)
+  assert samplers.batch_size({"ids": ids, "tokens": tokens}) == 3
+  with pytest.raises(ValueError, match=r"cond must be \[B, ...\].*every leaf"):
+    samplers.batch_size({"ids": ids, "tokens": tokens[:2]})
+  with pytest.raises(ValueError, match="cond is empty"):
+    samplers.batch_size({})
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -11,106 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from alignjax.diffusion import pipeline
 from alignjax.models.convert import sd_pipeline
 from alignjax.models.convert.safetensors_io import CheckpointError
 
-VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>"]
-VOCAB += ["t</w>", "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>"]
-VOCAB += ["<|startoftext|>", "<|endoftext|>"]
 PROMPTS = ["lower newer", "lowest", "wider lower"]
 
 
-def _tokenizer(directory):
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "vocab.json"), "w") as f:
-    json.dump({t: i for i, t in enumerate(VOCAB)}, f)
-  with open(os.path.join(directory, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
-  return transformers.CLIPTokenizer(
-      os.path.join(directory, "vocab.json"),
-      os.path.join(directory, "merges.txt"),
-      model_max_length=12,
-  )
-
-
-def _randomize(module, seed):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
-
-
-def tiny_pipeline(directory, *, prediction_type="epsilon"):
-  torch.manual_seed(0)
-  unet = diffusers.UNet2DConditionModel(
-      sample_size=8,
-      in_channels=4,
-      out_channels=4,
-      block_out_channels=(16, 32),
-      layers_per_block=1,
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-      cross_attention_dim=32,
-      attention_head_dim=4,
-      norm_num_groups=8,
-  )
-  vae = diffusers.AutoencoderKL(
-      in_channels=3,
-      out_channels=3,
-      down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-      up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-      block_out_channels=(16, 32),
-      latent_channels=4,
-      norm_num_groups=8,
-      sample_size=16,
-  )
-  text_encoder = transformers.CLIPTextModel(
-      transformers.CLIPTextConfig(
-          vocab_size=len(VOCAB),
-          hidden_size=32,
-          intermediate_size=48,
-          num_hidden_layers=2,
-          num_attention_heads=4,
-          max_position_embeddings=12,
-          bos_token_id=VOCAB.index("<|startoftext|>"),
-          eos_token_id=VOCAB.index("<|endoftext|>"),
-          pad_token_id=VOCAB.index("<|endoftext|>"),
-      )
-  )
-  for i, m in enumerate((unet, vae, text_encoder)):
-    _randomize(m, i)
-  scheduler = diffusers.DDIMScheduler(
-      beta_start=0.00085,
-      beta_end=0.012,
-      beta_schedule="scaled_linear",
-      clip_sample=False,
-      set_alpha_to_one=False,
-      steps_offset=1,
-      prediction_type=prediction_type,
-  )
-  pipe = diffusers.StableDiffusionPipeline(
-      unet=unet,
-      vae=vae,
-      text_encoder=text_encoder,
-      tokenizer=_tokenizer(os.path.join(directory, "_tok")),
-      scheduler=scheduler,
-      safety_checker=None,
-      feature_extractor=None,
-      requires_safety_checker=False,
-  )
-  pipe.set_progress_bar_config(disable=True)
-  pipe.save_pretrained(directory, safe_serialization=True)
-  shutil.rmtree(os.path.join(directory, "_tok"))
-  return pipe
-
-
 @pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
-def pipes(request, tmp_path_factory):
+def pipes(request, tmp_path_factory, tiny_sd_pipeline):
   directory = str(tmp_path_factory.mktemp("sd"))
-  theirs = tiny_pipeline(directory, prediction_type=request.param)
+  theirs = tiny_sd_pipeline(directory, prediction_type=request.param)
   return theirs, sd_pipeline.load_stable_diffusion(directory), directory
 
 

@@ -1,4 +1,6 @@
-"""Tests of the digits pretraining script (experiments/pretrain_diffusion.py)."""
+"""Tests of the digits pretraining script (experiments/pretrain_diffusion.py), its config
+and, through a tiny run, alignjax.diffusion.digits_pretraining's pretrain and cache. The
+losses and samplers are tested in tests/diffusion/test_digits_training.py."""
 
 import json
 import os
@@ -14,6 +16,8 @@ from PIL import Image
 
 from alignjax import metrics
 from alignjax.data import digits
+from alignjax.diffusion import digits_pretraining as dp
+from alignjax.diffusion import digits_training as dt
 from alignjax.diffusion import schedules
 from alignjax.models import classifier as classifier_lib
 from alignjax.models import io as model_io
@@ -24,49 +28,25 @@ from experiments.configs.pretrain_diffusion import digits as digits_config
 CONFIG_FILE = os.path.join(os.path.dirname(digits_config.__file__), "digits.py")
 
 
-def test_diffusion_loss_formula():
-  schedule = schedules.make_schedule("linear")
-  x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4096, 2, 2, 1)), jnp.float32)
-  cond = jnp.zeros((4096,), jnp.int32)
-  key = jax.random.key(0)
-
-  def exact(x_t, t, c):  # inverts eq. 1's x_t with the known x0: loss must vanish
-    abar = schedule.alphas_cumprod[t][:, None, None, None]
-    return (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
-
-  loss = pd.diffusion_loss(exact, schedule, x0, cond, key, p_uncond=0.0, null_class=10)
-  assert float(loss) < 1e-6
-  # eps_fn = 1[c~ is null]: E (eps - m)^2 = 1 + p_uncond (eps ~ N(0, 1), m ~ Bernoulli(p)).
-  is_null = lambda x_t, t, c: jnp.broadcast_to((c == 10)[:, None, None, None], x_t.shape) * 1.0
-  loss = pd.diffusion_loss(is_null, schedule, x0, cond, key, p_uncond=0.3, null_class=10)
-  assert abs(float(loss) - 1.3) < 0.05
-
-
-def test_ema_update_hand_computed():
-  ema, params = {"w": jnp.array([1.0])}, {"w": jnp.array([3.0])}
-  # step 0: d = min(0.999, 1/10) = 0.1 -> 0.1 * 1 + 0.9 * 3 = 2.8
-  np.testing.assert_allclose(pd.ema_update(ema, params, 0, 0.999)["w"], [2.8], rtol=1e-6)
-  # late step: d = 0.5 (the cap) -> 2.0
-  np.testing.assert_allclose(pd.ema_update(ema, params, 10_000, 0.5)["w"], [2.0], rtol=1e-6)
-
-
 def test_config_docstring_and_validation():
   assert (
       digits_config.__doc__.lstrip().startswith("Pretrain")
       and "python -m experiments.pretrain_diffusion" in digits_config.__doc__
   )
   config = digits_config.get_config()
-  pd.validate(config)
-  assert pd.unet_config(config) == unet_lib.UNetConfig(
+  assert config == dp.default_config("eps")  # the values exist once, in the library
+  dp.validate(config)
+  dp.validate(digits_config.get_config("tiny=True"))
+  assert dt.unet_config(config) == unet_lib.UNetConfig(
       channels=tuple(config.unet.channels), attention_resolutions=(2,)
   )
   config.train.p_uncond = 1.5
   with pytest.raises(ValueError, match=r"config.train.p_uncond=1.5"):
-    pd.validate(config)
+    dp.validate(config)
   config = digits_config.get_config()
   config.unet.widths = 3
   with pytest.raises(ValueError, match="widths"):
-    pd.unet_config(config)
+    dt.unet_config(config)
 
 
 def regenerated_samples(config, workdir, unet):
@@ -77,7 +57,7 @@ def regenerated_samples(config, workdir, unet):
   cond = np.repeat(np.arange(digits.NUM_CLASSES, dtype=np.int32), sc.per_class)
   sample_key = jax.random.split(jax.random.key(config.seed, impl=config.prng_impl), 3)[2]
   graphdef, params = nnx.split(unet)
-  x = pd.sample_digits(
+  x = dt.sample_digits(
       graphdef,
       params,
       schedules.make_schedule(**config.schedule.to_dict()),
@@ -113,7 +93,7 @@ def test_tiny_pretraining_cli_and_cache(tmp_path):
   fv(argv)
   assert pd.main(["prog"], config_flag, workdir_flag) is None  # exit status 0 under app.run
 
-  with open(os.path.join(workdir, pd.REPORT_NAME)) as f:
+  with open(os.path.join(workdir, dp.REPORT_NAME)) as f:
     saved = json.load(f)
   assert saved["recognition_rate"] == saved["evaluations"][0]["recognition_rate"]
   assert saved["num_samples"] == 20 and saved["config"]["sample"]["num_steps"] == 2
@@ -146,17 +126,17 @@ def test_tiny_pretraining_cli_and_cache(tmp_path):
   ]
 
   # ensure_pretrained: a valid cache for the same config is reused, not retrained.
-  mtime = os.path.getmtime(os.path.join(workdir, pd.REPORT_NAME))
-  paths = pd.ensure_pretrained(workdir, config)
+  mtime = os.path.getmtime(os.path.join(workdir, dp.REPORT_NAME))
+  paths = dp.ensure_pretrained(workdir, config)
   assert paths["unet_dir"] == os.path.join(workdir, "unet")
   assert paths["classifier_dir"] == os.path.join(workdir, "classifier")
   assert schedules.make_schedule(**paths["schedule"]).num_train_timesteps == 1000
-  assert os.path.getmtime(os.path.join(workdir, pd.REPORT_NAME)) == mtime
+  assert os.path.getmtime(os.path.join(workdir, dp.REPORT_NAME)) == mtime
   # ...while another config, or missing weights, makes the cache invalid.
   other = digits_config.get_config("tiny=True")
-  assert "different config" in pd._cache_status(workdir, other)
+  assert "different config" in dp._cache_status(workdir, other)
   skip = ml_collections.ConfigDict(config.to_dict())  # an operational field only
   skip.finite.policy = "skip"
-  assert pd._cache_status(workdir, skip) is None
+  assert dp._cache_status(workdir, skip) is None
   os.remove(os.path.join(workdir, "unet", "model.safetensors"))
-  assert "do not load" in pd._cache_status(workdir, config)
+  assert "do not load" in dp._cache_status(workdir, config)

@@ -167,7 +167,7 @@ def load_state(
 
 
 def _to_host(x) -> np.ndarray:
-  if not x.is_fully_addressable:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
 

@@ -11,9 +11,11 @@ under 4 minutes in all, while the cores were free). Without --workdir the models
 flow/ of the eps cache ($ALIGNJAX_CACHE or ~/.cache/alignjax/digits), where
 `ensure_pretrained` finds them; the eps model's cache is left as it is.
 
-The UNet, classifier, optimiser, EMA and label dropout are those of digits.py; what differs:
-  objective  "flow": the loss is the per-pixel rectified-flow loss (pretrain_diffusion eq. 5)
-             on X_t = (1 - t) X_0 + t X_1 (t: noise 0 -> data 1, alignjax.diffusion.flow).
+The values are those of `alignjax.diffusion.digits_pretraining.default_config("flow")`: the
+UNet, classifier, optimiser, EMA and label dropout of digits.py; what differs:
+  objective  "flow": the loss is the per-pixel rectified-flow loss
+             (alignjax.diffusion.digits_training eq. 5) on X_t = (1 - t) X_0 + t X_1
+             (t: noise 0 -> data 1, alignjax.diffusion.flow).
   flow       time_scale: the UNet's timestep input is tau = time_scale * (1 - t) (a float;
              noise at tau = 1000 and data at tau = 0, as for the eps model's integer t).
   sample     sampler "ode" (Euler) or "sde" (memoryless Euler-Maruyama, flow eq. 6);
@@ -23,21 +25,14 @@ Argument (`--config=...digits_flow.py:tiny=True`):
   tiny   True: a few-channel UNet and classifier trained for a handful of steps (smoke tests).
 """
 
-import ml_collections
-
 from alignjax import configs
+from alignjax.diffusion import digits_pretraining
 from experiments.configs.pretrain_diffusion import digits
 
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, tiny=False)
-  c = digits.get_config(f"tiny={arg.tiny}")
-  c.objective = "flow"
-  del c["schedule"]  # the flow path has no noise schedule
-  c.flow = dict(time_scale=1000.0)
-  c.sample = ml_collections.ConfigDict(
-      dict(per_class=100, num_steps=20, sampler="ode", guidance_scales=(2.0, 1.0), batch_size=500)
-  )
+  c = digits_pretraining.default_config("flow")
   if arg.tiny:
-    c.sample.update(per_class=2, num_steps=3, guidance_scales=(2.0,), batch_size=20)
+    digits.make_tiny(c)  # the same smoke-test sizes as the eps model's
   return c
