@@ -42,36 +42,6 @@ import argparse
 import os
 import time
 
-SD15_UNET = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": [
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ],
-}
 SD_SCHEDULER = dict(
     beta_start=0.00085,
     beta_end=0.012,
@@ -129,6 +99,7 @@ def main():
 
   from alignjax.diffusion import pipeline, samplers, schedules
   from alignjax.models.convert import torch_keys, unet_keys
+  from alignjax.models.sd.presets import SD15_UNET
   from alignjax.models.sd.unet import UNet2DConditionModel, UNetConfig
 
   torch.manual_seed(0)

@@ -1,16 +1,20 @@
 r"""Adjoint Matching: fine-tune a diffusion or flow model on a differentiable reward.
 
   python -m experiments.adjoint_matching --config=experiments/configs/adjoint_matching/digits.py --workdir=runs/am_digits
+  python -m experiments.adjoint_matching --config=experiments/configs/adjoint_matching/sd15.py ...
 
-A linear trainer (fork it rather than subclass it). Each iteration: draw prompts (host) →
+The same script runs on the embedded digits model and on a Stable Diffusion pipeline, both
+behind `alignjax.diffusion.backend` (`model.family`; Stable Diffusion with `model.kind=eps`
+only): the reward differentiates through the backend's decoder (the VAE for SD). A linear trainer (fork it rather than subclass it). Each iteration: draw prompts (host) →
 sample memoryless trajectories of the fine-tuned model, solve the lean adjoint backwards
 with the frozen base and regress the control onto it (one jitted step, state donated) →
 metrics → checkpoint. Before and after, the base and fine-tuned models are evaluated on the
-same held-out seeds: mean reward, recognition rate, and diversity
+same held-out seeds: mean reward, recognition rate (digits only: the digits classifier), and
+diversity
 
-  D = (1/10) Σ_c mean_{i<j, c_i = c_j = c} ‖img_i − img_j‖₂      (images in [0, 1])      (1)
+  D = mean_c mean_{i<j, c_i = c_j = c} ‖img_i − img_j‖₂      (images in [0, 1])      (1)
 
-(mean pairwise L2 distance of the samples of one class, averaged over classes:
+(mean pairwise L2 distance of the samples of one class or prompt, averaged over them:
 `alignjax.metrics.within_class_diversity`). The maths is
 in alignjax/algorithms/adjoint_matching_ddpm.py (the DDPM chain, eta = 1, `model.kind=eps`)
 and alignjax/algorithms/adjoint_matching.py (rectified flow, memoryless SDE, `model.kind=flow`;
@@ -34,17 +38,26 @@ from alignjax import checkpoint, configs, finite, metrics, parallel, scripts, te
 from alignjax import workdir as workdir_lib
 from alignjax.algorithms import adjoint_matching as am_flow
 from alignjax.algorithms import adjoint_matching_ddpm as am_ddpm
+from alignjax.diffusion import backend as backend_lib
 from alignjax.diffusion import digits_pretraining, flow, samplers
 from alignjax.models import classifier as classifier_lib
 from alignjax.models import io as model_io
 from alignjax.models import unet as unet_lib
+from alignjax.rewards import configured
 
 scripts.make_importable(__file__, __package__)
 
 from experiments import common
 
 MODEL_KINDS = ("eps", "flow")
-DIFFERENTIABLE_REWARDS = ("classifier", "brightness")
+
+
+def differentiable_rewards(family: str) -> tuple[str, ...]:
+  """The rewards of a model family that Adjoint Matching can use (it needs ∇r)."""
+  return tuple(r for r in common.REWARDS_BY_FAMILY[family] if r in configured.DIFFERENTIABLE)
+
+
+DIFFERENTIABLE_REWARDS = differentiable_rewards("digits")
 
 
 # ============================================================================ validation
@@ -79,15 +92,25 @@ def validate(config, num_devices: int) -> None:
       config, "sampling.guidance_scale", "sampling.clip_sample", "optimizer.max_grad_norm"
   )
   configs.check_choice(config, "model.kind", MODEL_KINDS)
+  if "family" in config.model:
+    configs.check_choice(config, "model.family", common.FAMILIES)
+  family = common.family(config)
+  if family == "stable_diffusion" and config.model.kind != "eps":
+    raise configs.ConfigError(
+        f"config.model.kind={config.model.kind!r}: Stable Diffusion is an eps-prediction "
+        "model; model.family='stable_diffusion' runs with model.kind='eps' only (the flow "
+        "variant is for the digits model)"
+    )
   configs.check_choice(config, "finetune.mode", training.FINETUNE_MODES)
   if config.finetune.mode == "lora":
     configs.check_positive(config, "finetune.lora_rank")
-  common.validate_model_and_reward(config)
-  if config.reward.name not in DIFFERENTIABLE_REWARDS:
+  valid = differentiable_rewards(family)
+  if config.reward.name not in valid:
     raise configs.ConfigError(
         f"config.reward.name={config.reward.name!r}: Adjoint Matching needs ∇r; valid "
-        f"choices are {', '.join(repr(r) for r in DIFFERENTIABLE_REWARDS)}"
+        f"choices are {', '.join(repr(r) for r in valid)}"
     )
+  common.validate_model_and_reward(config)
   if config.model.kind == "eps":
     configs.check_range(config, "sampling.eta", 0.0, 1.0, inclusive=(False, True))
   if config.am.num_timesteps > config.sampling.num_steps:
@@ -105,12 +128,32 @@ def validate(config, num_devices: int) -> None:
 # ============================================================================ models
 
 
-def load_models(config, mesh) -> tuple[common.DiffusionModels, float]:
-  """(models, time_scale): the eps models of common.load_diffusion_models, or the flow
-  variant (pretrained by experiments/configs/pretrain_diffusion/digits_flow.py into the flow/
-  subdirectory of the cache). time_scale maps flow time to the UNet's timestep input."""
+def _digits_export(directory: str, unet) -> None:
+  model_io.save_model(directory, unet, unet.config)
+
+
+def load_models(config, mesh, rules):
+  """(backend, reward, classifier, time_scale): the base model behind
+  `alignjax.diffusion.backend`'s interface, the configured reward (weights as arguments),
+  the digits classifier for the recognition rate (None for Stable Diffusion) and time_scale,
+  which maps flow time to the UNet's timestep input (0 for eps models).
+
+  Digits: the eps models of common.load_diffusion_models, or the flow variant (pretrained by
+  experiments/configs/pretrain_diffusion/digits_flow.py into the flow/ subdirectory of the
+  cache). Stable Diffusion: `common.load_backend`."""
+  if common.family(config) == "stable_diffusion":
+    backend, reward = common.load_backend(config, mesh, rules)
+    return backend, reward, None, 0.0
   if config.model.kind == "eps":
-    return common.load_diffusion_models(config, mesh), 0.0
+    models, time_scale = common.load_diffusion_models(config, mesh), 0.0
+  else:
+    models, time_scale = _load_digits_flow(config)
+  backend = backend_lib.digits_backend(models.unet, models.schedule, models.base, _digits_export)
+  reward = configured.make_reward(config.reward, "digits", classifier=models.classifier)
+  return backend, reward, models.classifier, time_scale
+
+
+def _load_digits_flow(config) -> tuple[common.DiffusionModels, float]:
   flow_config = digits_pretraining.default_config("flow")
   if config.model.init == "random":
     unet = testing.tiny_unet(seed=config.seed)
@@ -167,23 +210,22 @@ def train(config, workdir: str, devices) -> dict:
   replicated = parallel.replicated(mesh)
 
   # ---------------------------------------------------------------- models and reward
-  models, time_scale = load_models(config, mesh)
-  graphdef, base_params = nnx.split(models.unet)
-  clf_graphdef, clf_params = nnx.split(models.classifier)
+  rules = common.sharding_rules(config)
+  backend, reward, classifier, time_scale = load_models(config, mesh, rules)
+  graphdef, base_params = nnx.split(backend.denoiser)
   sample_cfg, am_cfg = config.sampling, config.am
-  null_cond, shape = models.num_classes, models.image_shape
+  null_cond, shape, schedule = backend.null_cond, backend.latent_shape, backend.schedule
   finetune = training.Finetune.from_config(config.finetune)
   clip_sample = sample_cfg.clip_sample or None  # 0 disables clipping of x̂_0
   optimizer = training.make_optimizer(config.optimizer)
 
   def model_fn(params):
-    model = nnx.merge(graphdef, params)
-    return lambda x, t, c: model(x, t, c)
+    return backend.eps_fn(nnx.merge(graphdef, params))
 
   def reward_fn_builder(frozen):
-    """r(x, cond) on diffusion-space x, built from the frozen classifier weights."""
-    reward = common.make_reward(config.reward, nnx.merge(clf_graphdef, frozen["classifier"]))
-    return lambda x, cond: reward(common.images_from(x), cond)
+    """r(x, cond) on the model's space x: decoded (the VAE for SD) inside the differentiated
+    path, the reward's and the decoder's weights taken from `frozen` (jit arguments)."""
+    return lambda x, cond: reward.fn(frozen["reward"], backend.decode(frozen["decoder"], x), cond)
 
   if config.model.kind == "eps":
 
@@ -198,7 +240,7 @@ def train(config, workdir: str, devices) -> dict:
         eps_builder,
         base_eps_builder,
         reward_fn_builder,
-        models.schedule,
+        schedule,
         optimizer,
         lam=am_cfg.lam,
         num_steps=sample_cfg.num_steps,
@@ -212,7 +254,7 @@ def train(config, workdir: str, devices) -> dict:
     def sample_final(trainable, frozen, key, cond):
       return am_ddpm.sample_chain(
           eps_builder(trainable, frozen),
-          models.schedule,
+          schedule,
           cond,
           key,
           shape=shape,
@@ -256,15 +298,19 @@ def train(config, workdir: str, devices) -> dict:
   eval_key = jax.random.fold_in(eval_key, config.eval.seed)
 
   def init_state(base_params):
-    trainable, _ = finetune.split(base_params, init_key)
+    trainable, _ = finetune.split(base_params, init_key, backend.lora_plan)
     trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # own buffers: the state is donated
     return training.TrainState.create(trainable, optimizer, init_key)
 
-  rules = common.sharding_rules(config)
   state_shardings = parallel.param_shardings(jax.eval_shape(init_state, base_params), mesh, rules)
   state = jax.jit(init_state, out_shardings=state_shardings)(base_params)
-  frozen = {"base": base_params, "classifier": clf_params}
+  # The frozen: the base (ε_base, and θ₀ of LoRA), the reward's and the decoder's weights.
+  frozen = {"base": base_params, "reward": reward.params, "decoder": backend.decoder_params}
   frozen = jax.device_put(frozen, parallel.param_shardings(frozen, mesh, rules))
+  del base_params
+  if classifier is not None:  # the digits classifier, for the recognition rate
+    clf_graphdef, clf_params = nnx.split(classifier)
+    clf_params = jax.device_put(clf_params, replicated)
 
   # ---------------------------------------------------------------- jitted functions
   compiler_options = dict(config.compiler_options) or None
@@ -275,42 +321,49 @@ def train(config, workdir: str, devices) -> dict:
       compiler_options=compiler_options,
   )
   sample_fn = jax.jit(sample_final, out_shardings=batch_sharding, compiler_options=compiler_options)
-  decode_fn = jax.jit(common.images_from, out_shardings=batch_sharding)
+  decode_fn = jax.jit(backend.decode, out_shardings=batch_sharding)
   reward_eval = jax.jit(lambda frozen, x, cond: reward_fn_builder(frozen)(x, cond))
-  logits_fn = jax.jit(lambda params, images: nnx.merge(clf_graphdef, params)(images))
+  if classifier is not None:
+    logits_fn = jax.jit(lambda params, images: nnx.merge(clf_graphdef, params)(images))
 
-  def draw_prompts(seed_key, num) -> jax.Array:
-    """Class ids drawn on the host from a key, so every process draws the same ones."""
-    seed = int(jax.random.randint(seed_key, (), 0, 2**31 - 1))
-    cond = np.random.default_rng(seed).integers(0, models.num_classes, num, dtype=np.int32)
-    return common.global_array(cond, batch_sharding)
+  def draw_prompts(seed_key, num) -> backend_lib.PromptBatch:
+    """Prompts drawn on the host from a key, so every process draws the same ones."""
+    return backend.prompts.train(int(jax.random.randint(seed_key, (), 0, 2**31 - 1)), num)
 
   def evaluate(trainable) -> tuple[dict, np.ndarray]:
-    """Held-out seeds, every digit in turn, the training sampler: reward, recognition, eq. 1;
-    and an image grid with up to log.num_images / 10 samples of every digit."""
-    rewards, images, conds, correct = [], [], [], []
+    """Held-out seeds, the prompts in turn (every digit, or the prompt list), the training
+    sampler: reward, recognition (digits), eq. 1; and the images to log (digits: a grid with
+    up to log.num_images / 10 samples of every digit)."""
+    rewards, images, labels, correct = [], [], [], []
     for b in range(config.eval.num_samples // sample_cfg.batch_size):
-      cond = (np.arange(sample_cfg.batch_size) + b * sample_cfg.batch_size) % models.num_classes
-      cond_global = common.global_array(cond.astype(np.int32), batch_sharding)
-      x = sample_fn(trainable, frozen, jax.random.fold_in(eval_key, b), cond_global)
-      rewards.append(common.to_host(reward_eval(frozen, x, cond_global)))
-      batch_images = common.to_host(decode_fn(x))
-      logits = common.to_host(logits_fn(frozen["classifier"], batch_images))
-      correct.append(np.argmax(logits, -1) == cond)
+      prompts = backend.prompts.eval(b, sample_cfg.batch_size)
+      cond = backend.condition(prompts, batch_sharding)
+      x = sample_fn(trainable, frozen, jax.random.fold_in(eval_key, b), cond)
+      rewards.append(common.to_host(reward_eval(frozen, x, cond)))
+      batch_images = common.to_host(decode_fn(frozen["decoder"], x))
+      if classifier is not None:
+        logits = common.to_host(logits_fn(clf_params, batch_images))
+        correct.append(np.argmax(logits, -1) == prompts.labels)
       images.append(batch_images)
-      conds.append(cond)
-    images, conds = np.concatenate(images), np.concatenate(conds)
-    result = {
-        "reward": float(np.mean(np.concatenate(rewards))),
-        "recognition": float(np.mean(np.concatenate(correct))),
-        "diversity": metrics.within_class_diversity(images, conds),
-    }  # eq. 1
-    per_class = max(config.log.num_images // models.num_classes, 1)  # a grid row per digit
-    grid = np.concatenate([images[conds == c][:per_class] for c in range(models.num_classes)])
+      labels.append(prompts.labels)
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    result = {"reward": float(np.mean(np.concatenate(rewards)))}
+    if classifier is not None:
+      result["recognition"] = float(np.mean(np.concatenate(correct)))
+    result["diversity"] = metrics.within_class_diversity(images, labels)  # eq. 1
+    if backend.family != "digits":
+      return result, images[: config.log.num_images]
+    num_classes = backend.prompts.num_classes
+    per_class = max(config.log.num_images // num_classes, 1)  # a grid row per digit
+    grid = np.concatenate([images[labels == c][:per_class] for c in range(num_classes)])
     return result, grid
 
+  def write_images(step, name, images):
+    ncols = None if backend.family == "digits" else backend.image_columns
+    writer.write_images(step, name, images[: config.log.num_images], ncols=ncols)
+
   # ---------------------------------------------------------------- restore or start
-  ckpt = common.make_checkpointer(config, workdir, "experiments.adjoint_matching", models)
+  ckpt = common.make_checkpointer(config, workdir, "experiments.adjoint_matching", backend)
   host = {"iteration": 0, "base": None, "history": []}
   if ckpt.latest_step() is not None:
     state, host = ckpt.restore(state)
@@ -322,7 +375,7 @@ def train(config, workdir: str, devices) -> dict:
   )
   if host["base"] is None:
     host["base"], base_images = evaluate(state.params)
-    writer.write_images(0, "eval_base", base_images[: config.log.num_images])
+    write_images(0, "eval_base", base_images)
     writer.write_scalars(0, {f"eval/{k}": v for k, v in host["base"].items()})
 
   # ---------------------------------------------------------------- the loop
@@ -333,7 +386,8 @@ def train(config, workdir: str, devices) -> dict:
   ):
     t0 = time.perf_counter()
     key = jax.random.fold_in(train_key, it)
-    cond = draw_prompts(jax.random.fold_in(key, 1), sample_cfg.batch_size)
+    prompts = draw_prompts(jax.random.fold_in(key, 1), sample_cfg.batch_size)
+    cond = backend.condition(prompts, batch_sharding)
     state, step_metrics, nonfinite = update_fn(state, frozen, jax.random.fold_in(key, 2), cond)
     common.check_finite(monitor, it + 1, nonfinite, ckpt, writer)
     scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -343,7 +397,7 @@ def train(config, workdir: str, devices) -> dict:
     host["history"].append([it + 1, scalars["reward"]])
     if (it + 1) % config.log.image_every == 0:
       x = sample_fn(state.params, frozen, jax.random.fold_in(key, 3), cond)
-      writer.write_images(it + 1, "train", common.to_host(decode_fn(x)))
+      write_images(it + 1, "train", common.to_host(decode_fn(frozen["decoder"], x)))
 
     host.update(iteration=it + 1, finite=monitor.state_dict())
     ckpt.maybe_save(it + 1, state, host, force=it + 1 == config.num_iterations)
@@ -356,7 +410,7 @@ def train(config, workdir: str, devices) -> dict:
   # ---------------------------------------------------------------- final evaluation
   final, final_images = evaluate(state.params)
   writer.write_scalars(config.num_iterations, {f"eval/{k}": v for k, v in final.items()})
-  writer.write_images(config.num_iterations, "eval_final", final_images[: config.log.num_images])
+  write_images(config.num_iterations, "eval_final", final_images)
   ckpt.wait_until_finished()
   ckpt.close()
   trainable = common.to_host_tree(state.params)
@@ -365,7 +419,7 @@ def train(config, workdir: str, devices) -> dict:
     common.export_finetuned(
         workdir,
         graphdef,
-        models.unet.config,
+        backend.export,
         trainable,
         common.to_host_tree(frozen["base"]),
         finetune,
@@ -386,14 +440,15 @@ def write_summary(workdir: str, host: dict, final: dict, config) -> str:
           final,
       ),
   ]
+  recognition = "recognition" in base  # the digits classifier's; none for Stable Diffusion
+  head = f"| model (eval: {config.eval.num_samples} held-out seeds) | mean {name} reward | "
+  head += "recognition rate | " * recognition + "diversity (eq. 1) |"
   table = "\n".join(
-      [
-          f"| model (eval: {config.eval.num_samples} held-out seeds) | mean {name} reward | "
-          "recognition rate | diversity (eq. 1) |",
-          "|---|---|---|---|",
-      ]
+      [head, "|---|---|" + "---|" * recognition + "---|"]
       + [
-          f"| {label} | {r['reward']:.4f} | {r['recognition']:.3f} | {r['diversity']:.3f} |"
+          f"| {label} | {r['reward']:.4f} | "
+          + (f"{r['recognition']:.3f} | " if recognition else "")
+          + f"{r['diversity']:.3f} |"
           for label, r in rows
       ]
   )

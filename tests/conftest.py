@@ -7,20 +7,44 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import json  # noqa: E402
+
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ----------------------------------------------------------------------------- compilation cache
+# One persistent XLA compilation cache for the whole run, shared by the xdist workers (under
+# pytest's base temporary directory, which pytest prunes): tests build many identical
+# programs (the same tiny models in different files and parametrisations), and a program
+# that took over COMPILE_CACHE_MIN_SECONDS to compile is then loaded, not compiled again. A
+# cache hit loads the same executable, so results are unchanged.
+
+COMPILE_CACHE_MIN_SECONDS = 0.5
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shared_compilation_cache(tmp_path_factory):
+  from jax.experimental.compilation_cache import compilation_cache
+
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  directory = str(root / "xla-compilation-cache")
+  os.makedirs(directory, exist_ok=True)
+  os.environ["ALIGNJAX_TEST_XLA_CACHE"] = directory
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
+  yield directory
 
 
 # ----------------------------------------------------------------------------- tiny Stable Diffusion
 # Builders of tiny random diffusers/transformers checkpoints written to disk (no downloads),
 # shared by the pipeline, reward and experiment tests. torch, diffusers and transformers are
 # imported when a builder runs, not when the test session starts.
-
-import json  # noqa: E402
-
-import pytest  # noqa: E402
 
 SD_VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>"]
 SD_VOCAB += ["t</w>", "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>"]

@@ -140,7 +140,15 @@ def response_log_probs(
   """log π(y_bt | x_b, y_b,<t) [B, N] under (graphdef, params) (eq. 3), 0 after EOS; pure and
   differentiable in `params` (jit with graphdef and the chunk sizes static)."""
   tokens, valid, mask = sequences(r)
+  start = r.prompt_tokens.shape[1]  # the prompt's slots are never scored
   out = scoring.score(
-      graphdef, params, tokens, valid, mask, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk
+      graphdef,
+      params,
+      tokens,
+      valid,
+      mask,
+      seq_chunk=seq_chunk,
+      vocab_chunk=vocab_chunk,
+      start=start,
   )
-  return out.log_probs[:, r.prompt_tokens.shape[1] :]
+  return out.log_probs[:, start:]

@@ -52,9 +52,21 @@ def dense_product(x, kernel, num_in: int):
   w = kernel.reshape(math.prod(kernel.shape[:num_in]), math.prod(out_shape))
   lead = x.shape[: x.ndim - num_in]
   y = skinny_matmul.matmul(
-      x.reshape(*lead, w.shape[0]), w, fallback=lambda *_: jnp.tensordot(x, kernel, axes=num_in)
+      x.reshape(*lead, w.shape[0]), w, fallback=lambda *_: _tensordot(x, kernel, num_in)
   )
   return y.reshape(*lead, *out_shape)
+
+
+def _tensordot(x, kernel, num_in: int):
+  """x . kernel over the in-axes. On the CPU the leading axes of x are merged first: with
+  [B, L, in] operands the weight gradient's backward pass copies a transposed activation
+  gradient per layer, with [B·L, in] it does not (the same products, the same sums)."""
+  if x.ndim - num_in <= 1 or jax.default_backend() != "cpu":
+    return jnp.tensordot(x, kernel, axes=num_in)
+  lead = x.shape[: x.ndim - num_in]
+  flat = x.reshape((math.prod(lead),) + x.shape[x.ndim - num_in :])
+  y = jnp.tensordot(flat, kernel, axes=num_in)
+  return y.reshape(lead + y.shape[1:])
 
 
 class Dense(nnx.Module):

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from alignjax import configs, metrics, testing, training
+from alignjax.diffusion import backend as backend_lib
 from experiments import draft as draft_script
 from experiments.configs.draft import digits
 
@@ -97,6 +98,12 @@ def test_balanced_prompts_hold_every_class_equally_often():
   counts = np.bincount(prompts, minlength=10)
   assert prompts.dtype == np.int32 and counts.sum() == 32 and set(counts) == {3, 4}
   assert not np.array_equal(prompts, draft_script.balanced_prompts(32, 10, seed=4))
+  # the digits backend's training prompts are these, ids as labels and keys
+  batch = draft_script.train_prompts(
+      backend_lib.digits_backend(testing.tiny_unet(), None, {}, None), 32, 3
+  )
+  np.testing.assert_array_equal(batch.cond, prompts)
+  np.testing.assert_array_equal(batch.labels, prompts)
 
 
 # ----------------------------------------------------------------------------- runs

@@ -19,6 +19,7 @@ from alignjax.models.convert import torch_keys
 from alignjax.models.convert.safetensors_io import CheckpointError
 from alignjax.models.convert.unet_keys import load_unet, save_unet, unet_key_table
 from alignjax.models.sd.layers import timestep_embedding
+from alignjax.models.sd import presets
 from alignjax.models.sd.unet import UNet2DConditionModel, UNetConfig
 
 ATOL = RTOL = 1e-4
@@ -54,37 +55,7 @@ SD2_LIKE = dict(
 CASES = {"sd1": (SD1_LIKE, (8, 8)), "sd2-odd": (SD2_LIKE, (9, 9))}
 
 # runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 unet/config.json
-SD15 = {
-    "_class_name": "UNet2DConditionModel",
-    "_diffusers_version": "0.6.0",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": [
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ],
-}
+SD15 = dict(presets.SD15_UNET)
 SD21 = {
     **SD15,
     "_diffusers_version": "0.10.0.dev0",

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 from alignjax.models.convert import torch_keys
 from alignjax.models.convert.safetensors_io import CheckpointError
 from alignjax.models.convert.vae_keys import load_vae, save_vae, vae_key_table
+from alignjax.models.sd import presets
 from alignjax.models.sd.vae import AutoencoderKL, VAEConfig
 
 ATOL = RTOL = 1e-4
@@ -37,21 +38,7 @@ CASES = {
     "plain": dict(TINY, mid_block_add_attention=False, use_quant_conv=False, layers_per_block=2),
 }
 # stabilityai/sd-vae-ft-mse (the SD 1.x / 2.x VAE) vae/config.json
-SD_VAE = {
-    "_class_name": "AutoencoderKL",
-    "_diffusers_version": "0.4.2",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
+SD_VAE = dict(presets.SD15_VAE)
 
 
 def randomize(model, seed=0, std=0.1):

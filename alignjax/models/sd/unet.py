@@ -313,8 +313,20 @@ def _call(block, x, temb, context):
   return block(x, temb, context)
 
 
+def _rematerialised(fn):
+  """fn(block, *args) recomputed in the backward pass: `jax.checkpoint` of a pure function of
+  the block's state (nnx.remat mutates the block's Params across trace levels, which fails
+  when the UNet runs inside a `lax.scan`, e.g. the sampler's)."""
+
+  def call(block, *args):
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda state, *args: fn(nnx.merge(graphdef, state), *args))(state, *args)
+
+  return call
+
+
 def _up_call(size):
-  """An up block's call with its (static) output size closed over, for `nnx.remat`."""
+  """An up block's call with its (static) output size closed over, for remat."""
 
   def call(block, x, skips, temb, context):
     return block(x, skips, temb, context, size=size)
@@ -325,7 +337,7 @@ def _up_call(size):
 class UNet2DConditionModel(nnx.Module):
   """Eqs. 1-5. __call__(sample [B, H, W, C_in], timesteps [B] or scalar, encoder_hidden_states
   [B, S, cross_attention_dim]) -> [B, H, W, C_out]. remat: recompute each down / mid / up
-  block in the backward pass (`nnx.remat`), the default of every call."""
+  block in the backward pass (`jax.checkpoint`), the default of every call."""
 
   def __init__(
       self,
@@ -407,7 +419,7 @@ class UNet2DConditionModel(nnx.Module):
           f"{c.cross_attention_dim}], got {ctx.shape}"
       )
     remat = self.remat if remat is None else remat
-    wrap = nnx.remat if remat else (lambda f: f)
+    wrap = _rematerialised if remat else (lambda f: f)
     b = sample.shape[0]
     t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
     emb = self.time_embedding(self.time_proj(t).astype(self.dtype))  # eq. 1
