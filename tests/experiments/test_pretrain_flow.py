@@ -14,6 +14,7 @@ from PIL import Image
 
 from alignjax import configs, metrics
 from alignjax.data import digits
+from alignjax.diffusion import flow
 from alignjax.diffusion import digits_pretraining as dp
 from alignjax.diffusion import digits_training as dt
 from alignjax.models import classifier as classifier_lib
@@ -95,7 +96,7 @@ def test_tiny_flow_pretraining_cli_and_cache(tmp_path, monkeypatch):
   assert not (tmp_path / "digits" / dp.REPORT_NAME).exists()  # the eps cache is untouched
 
   unet = model_io.load_model(str(workdir / "unet"), unet_lib.UNet, unet_lib.UNetConfig)
-  out = dt.unet_velocity(unet, 1000.0)(
+  out = flow.unet_velocity(unet, 1000.0)(
       jnp.zeros((2, 8, 8, 1)), jnp.array([0.0, 0.5]), jnp.array([3, 10])
   )
   assert out.shape == (2, 8, 8, 1) and np.all(np.isfinite(np.asarray(out)))
