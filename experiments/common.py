@@ -9,7 +9,6 @@ import os
 from concurrent import futures
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -27,7 +26,6 @@ from alignjax.rewards import configured
 MODEL_INITS = ("pretrained", "random")
 RANDOM_PRESETS = ("tiny",)
 FAMILIES = backend_lib.FAMILIES
-REWARDS = configured.REWARDS["digits"]  # the digits model's; REWARDS_BY_FAMILY for both
 REWARDS_BY_FAMILY = configured.REWARDS
 NUM_CLASSES = 10
 
@@ -176,27 +174,11 @@ def check_eval_batches(config) -> None:
   )
 
 
-def make_reward(reward_cfg, classifier) -> rewards.Reward:
-  """The digits Reward named by `config.reward.name` with its weights bound (see REWARDS)."""
-  return configured.make_reward(reward_cfg, "digits", classifier=classifier).bind()
-
-
-def images_from(x: jax.Array) -> jax.Array:
-  """Diffusion space [-1, 1] → images in [0, 1]."""
-  return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
-
-
 def to_host(x: jax.Array) -> np.ndarray:
   """The whole (possibly multi-host sharded) array as numpy on every process."""
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def global_array(x: np.ndarray, sharding) -> jax.Array:
-  """A global array from a numpy value every process holds in full."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def to_host_tree(tree):

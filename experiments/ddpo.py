@@ -320,7 +320,7 @@ def train(config, workdir: str, devices) -> dict:
     else:
       advantages = ddpo.batch_advantages(rewards)
     advantages = np.clip(advantages, -config.ddpo.adv_clip_max, config.ddpo.adv_clip_max)
-    advantages = common.global_array(advantages, batch_sharding)
+    advantages = backend_lib.global_array(advantages, batch_sharding)
     t_sample = time.perf_counter() - t0
 
     epochs = []  # every inner epoch's metrics, each [num_minibatches]

@@ -100,8 +100,8 @@ class TextPrompts:
     return self._batch((np.arange(batch_size) + index * batch_size) % len(self.prompts))
 
 
-def _global(x: np.ndarray, sharding) -> jax.Array:
-  """A global array from a numpy value every process holds in full."""
+def global_array(x: np.ndarray, sharding=None) -> jax.Array:
+  """A global array placed by `sharding` from a numpy value every process holds in full."""
   x = np.asarray(x)
   if sharding is None:
     return jnp.asarray(x)
@@ -149,7 +149,7 @@ class DiffusionBackend:
 
   def condition(self, batch: PromptBatch, sharding=None) -> Any:
     """Eq. 2: the device condition of a PromptBatch, every leaf placed by `sharding`."""
-    raw = jax.tree_util.tree_map(lambda x: _global(x, sharding), batch.cond)
+    raw = jax.tree_util.tree_map(lambda x: global_array(x, sharding), batch.cond)
     if self.encode is None:
       return raw
     if self._encode_jit is None:
