@@ -139,10 +139,16 @@ def run_local_processes(
   for p, (out, err) in zip(procs, outputs):
     if p.returncode != 0:
       raise AssertionError(f"child failed:\n{out}\n{err[-3000:]}")
-  return [
-      json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
-      for out, _ in outputs
-  ]
+  # The JSON is decoded up to its end: native libraries (Gloo) share the child's stdout and may
+  # write onto the same line between `print`'s text and its newline.
+  decoder = json.JSONDecoder()
+  results = []
+  for out, err in outputs:
+    line = next((l for l in out.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+      raise AssertionError(f"child printed no RESULT line:\n{out}\n{err[-3000:]}")
+    results.append(decoder.raw_decode(line[len("RESULT ") :])[0])
+  return results
 
 
 def assert_lora_trained(trained, initial, adam_steps: int, learning_rate: float) -> None:
