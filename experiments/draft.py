@@ -41,7 +41,6 @@ from alignjax.rewards import configured
 scripts.make_importable(__file__, __package__)
 
 from experiments import common
-from experiments.configs.draft.digits import VARIANTS
 
 VARIANT_NAMES = {"full": "DRaFT", "k": "DRaFT-K", "1": "DRaFT-1", "lv": "DRaFT-LV"}
 
@@ -76,7 +75,7 @@ def validate(config, num_devices: int) -> None:
   )
   configs.check_fraction(config, "sampling.eta")
   configs.check_nonnegative(config, "sampling.guidance_scale", "draft.kl_weight")
-  configs.check_choice(config, "draft.variant", VARIANTS)
+  configs.check_choice(config, "draft.variant", draft.VARIANTS)
   configs.check_choice(config, "draft.remat_policy", sorted(draft.REMAT_POLICIES))
   configs.check_choice(config, "finetune.mode", training.FINETUNE_MODES)
   if config.finetune.mode == "lora":
@@ -111,13 +110,8 @@ def differentiable_rewards(config) -> tuple[str, ...]:
 
 def draft_options(config) -> dict:
   """(truncation_k, lv_samples) of draft.make_update_fn for `config.draft.variant`."""
-  variant = config.draft.variant
-  return {
-      "full": dict(truncation_k=None, lv_samples=0),
-      "k": dict(truncation_k=config.draft.truncation_k, lv_samples=0),
-      "1": dict(truncation_k=1, lv_samples=0),
-      "lv": dict(truncation_k=None, lv_samples=config.draft.lv_samples),
-  }[variant]
+  d = config.draft
+  return draft.variant_options(d.variant, d.truncation_k, d.lv_samples)
 
 
 def balanced_prompts(batch: int, num_classes: int, seed: int) -> np.ndarray:

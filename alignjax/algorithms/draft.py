@@ -600,3 +600,21 @@ def make_update_fn(
     return state.apply_gradients(grads, optimizer), metrics
 
   return update
+
+
+VARIANTS = ("full", "k", "1", "lv")
+
+
+def variant_options(variant: str, truncation_k: int, lv_samples: int) -> dict:
+  """`make_update_fn`'s (truncation_k, lv_samples) for a DRaFT variant: "full" (the gradient
+  through every step), "k" (DRaFT-K: the last `truncation_k` steps), "1" (DRaFT-1) or "lv"
+  (DRaFT-LV: `lv_samples` re-noised one-step denoisings)."""
+  options = {
+      "full": dict(truncation_k=None, lv_samples=0),
+      "k": dict(truncation_k=truncation_k, lv_samples=0),
+      "1": dict(truncation_k=1, lv_samples=0),
+      "lv": dict(truncation_k=None, lv_samples=lv_samples),
+  }
+  if variant not in options:
+    raise ValueError(f"DRaFT variant {variant!r}: valid choices are {VARIANTS}")
+  return options[variant]

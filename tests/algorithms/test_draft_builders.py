@@ -345,3 +345,12 @@ def test_prepare_gives_the_same_loss_and_gradient_once_per_loss(variant, remat_p
   ]
   assert rank_r(options), "the builder's merge should sit inside the scans"  # the check works
   assert not rank_r(prepared)
+
+
+def test_variant_options_give_each_variants_truncation_and_lv_samples():
+  assert draft.variant_options("full", 5, 2) == dict(truncation_k=None, lv_samples=0)
+  assert draft.variant_options("k", 5, 2) == dict(truncation_k=5, lv_samples=0)
+  assert draft.variant_options("1", 5, 2) == dict(truncation_k=1, lv_samples=0)
+  assert draft.variant_options("lv", 5, 2) == dict(truncation_k=None, lv_samples=2)
+  with pytest.raises(ValueError, match=r"'k10'.*\('full', 'k', '1', 'lv'\)"):
+    draft.variant_options("k10", 5, 2)

@@ -1,88 +1,81 @@
-"""The full-size Stable Diffusion 1.5 configs: one training step of each, traced with
-`jax.eval_shape` on the full-size UNet (859,520,964 parameters) and, where the step decodes,
-the full-size VAE — shapes only, no memory, no weights. The same configs run one real step at
-a tiny size in test_ddpo_sd.py."""
+"""The full-size Stable Diffusion 1.5 configs: one training step of each algorithm, traced with
+`jax.eval_shape` on the full-size UNet (859,520,964 parameters), VAE and, where the step
+differentiates the reward, the aesthetic predictor on CLIP ViT-L/14 (alignjax.diffusion.
+full_size) — shapes only, no memory, no weights. The same configs run one real step at a
+tiny size in test_{ddpo,draft,adjoint_matching}_sd.py."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from alignjax import training
-from alignjax.algorithms import ddpo
-from alignjax.diffusion import pipeline, samplers, schedules
-from alignjax.models.convert import diffusers_lora
-from alignjax.models.sd import presets
+from alignjax import parallel
+from alignjax.diffusion import full_size
+from experiments.configs.adjoint_matching import sd15 as am_sd15
 from experiments.configs.ddpo import sd15 as ddpo_sd15
+from experiments.configs.draft import sd15 as draft_sd15
 
-SD15_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False, steps_offset=1)
-
-
-def sd15_parts(config):
-  unet = presets.abstract_unet()
-  graphdef, params = nnx.split(unet)
-  schedule = schedules.make_schedule("scaled_linear", 1000, **SD15_SCHEDULE)
-  finetune = training.Finetune.from_config(config.finetune)
-  plan = (diffusers_lora.unet_lora_target(), None)
-
-  def eps_fn_builder(trainable, frozen):
-    model = nnx.merge(graphdef, finetune.params(trainable, frozen))
-    eps = pipeline.unet_eps_fn(
-        model, schedule, "epsilon", config.model.compute_dtype, remat=config.model.remat
-    )
-    return lambda x, t, cond: eps(x, t, cond["text"])
-
-  def init(params):
-    key = jax.random.key(0)
-    trainable, frozen = finetune.split(params, key, plan)
-    optimizer = training.make_optimizer(config.optimizer)
-    return training.TrainState.create(trainable, optimizer, key), frozen
-
-  return params, schedule, eps_fn_builder, init
+CASES = [
+    ("ddpo", ddpo_sd15, "reward=aesthetic"),
+    ("ddpo", ddpo_sd15, "reward=compressibility,finetune=full"),
+    ("draft", draft_sd15, "variant=lv"),
+    ("draft", draft_sd15, "variant=k10,finetune=full"),
+    ("draft", draft_sd15, "variant=1"),
+    ("am", am_sd15, "reward=aesthetic"),
+    ("am", am_sd15, "reward=aesthetic,finetune=full"),
+]
 
 
-@pytest.mark.parametrize("arg", ["reward=aesthetic", "reward=compressibility,finetune=full"])
-def test_ddpo_sd15_step_traces_at_full_size(arg):
-  config = ddpo_sd15.get_config(arg)
-  params, schedule, eps_fn_builder, init = sd15_parts(config)
-  assert sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)) == 859_520_964
-  state, frozen = jax.eval_shape(init, params)
-  s = config.sampling
-  batch, steps = s.batch_size * s.batches_per_round, s.num_steps
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  cond = {
-      "text": f32(batch, presets.SD15_TEXT_TOKENS, presets.SD15_TEXT_WIDTH),
-      "prompt_ids": jax.ShapeDtypeStruct((batch, presets.SD15_TEXT_TOKENS), jnp.int32),
-  }
-  traj = samplers.Trajectory(
-      latents=f32(batch, steps + 1, 64, 64, 4),
-      timesteps=jax.ShapeDtypeStruct((steps,), jnp.int32),
-      prev_timesteps=jax.ShapeDtypeStruct((steps,), jnp.int32),
-      log_probs=f32(batch, steps),
-      log_prob_sums=f32(batch, steps),
-      stds=f32(steps),
-      cond=cond,
-  )
-  epoch = ddpo.make_epoch_fn(
-      eps_fn_builder,
-      schedule,
-      training.make_optimizer(config.optimizer),
-      objective=config.ddpo.objective,
-      clip_range=config.ddpo.clip_range,
-      eta=s.eta,
-      guidance_scale=s.guidance_scale,
-      null_cond={"text": jnp.zeros((presets.SD15_TEXT_TOKENS, presets.SD15_TEXT_WIDTH))},
-      timestep_fraction=config.ddpo.timestep_fraction,
-      num_minibatches=config.ddpo.num_minibatches,
-      num_microbatches=config.ddpo.num_microbatches,
-      clip_sample=s.clip_sample,
-      minibatch_loop=config.ddpo.minibatch_loop,
-  )
-  new_state, metrics = jax.eval_shape(epoch, state, frozen, traj, f32(batch))[:2]
-  assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
-  chex_shapes = lambda t: [x.shape for x in jax.tree_util.tree_leaves(t)]
-  assert chex_shapes(new_state.params) == chex_shapes(state.params)
-  assert metrics["loss"].shape == (config.ddpo.num_minibatches,)
+def shapes(tree):
+  return [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(tree)]
+
+
+@pytest.mark.parametrize("algorithm,module,arg", CASES)
+def test_sd15_step_traces_at_full_size(algorithm, module, arg):
+  config = module.get_config(arg)
+  step = full_size.step(algorithm, config)
+  unet = step.frozen["base"] if algorithm == "am" else None
+  if unet is not None:
+    assert sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(unet)) == 859_520_964
+  new_state, metrics = step.shapes()[:2]
+  assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(step.state)
+  assert shapes(new_state) == shapes(step.state)
+  trainable = set(step.state.params)
   if config.finetune.mode == "lora":
-    assert all(("attn1" in k or "attn2" in k) for k in state.params)
+    assert trainable and all(("attn1" in k or "attn2" in k) for k in trainable)
+  else:
+    n = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(step.state.params))
+    assert n == 859_520_964
+  if algorithm == "ddpo":
+    assert metrics["loss"].shape == (config.ddpo.num_minibatches,)
+  else:
+    assert metrics["loss"].shape == ()
+  if algorithm == "draft":
+    assert metrics["samples"].shape == (config.sampling.batch_size, 64, 64, 4)
+
+
+def test_unknown_algorithm_names_the_choices():
+  with pytest.raises(ValueError, match=r"'ppo'.*\('ddpo', 'draft', 'am'\)"):
+    full_size.step("ppo", ddpo_sd15.get_config())
+
+
+def test_placed_step_shards_the_state_over_fsdp_and_the_batch_over_data():
+  config = draft_sd15.get_config("variant=1,finetune=full")
+  mesh = parallel.make_mesh(dict(data=2, fsdp=4, tensor=1))
+  step = full_size.step("draft", config)
+  state_sh, frozen_sh, cond_sh, key_sh = step.placed_args(mesh)
+  kernels = [
+      (x.shape, s.sharding.spec)
+      for x, s in zip(
+          jax.tree_util.tree_leaves(step.state.params),
+          jax.tree_util.tree_leaves(state_sh.params),
+      )
+      if x.size >= 2**20
+  ]
+  assert kernels and all("fsdp" in str(spec) for _, spec in kernels), kernels[:3]
+  assert cond_sh["text"].sharding.spec[0] == ("data", "fsdp")
+  assert key_sh.sharding.spec == jax.sharding.PartitionSpec()
+  moments = [x for x in jax.tree_util.tree_leaves(state_sh.opt_state) if x.size >= 2**20]
+  assert moments and all("fsdp" in str(x.sharding.spec) for x in moments)
+  frozen_kernels = [x for x in jax.tree_util.tree_leaves(frozen_sh) if x.size >= 2**20]
+  assert frozen_kernels and all("fsdp" in str(x.sharding.spec) for x in frozen_kernels)
+  assert "sharding" in step.lower(mesh).as_text()

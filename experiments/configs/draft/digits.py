@@ -24,8 +24,7 @@ Variants through the argument (`--config=...digits.py:variant=lv,finetune=lora`)
 import ml_collections
 
 from alignjax import configs, finite
-
-VARIANTS = ("full", "k", "1", "lv")
+from alignjax.algorithms.draft import VARIANTS
 
 
 def get_config(arg=None):
