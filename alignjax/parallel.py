@@ -330,6 +330,46 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
     )
 
 
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+  """The largest number of bytes any one device holds of the arrays (or shapes) `tree` laid
+  out by `shardings` (a matching tree of NamedShardings): each leaf's shard size, summed."""
+  total = {}
+  for leaf, sharding in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
+    shard = sharding.shard_shape(tuple(leaf.shape))
+    nbytes = int(np.prod(shard, dtype=np.int64)) * leaf.dtype.itemsize  # PRNG keys too
+    for device in sharding.device_set:
+      total[device] = total.get(device, 0) + nbytes
+  return max(total.values(), default=0)
+
+
+def device_memory_limit(device: Any = None) -> int | None:
+  """Bytes the accelerator lets a program use (`memory_stats()["bytes_limit"]`), or None where
+  the platform does not say (the CPU)."""
+  device = jax.local_devices()[0] if device is None else device
+  try:
+    stats = device.memory_stats()
+  except Exception:  # platforms without memory statistics
+    return None
+  limit = (stats or {}).get("bytes_limit")
+  return int(limit) if limit else None
+
+
+def check_fits_in_memory(
+    what: str, tree: Any, shardings: Any, *, limit: int | None = None, hint: str = ""
+) -> int:
+  """Raises ShardingError, before anything is compiled or allocated, when the per-device share
+  of `tree` under `shardings` alone exceeds the device memory `limit` (default:
+  `device_memory_limit()`; no check where it is unknown). Returns the per-device bytes."""
+  need = bytes_per_device(tree, shardings)
+  limit = device_memory_limit() if limit is None else limit
+  if limit is not None and need > limit:
+    raise ShardingError(
+        f"{what} needs {need / 1e9:.2f} GB per device before any activation, more than the "
+        f"{limit / 1e9:.2f} GB a device holds; {hint or 'shard it over more devices (mesh.fsdp)'}"
+    )
+  return need
+
+
 def describe_shardings(tree: Any) -> str:
   """One line per leaf: "path shape spec" (for logs)."""
   lines = []

@@ -302,11 +302,14 @@ def train(config, workdir: str, devices) -> dict:
     trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # own buffers: the state is donated
     return training.TrainState.create(trainable, optimizer, init_key)
 
-  state_shardings = parallel.param_shardings(jax.eval_shape(init_state, base_params), mesh, rules)
-  state = jax.jit(init_state, out_shardings=state_shardings)(base_params)
+  state_shapes = jax.eval_shape(init_state, base_params)
+  state_shardings = parallel.param_shardings(state_shapes, mesh, rules)
   # The frozen: the base (ε_base, and θ₀ of LoRA), the reward's and the decoder's weights.
   frozen = {"base": base_params, "reward": reward.params, "decoder": backend.decoder_params}
-  frozen = jax.device_put(frozen, parallel.param_shardings(frozen, mesh, rules))
+  frozen_shardings = parallel.param_shardings(frozen, mesh, rules)
+  common.check_state_fits((state_shapes, frozen), (state_shardings, frozen_shardings))
+  state = jax.jit(init_state, out_shardings=state_shardings)(base_params)
+  frozen = jax.device_put(frozen, frozen_shardings)
   del base_params
   if classifier is not None:  # the digits classifier, for the recognition rate
     clf_graphdef, clf_params = nnx.split(classifier)

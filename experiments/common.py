@@ -258,6 +258,21 @@ class RewardEvaluator:
     return self.submit(images, cond).result()
 
 
+def check_state_fits(trees, shardings) -> int:
+  """Stops a run whose train state and frozen weights alone overflow a device (known only on
+  accelerators), before compiling; returns their per-device bytes."""
+  return parallel.check_fits_in_memory(
+      "the train state and frozen weights",
+      trees,
+      shardings,
+      hint=(
+          "shard them over more devices (mesh.fsdp), fine-tune LoRA factors "
+          "(finetune.mode=lora), or read the per-device table of "
+          "`python -m benchmarks.sd_memory_plan`"
+      ),
+  )
+
+
 def sharding_rules(config):
   """Parameter sharding rules from `config.sharding_rules`, else the library's FSDP default."""
   rules = config.get("sharding_rules")

@@ -152,6 +152,7 @@ def train(config, workdir: str, devices) -> dict:
   state_shapes, frozen_shapes = jax.eval_shape(init_state, base_params)
   state_shardings = parallel.param_shardings(state_shapes, mesh, rules)
   frozen_shardings = parallel.param_shardings(frozen_shapes, mesh, rules)
+  common.check_state_fits((state_shapes, frozen_shapes), (state_shardings, frozen_shardings))
   state, frozen = jax.jit(init_state, out_shardings=(state_shardings, frozen_shardings))(
       base_params
   )
