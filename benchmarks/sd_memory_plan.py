@@ -15,9 +15,12 @@ GB) per device. XLA:CPU plans memory as the GPU and TPU compilers do at this lev
 sharded program), but their fusion and rematerialisation passes differ: read the table as the
 order of magnitude and the ratios between rows, and keep a margin.
 
+Each row compiles in 70-430 s on the 2-core development CPU (the default's 24 rows: about an
+hour; select rows with the flags). The measured table is in the configs' docstrings.
+
 Batch sizes are the configs' per-step global batch: DDPO trains 256 trajectories × 50 steps
-per epoch in 4 minibatches (the memory is that of one minibatch's gradient, the trajectory
-is an argument); DRaFT and Adjoint Matching 16 prompts per step.
+per epoch in 2 minibatches of 200 microbatches (the memory is that of one microbatch's
+gradient, spread over the data axes; the trajectory is an argument); DRaFT and Adjoint Matching 16 prompts per step.
 """
 
 from __future__ import annotations

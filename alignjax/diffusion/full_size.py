@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -57,13 +56,15 @@ ALGORITHMS = ("ddpo", "draft", "am")
 
 @dataclasses.dataclass(frozen=True)
 class AbstractStep:
-  """A pure training step and its shape-only arguments (state, frozen, *data)."""
+  """A pure training step and its shape-only arguments (state, frozen, *data); `batch`: the
+  global batch size, the leading axis of the data leaves that are batch-major."""
 
   name: str
   fn: Callable
   state: Any
   frozen: Any
   data: tuple
+  batch: int
 
   @property
   def args(self) -> tuple:
@@ -78,7 +79,7 @@ class AbstractStep:
     (the library's FSDP default when None), batch-major data over the data axes."""
     state_sh = parallel.param_shardings(self.state, mesh, rules)
     frozen_sh = parallel.param_shardings(self.frozen, mesh, rules)
-    data_sh = jax.tree_util.tree_map(lambda x: _batch_sharding(x, mesh), self.data)
+    data_sh = jax.tree_util.tree_map(lambda x: _batch_sharding(x, self.batch, mesh), self.data)
     place = lambda tree, sh: jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh
     )
@@ -89,10 +90,10 @@ class AbstractStep:
     return jax.jit(self.fn, donate_argnums=0, **jit_kwargs).lower(*self.placed_args(mesh, rules))
 
 
-def _batch_sharding(x, mesh: Mesh) -> NamedSharding:
-  """Leading axis over the data axes where it divides (the batch); replicated otherwise."""
-  data = int(np.prod([mesh.shape[a] for a in parallel.DATA_AXES]))
-  if x.ndim and x.shape[0] % data == 0 and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+def _batch_sharding(x, batch: int, mesh: Mesh) -> NamedSharding:
+  """Batch-major leaves (leading axis `batch`) over the data axes; the rest (timesteps, keys)
+  replicated."""
+  if x.ndim and x.shape[0] == batch and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
     return parallel.batch_sharding(mesh)
   return NamedSharding(mesh, PartitionSpec())
 
@@ -191,7 +192,7 @@ def ddpo_step(config, mesh: Mesh | None = None) -> AbstractStep:
       data_axes=parallel.DATA_AXES,
       minibatch_loop=d.minibatch_loop,
   )
-  return AbstractStep("ddpo", epoch, state, frozen, (traj, f32(batch)))
+  return AbstractStep("ddpo", epoch, state, frozen, (traj, f32(batch)), batch)
 
 
 def draft_step(config, mesh: Mesh | None = None) -> AbstractStep:
@@ -234,7 +235,9 @@ def draft_step(config, mesh: Mesh | None = None) -> AbstractStep:
       prepare=lambda trainable, frozen: p.finetune.params(trainable, frozen["lora_base"]),
       **draft.variant_options(d.variant, d.truncation_k, d.lv_samples),
   )
-  return AbstractStep("draft", update, state, frozen, (text_condition(s.batch_size), _key()))
+  return AbstractStep(
+      "draft", update, state, frozen, (text_condition(s.batch_size), _key()), s.batch_size
+  )
 
 
 def am_step(config, mesh: Mesh | None = None) -> AbstractStep:
@@ -271,7 +274,9 @@ def am_step(config, mesh: Mesh | None = None) -> AbstractStep:
       num_timesteps=a.num_timesteps,
       loss_clip=a.loss_clip,
   )
-  return AbstractStep("am", update, state, frozen, (_key(), text_condition(s.batch_size)))
+  return AbstractStep(
+      "am", update, state, frozen, (_key(), text_condition(s.batch_size)), s.batch_size
+  )
 
 
 def step(algorithm: str, config, mesh: Mesh | None = None) -> AbstractStep:

@@ -37,6 +37,7 @@ attention does not, so the temporaries overstate a GPU's or TPU's):
   mesh data 8 x fsdp 1   arguments  temporaries  peak    16 GB  80 GB
   LoRA                   4.87       376.04       380.90  no     no
   full fine-tuning       15.17      411.43       426.60  no     no
+  full, data 1 x fsdp 8  1.90       432.61       434.50  no     no
 
 The loss's 10 timesteps of every sample are differentiated in one batch (2 samples x 2
 guidance branches x 10 per device): on 8 devices this config needs fewer samples per step, or

@@ -38,6 +38,11 @@ attention does not, so the temporaries overstate a GPU's or TPU's):
   mesh data 8 x fsdp 1, DRaFT-K = 10   arguments  temporaries  peak   16 GB  80 GB
   LoRA                                 4.88       42.33        47.20  no     yes
   full fine-tuning                     11.73      48.70        60.43  no     yes
+  full, data 1 x fsdp 8                1.47       47.70        49.17  no     yes
+  LoRA, UNet remat off                 4.88       38.38        43.25  no     yes
+
+(XLA:CPU plans slightly less without the UNet's block remat here: the per-step remat of
+draft.remat_policy already bounds what is kept; compare on the target accelerator.)
 """
 
 import ml_collections
