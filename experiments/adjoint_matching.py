@@ -72,6 +72,7 @@ def validate(config, num_devices: int) -> None:
       "sampling.batch_size",
       "am.lam",
       "am.num_timesteps",
+      "am.num_microbatches",
       "optimizer.learning_rate",
       "checkpoint.every",
       "checkpoint.keep",
@@ -86,6 +87,7 @@ def validate(config, num_devices: int) -> None:
       "sampling.num_steps",
       "sampling.batch_size",
       "am.num_timesteps",
+      "am.num_microbatches",
       "eval.num_samples",
   )
   configs.check_nonnegative(
@@ -118,10 +120,26 @@ def validate(config, num_devices: int) -> None:
         f"config.am.num_timesteps={config.am.num_timesteps} must be <= "
         f"config.sampling.num_steps={config.sampling.num_steps} (steps drawn per trajectory)"
     )
+  pairs = config.sampling.batch_size * config.am.num_timesteps
+  if config.model.kind == "flow" and config.am.num_microbatches != 1:
+    raise configs.ConfigError(
+        f"config.am.num_microbatches={config.am.num_microbatches}: the flow model's update "
+        "has no gradient accumulation; use 1 with model.kind='flow'"
+    )
+  if pairs % config.am.num_microbatches:
+    raise configs.ConfigError(
+        f"config.am.num_microbatches={config.am.num_microbatches} must divide the {pairs} "
+        "(sample, step) pairs of an update (sampling.batch_size × am.num_timesteps)"
+    )
   common.check_eval_batches(config)
   common.validate_run_safety(config)
   configs.check_mesh_and_batch(
-      config.mesh, num_devices, {"sampling.batch_size": config.sampling.batch_size}
+      config.mesh,
+      num_devices,
+      {
+          "sampling.batch_size": config.sampling.batch_size,
+          "am.num_microbatches (pairs per microbatch)": pairs // config.am.num_microbatches,
+      },
   )
 
 
@@ -249,6 +267,7 @@ def train(config, workdir: str, devices) -> dict:
         clip_sample=clip_sample,
         num_timesteps=am_cfg.num_timesteps,
         loss_clip=am_cfg.loss_clip,
+        num_microbatches=am_cfg.num_microbatches,
     )
 
     def sample_final(trainable, frozen, key, cond):

@@ -59,18 +59,31 @@ with C the per-(sample, step) clip (∞ disables it; clipped terms give no gradi
 σ_k ≈ σ(t)√h, (6) is the flow module's eq. 6 on the DDPM chain: ‖u_k + σ_k ã‖² = h ‖u + σ ã‖²
 for the continuous control u.
 
+Gradient accumulation. Write (8) as L = s Σ_p ℓ_p over the P = B·M selected pairs p, flattened
+sample-major (p = b·M + i), with ℓ_p the clipped, masked term and s = (K/M)/B. For n chunks
+P_j = {p : p ≡ j (mod n)} of P/n pairs each (n must divide P),
+
+  (9)  L = Σ_{j<n} s Σ_{p ∈ P_j} ℓ_p,    ∇_θ L = Σ_{j<n} ∇_θ (s Σ_{p ∈ P_j} ℓ_p),
+
+exactly, with the same global s in every chunk: the update differentiates one chunk at a time
+in a `lax.scan` and sums the gradients, so only P/n pairs go through the model's backward
+pass at once. The aux metrics are ratios of sums over all pairs, accumulated alike. The
+chunks are strided rather than contiguous so that, when n divides M, every chunk holds M/n
+steps of every sample and stays spread over the data-parallel devices.
+
 The conditioning c is a pytree whose leaves are all [B, ...] (class ids [B], or text
 embeddings with their token ids), as in alignjax.diffusion.samplers; the ε functions and the
 reward receive it whole (guidance, with a null condition of c's structure, lives inside the
 EpsFns: `samplers.classifier_free_guidance`). LoRA-style parameter transforms need no special
 option here: `eps_fn_builder(params, frozen)` is called once for the sampled chain and once
-for the loss, outside every scan, so a merge it performs runs twice per update, not per step.
+for the loss, outside every scan, so a merge it performs runs twice per update, not per step
+(with n > 1 chunks of eq. 9 the loss's call sits in the chunk scan: once per chunk).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +197,76 @@ def control(mean: jax.Array, base_mean: jax.Array, std: jax.Array) -> jax.Array:
   return (mean - base_mean) * expand_like(1.0 / std, mean)
 
 
+class Pairs(NamedTuple):
+  """The (sample, step) pairs of eq. 8, flattened sample-major: every leaf is [P, ...]."""
+
+  x: jax.Array  # X_k
+  adjoint: jax.Array  # ã_{k+1}
+  t: jax.Array  # τ_k
+  prev_t: jax.Array  # prev(τ_k)
+  cond: Any  # the sample's condition, repeated
+
+
+def select_pairs(
+    traj: samplers.Trajectory, adjoint: jax.Array, key: jax.Array | None, num_timesteps
+) -> tuple[Pairs, int]:
+  """(the B·M pairs of eq. 8, M): M of the K steps per trajectory (`loss_timesteps`)."""
+  batch, num_steps = traj.latents.shape[0], traj.num_steps
+  idx = loss_timesteps(key, batch, num_steps, num_timesteps)
+  m = idx.shape[1]
+  take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+  x = take(traj.latents[:, :-1]).reshape((batch * m,) + traj.latents.shape[2:])
+  a = take(adjoint[:, 1:]).reshape(x.shape)  # ã_{k+1}, eq. 6
+  t, prev_t = traj.timesteps[idx].reshape(-1), traj.prev_timesteps[idx].reshape(-1)
+  cond = jax.tree_util.tree_map(lambda c: jnp.repeat(c, m, axis=0), traj.cond)  # sample-major
+  return Pairs(x, a, t, prev_t, cond), m
+
+
+def pair_losses(
+    eps_fn: EpsFn,
+    base_eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    pairs: Pairs,
+    *,
+    loss_clip: float,
+    eta: float,
+    clip_sample=None,
+):
+  """Per-pair terms of eq. 8, each [P]: (ℓ_p = 1[σ_k > 0] min(‖u_k + σ_k ã_{k+1}‖², C),
+  the unclipped ‖u_k + σ_k ã_{k+1}‖², the stochastic mask σ_k > 0)."""
+  x, a, t, prev_t, cond = pairs
+  std = samplers.ddim_std(schedule, t, prev_t, eta)  # samplers eq. 2
+  stochastic = std > 0
+  safe_std = jnp.where(stochastic, std, 1.0)
+  mean = step_mean(eps_fn, schedule, x, t, prev_t, cond, eta=eta, clip_sample=clip_sample)
+  base_mean = step_mean(base_eps_fn, schedule, x, t, prev_t, cond, eta=eta, clip_sample=clip_sample)
+  u = control(mean, base_mean, safe_std)  # eq. 2
+  res = u + expand_like(safe_std, a) * a  # eq. 6
+  sq = jnp.sum(jnp.square(res).reshape(res.shape[0], -1), axis=-1)
+  per = jnp.where(stochastic, jnp.minimum(sq, loss_clip), 0.0)  # eq. 8
+  return per, sq, stochastic
+
+
+def _aux_sums(sq: jax.Array, stochastic: jax.Array, loss_clip: float) -> dict:
+  """Numerators and denominator of the aux metrics over a set of pairs (summed over chunks)."""
+  return {
+      "clipped": jnp.sum(stochastic & (sq > loss_clip)),
+      "residual": jnp.sum(jnp.where(stochastic, sq, 0.0)),
+      "count": jnp.sum(stochastic),
+  }
+
+
+def _aux(sums: dict) -> dict:
+  """{"clip_fraction", "residual"} over the stochastic pairs, from `_aux_sums` of all pairs."""
+  count = jnp.maximum(sums["count"], 1)
+  return {"clip_fraction": sums["clipped"] / count, "residual": sums["residual"] / count}
+
+
+def _check_loss_clip(loss_clip) -> None:
+  if not loss_clip > 0:
+    raise ValueError(f"loss_clip={loss_clip!r}: must be > 0 (math.inf disables clipping)")
+
+
 def adjoint_matching_loss(
     eps_fn: EpsFn,
     base_eps_fn: EpsFn,
@@ -201,33 +284,77 @@ def adjoint_matching_loss(
 
   key is needed only when subsampling (num_timesteps < K; None uses all K steps).
   """
-  if not loss_clip > 0:
-    raise ValueError(f"loss_clip={loss_clip!r}: must be > 0 (math.inf disables clipping)")
+  _check_loss_clip(loss_clip)
   eta = _check_eta(eta)
-  batch, num_steps = traj.latents.shape[0], traj.num_steps
-  idx = loss_timesteps(key, batch, num_steps, num_timesteps)
-  m = idx.shape[1]
-  take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
-  x = take(traj.latents[:, :-1]).reshape((batch * m,) + traj.latents.shape[2:])
-  a = take(adjoint[:, 1:]).reshape(x.shape)  # ã_{k+1}, eq. 6
-  t, prev_t = traj.timesteps[idx].reshape(-1), traj.prev_timesteps[idx].reshape(-1)
-  cond = jax.tree_util.tree_map(lambda c: jnp.repeat(c, m, axis=0), traj.cond)  # sample-major
-  std = samplers.ddim_std(schedule, t, prev_t, eta)  # samplers eq. 2
-  stochastic = std > 0
-  safe_std = jnp.where(stochastic, std, 1.0)
-  mean = step_mean(eps_fn, schedule, x, t, prev_t, cond, eta=eta, clip_sample=clip_sample)
-  base_mean = step_mean(base_eps_fn, schedule, x, t, prev_t, cond, eta=eta, clip_sample=clip_sample)
-  u = control(mean, base_mean, safe_std)  # eq. 2
-  res = u + expand_like(safe_std, a) * a  # eq. 6
-  sq = jnp.sum(jnp.square(res).reshape(res.shape[0], -1), axis=-1)
-  per = jnp.where(stochastic, jnp.minimum(sq, loss_clip), 0.0)  # eq. 8
-  loss = jnp.sum(per) * (num_steps / m) / batch
-  count = jnp.maximum(jnp.sum(stochastic), 1)
-  aux = {
-      "clip_fraction": jnp.sum(stochastic & (sq > loss_clip)) / count,
-      "residual": jnp.sum(jnp.where(stochastic, sq, 0.0)) / count,
-  }
-  return loss, aux
+  pairs, m = select_pairs(traj, adjoint, key, num_timesteps)
+  per, sq, stochastic = pair_losses(
+      eps_fn, base_eps_fn, schedule, pairs, loss_clip=loss_clip, eta=eta, clip_sample=clip_sample
+  )
+  loss = jnp.sum(per) * (traj.num_steps / m) / traj.latents.shape[0]  # eq. 8
+  return loss, _aux(_aux_sums(sq, stochastic, loss_clip))
+
+
+def split_pairs(pairs: Pairs, num_microbatches: int, batch: int, m: int) -> Pairs:
+  """The chunks of eq. 9: leaves [n, P/n, ...], chunk j the pairs p ≡ j (mod n)."""
+  size, n = batch * m, num_microbatches
+  if size % n:
+    raise ValueError(
+        f"num_microbatches={n}: must divide the B*M = {batch}*{m} = {size} (sample, step) "
+        f"pairs of eq. 8 (B = batch size, M = num_timesteps)"
+    )
+  split = lambda leaf: jnp.swapaxes(leaf.reshape((size // n, n) + leaf.shape[1:]), 0, 1)
+  return jax.tree_util.tree_map(split, pairs)
+
+
+def accumulated_value_and_grad(
+    eps_fn_builder: Callable,
+    params,
+    frozen,
+    base_eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    traj: samplers.Trajectory,
+    adjoint: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    num_microbatches: int,
+    num_timesteps: int | None = None,
+    loss_clip: float = math.inf,
+    eta: float = 1.0,
+    clip_sample=None,
+):
+  """Eq. 9: ((loss, aux), grads) of `adjoint_matching_loss` with ε_θ = eps_fn_builder(params,
+  frozen), its gradient summed over `num_microbatches` chunks of the pairs in a `lax.scan`;
+  equal to `jax.value_and_grad` of the unchunked loss up to float rounding."""
+  _check_loss_clip(loss_clip)
+  eta = _check_eta(eta)
+  batch = traj.latents.shape[0]
+  pairs, m = select_pairs(traj, adjoint, key, num_timesteps)  # once, as unchunked
+  chunks = split_pairs(pairs, num_microbatches, batch, m)
+  weight = traj.num_steps / m
+
+  def chunk_loss(p, chunk):
+    per, sq, stochastic = pair_losses(
+        eps_fn_builder(p, frozen),
+        base_eps_fn,
+        schedule,
+        chunk,
+        loss_clip=loss_clip,
+        eta=eta,
+        clip_sample=clip_sample,
+    )
+    return jnp.sum(per) * weight / batch, _aux_sums(sq, stochastic, loss_clip)  # eq. 9
+
+  grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
+
+  def body(carry, chunk):
+    return jax.tree_util.tree_map(jnp.add, carry, grad_fn(params, chunk)), None
+
+  first = jax.tree_util.tree_map(lambda c: c[0], chunks)
+  value_shapes, _ = jax.eval_shape(grad_fn, params, first)
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), value_shapes)
+  init = (zeros, jax.tree_util.tree_map(jnp.zeros_like, params))
+  ((loss, sums), grads), _ = jax.lax.scan(body, init, chunks)
+  return (loss, _aux(sums)), grads
 
 
 def make_update_fn(
@@ -244,6 +371,7 @@ def make_update_fn(
     clip_sample=None,
     num_timesteps: int | None = None,
     loss_clip: float = math.inf,
+    num_microbatches: int = 1,
 ):
   """Builds `update(state, frozen, key, cond) -> (state, metrics)`, one Adjoint Matching step.
 
@@ -254,10 +382,21 @@ def make_update_fn(
   (`samplers.batch_size`). One step samples B chains of shape [B, *shape] from ε_θ (eq. 1,
   stop-gradient), solves eq. 5 and takes one optimizer step on eq. 8. Pure: jit it,
   donating the state.
+
+  num_microbatches n > 1 accumulates the gradient over n chunks of the B·M (sample, step)
+  pairs (eq. 9, `accumulated_value_and_grad`): the same loss, gradient and metrics up to float
+  rounding, with 1/n of the pairs in the model's backward pass at once. n must divide B·M
+  (checked when the update is traced); n = 1 differentiates all pairs at once (no scan).
   """
   eta = _check_eta(eta)
   if not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps={num_steps!r}: must be a Python int >= 1")
+  if (
+      isinstance(num_microbatches, bool)
+      or not isinstance(num_microbatches, int)
+      or num_microbatches < 1
+  ):
+    raise ValueError(f"num_microbatches={num_microbatches!r}: must be a Python int >= 1")
   n, offset = schedule.num_train_timesteps, schedule.steps_offset
   stds = np.asarray(
       samplers.ddim_std(
@@ -303,7 +442,24 @@ def make_update_fn(
           clip_sample=clip_sample,
       )
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if num_microbatches == 1:
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    else:
+      (loss, aux), grads = accumulated_value_and_grad(
+          eps_fn_builder,
+          state.params,
+          frozen,
+          base_eps,
+          schedule,
+          traj,
+          adj,
+          k_sub,
+          num_microbatches=num_microbatches,
+          num_timesteps=num_timesteps,
+          loss_clip=loss_clip,
+          eta=eta,
+          clip_sample=clip_sample,
+      )
     metrics = {
         "loss": loss,
         "reward": jnp.mean(reward_fn(traj.final, traj.cond)),

@@ -273,6 +273,7 @@ def am_step(config, mesh: Mesh | None = None) -> AbstractStep:
       clip_sample=s.clip_sample or None,
       num_timesteps=a.num_timesteps,
       loss_clip=a.loss_clip,
+      num_microbatches=a.num_microbatches,
   )
   return AbstractStep(
       "am", update, state, frozen, (_key(), text_condition(s.batch_size)), s.batch_size

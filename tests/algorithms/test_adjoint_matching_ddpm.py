@@ -395,3 +395,77 @@ def test_pytree_cond_gives_the_array_conds_update():
     np.testing.assert_allclose(m_t[name], m_a[name], rtol=1e-5, err_msg=name)
   np.testing.assert_allclose(state_t.params["w"], state_a.params["w"], rtol=1e-5, atol=1e-7)
   assert np.any(np.asarray(state_a.params["w"]) != np.asarray(params["w"]))
+
+
+# ----------------------------------------------------------------------------- microbatches
+
+
+def _microbatch_update(num_microbatches, loss_clip=math.inf):
+  """One jitted SGD update (SGD: the parameter change is −lr × the gradient, unnormalised) of
+  ε_base + MLP on a nonlinear base, B = 4 chains of K = 6 steps, M = 3: B·M = 12 pairs."""
+  base = mixture_eps([0.4, 0.6], [[-1.0, 0.5], [1.0, -0.5]], [0.5, 0.6])
+  graphdef, params = nnx.split(toy.VelocityMLP(2, hidden=16, rngs=nnx.Rngs(0)))
+  # perturbed off its zero output layer, so that u_k != 0 and every layer gets a gradient
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  params = tree.unflatten(
+      [leaf + 0.02 * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+  )
+  opt = optax.sgd(0.1)
+  update = amd.make_update_fn(
+      lambda p, frozen: residual_eps(graphdef, p, base),
+      lambda frozen: base,
+      lambda frozen: linear_reward(frozen["c"]),
+      SCHEDULE,
+      opt,
+      lam=1.0,
+      num_steps=6,
+      shape=(2,),
+      num_timesteps=3,
+      loss_clip=loss_clip,
+      num_microbatches=num_microbatches,
+  )
+  state = TrainState.create(params, opt, jax.random.key(0))
+  cond = jnp.zeros((4,), jnp.int32)
+  new, metrics = jax.jit(update)(state, {"c": jnp.asarray(C, jnp.float32)}, jax.random.key(5), cond)
+  change = jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b), new.params, params)
+  return change, {k: float(v) for k, v in metrics.items()}
+
+
+def test_microbatched_update_equals_the_unchunked_one():
+  """Eq. 9: chunks of 6 and of 1 pair(s) give the parameter change (−lr ∇L) and every metric
+  of the single-batch update, with a clip that cuts some of the pairs."""
+  clip = 3.0  # about the mean squared residual (3.3): clips the larger terms
+  want, want_metrics = _microbatch_update(1, clip)
+  assert 0 < want_metrics["clip_fraction"] < 1, want_metrics
+  assert all(np.any(leaf != 0) for leaf in jax.tree_util.tree_leaves(want))
+  for n in (2, 12):
+    got, got_metrics = _microbatch_update(n, clip)
+    diff = max(
+        float(np.max(np.abs(g - w)))
+        for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want))
+    )
+    print(f"num_microbatches={n}: max |Δ(new − initial)| = {diff:.3g}")
+    jax.tree_util.tree_map(
+        lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want
+    )
+    for name, value in want_metrics.items():
+      np.testing.assert_allclose(got_metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_num_microbatches_must_be_an_int_dividing_the_pairs():
+  with pytest.raises(ValueError, match=r"num_microbatches=5: must divide the B\*M = 4\*3 = 12"):
+    _microbatch_update(5)
+  for bad in (0, 2.0, True):
+    with pytest.raises(ValueError, match="num_microbatches"):
+      amd.make_update_fn(
+          lambda p, f: None,
+          lambda f: None,
+          lambda f: None,
+          SCHEDULE,
+          optax.sgd(0.1),
+          lam=1.0,
+          num_steps=5,
+          shape=(2,),
+          num_microbatches=bad,
+      )

@@ -47,6 +47,8 @@ def final_params(workdir):
         ("am.lam", 0.0, r"config.am.lam=0.0: must be > 0"),
         ("eval.num_samples", 12, r"config.eval.num_samples=12"),
         ("sampling.batch_size", 4, "sampling.batch_size"),  # 4 does not split over 8 devices
+        ("am.num_microbatches", 0, r"config.am.num_microbatches=0"),
+        ("am.num_microbatches", 3, r"config.am.num_microbatches=3 must divide the \d+ \(sample"),
     ],
 )
 def test_bad_values_stop_the_run_before_compilation(key, value, message, tmp_path):
@@ -64,6 +66,10 @@ def test_config_docstring_and_variants():
     digits.get_config("model=vae")
   am_script.validate(digits.get_config(), num_devices=1)
   am_script.validate(digits.get_config("model=flow,finetune=lora"), num_devices=1)
+  flow = digits.get_config("model=flow")
+  flow.am.num_microbatches = 2
+  with pytest.raises(configs.ConfigError, match="flow model's update has no gradient accum"):
+    am_script.validate(flow, num_devices=1)
 
 
 # ----------------------------------------------------------------------------- runs

@@ -62,6 +62,9 @@ def get_config(arg=None):
   # lam: the reward multiplier λ; num_timesteps: steps per trajectory in the loss (of
   # num_steps); loss_clip: per-(sample, step) clip of the loss (inf = off).
   c.am = ml_collections.ConfigDict(dict(lam=10.0, num_timesteps=10, loss_clip=float("inf")))
+  # Gradient accumulation over this many chunks of the batch x num_timesteps (sample, step)
+  # pairs (eps model only; algorithm eq. 9): same update, less memory; 1 = all at once.
+  c.am.num_microbatches = 1
 
   c.finetune = dict(mode=arg.finetune, lora_rank=8, lora_alpha=8.0)
   c.optimizer = dict(
