@@ -34,15 +34,48 @@ class TrainState:
 
   @classmethod
   def create(cls, params, optimizer: optax.GradientTransformation, key: jax.Array):
-    return cls(
+    """The state at step 0. Leaves not yet placed on a device (the step, the key, optimizer
+    counts) go where the params are (`_place_like_params`), so that the state a jitted step
+    returns has the placement of the state it was given and the step compiles once."""
+    state = cls(
         params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), key=key
     )
+    return _place_like_params(state)
 
   def apply_gradients(self, grads, optimizer: optax.GradientTransformation) -> "TrainState":
     updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
     return self.replace(
         params=optax.apply_updates(self.params, updates), opt_state=opt_state, step=self.step + 1
     )
+
+
+def _committed_sharding(tree):
+  """The sharding of the first leaf committed to devices, or None."""
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if isinstance(leaf, jax.core.Tracer):  # traced (create inside jit / eval_shape)
+      return None
+    if isinstance(leaf, jax.Array) and leaf.committed:
+      return leaf.sharding
+  return None
+
+
+def _place_like_params(state: TrainState) -> TrainState:
+  """Commits the state's uncommitted leaves: on the params' device, or replicated over their
+  mesh. Mixing committed and uncommitted leaves compiles a jitted step twice: its outputs are
+  all committed, so the second call sees other input shardings than the first."""
+  sharding = _committed_sharding(state.params)
+  if sharding is None:
+    return state
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  elif len(sharding.device_set) == 1:
+    target = next(iter(sharding.device_set))
+  else:
+    return state
+  place = lambda leaf: (
+      jax.device_put(leaf, target) if isinstance(leaf, jax.Array) and not leaf.committed else leaf
+  )
+  return jax.tree_util.tree_map(place, state)
 
 
 @dataclasses.dataclass(frozen=True)

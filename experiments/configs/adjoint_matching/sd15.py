@@ -34,16 +34,16 @@ devices; per-device GB from XLA:CPU's memory analysis, bfloat16 compute, float32
 weights, UNet remat on; CPU attention materialises its score matrices where cuDNN/TPU flash
 attention does not, so the temporaries overstate a GPU's or TPU's):
 
-  mesh data 8 x fsdp 1   arguments  temporaries  peak    16 GB  80 GB
-  LoRA                   4.87       376.04       380.90  no     no
-  full fine-tuning       15.17      411.43       426.60  no     no
-  full, data 1 x fsdp 8  1.90       432.61       434.50  no     no
+  mesh                   arguments  temporaries  peak    16 GB  80 GB  compile
+  data 8 x fsdp 1, LoRA  4.87       42.13        46.99   no     yes    199 s
+  data 8 x fsdp 1, full  15.17      52.19        67.36   no     yes    193 s
+  data 1 x fsdp 8, LoRA  0.61       39.18        39.79   no     yes    312 s
+  data 1 x fsdp 8, full  1.90       49.89        51.79   no     yes    408 s
 
-The table was measured with the loss's 10 timesteps of every sample differentiated in one
-batch (2 samples x 2 guidance branches x 10 per device, am.num_microbatches = 1). The config
-now accumulates the gradient over 10 chunks of the (sample, step) pairs (algorithm eq. 9), so
-the UNet's backward pass sees 2 x 2 x 1 per device at once; the plan has not been re-measured
-with chunks.
+(`--algorithms=am --remat=true`.) The gradient is accumulated over am.num_microbatches = 10
+chunks of the 16 x 10 (sample, step) pairs (algorithm eq. 9), so the UNet's backward pass sees
+2 pairs x 2 guidance branches per device at once; differentiating all 10 timesteps of every
+sample in one batch (num_microbatches = 1) planned 380.90 (LoRA) to 434.50 GB per device.
 """
 
 import ml_collections
