@@ -52,24 +52,11 @@ SD_SCHEDULER = dict(
 )
 
 
-class _InMemory:
-  """A state dict standing in for a SafetensorsCheckpoint (torch_keys.load_state reads
-  `tensors`, `get` and `directory`)."""
+def in_memory(state_dict):
+  """A torch state dict as an `InMemoryCheckpoint` of float32 arrays (for torch_keys.load_state)."""
+  from alignjax.models.convert.safetensors_io import InMemoryCheckpoint  # pylint: disable=import-outside-toplevel
 
-  def __init__(self, state_dict):
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
-    from alignjax.models.convert.safetensors_io import TensorInfo  # pylint: disable=import-outside-toplevel
-
-    self.directory = "<memory>"
-    self._arrays = {k: v.detach().float().cpu().numpy() for k, v in state_dict.items()}
-    self.tensors = {
-        k: TensorInfo(("<memory>", np.dtype(np.float32), tuple(a.shape)))
-        for k, a in self._arrays.items()
-    }
-
-  def get(self, key):
-    return self._arrays[key]
+  return InMemoryCheckpoint({k: v.detach().float().cpu().numpy() for k, v in state_dict.items()})
 
 
 def main():
@@ -109,7 +96,7 @@ def main():
       nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
   )
   state = torch_keys.load_state(
-      abstract, unet_keys.unet_key_table(config), _InMemory(theirs.state_dict()), what="UNet"
+      abstract, unet_keys.unet_key_table(config), in_memory(theirs.state_dict()), what="UNet"
   )
   dtype = jnp.dtype(args.dtype)
   if args.dtype != "float32":

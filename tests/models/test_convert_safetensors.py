@@ -121,3 +121,21 @@ def test_variant_names_follow_transformers_and_diffusers(tmp_path):
   np.testing.assert_array_equal(ckpt.get("t2"), arrays["t2"])
   with pytest.raises(CheckpointError, match="no diffusion_pytorch_model.safetensors or"):
     SafetensorsCheckpoint(str(tmp_path), DIFFUSERS_WEIGHTS)
+
+
+def test_in_memory_checkpoint_reads_like_the_file_it_stands_for(tmp_path):
+  from alignjax.models.convert.safetensors_io import InMemoryCheckpoint, SafetensorsCheckpoint  # pylint: disable=import-outside-toplevel
+
+  arrays = {
+      "a.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+      "b.bias": np.array([1, -2], np.int64),
+  }
+  save_file(arrays, str(tmp_path / "model.safetensors"))
+  on_disk = SafetensorsCheckpoint(str(tmp_path))
+  in_memory = InMemoryCheckpoint(arrays)
+  assert in_memory.directory == "<memory>"
+  assert {k: (i.dtype, i.shape) for k, i in in_memory.tensors.items()} == {
+      k: (i.dtype, i.shape) for k, i in on_disk.tensors.items()
+  }
+  for key in arrays:
+    np.testing.assert_array_equal(in_memory.get(key), on_disk.get(key))

@@ -142,6 +142,21 @@ class SafetensorsCheckpoint:
     return self._maps[info.file][begin:end].view(info.dtype).reshape(info.shape)
 
 
+class InMemoryCheckpoint:
+  """Named numpy arrays read like a `SafetensorsCheckpoint` (`tensors`, `get`, `directory`),
+  e.g. a PyTorch module's state dict converted in a benchmark or test, without a file."""
+
+  def __init__(self, arrays: dict, directory: str = "<memory>"):
+    self.directory = directory
+    self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    self.tensors = {
+        k: TensorInfo((directory, a.dtype, tuple(a.shape))) for k, a in self._arrays.items()
+    }
+
+  def get(self, key: str) -> np.ndarray:
+    return self._arrays[key]
+
+
 def _header_bytes(entries: list[tuple[str, np.dtype, tuple]]) -> tuple[bytes, list[int]]:
   header, offset, sizes = {"__metadata__": {"format": "pt"}}, 0, []
   for key, dtype, shape in entries:
