@@ -63,14 +63,8 @@ import dataclasses
 import os
 import time
 
-SD_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+from benchmarks.sd_common import SD_SCHEDULER, in_memory
+
 ADV_CLIP = 5.0
 CLIP_RANGE = 1e-4
 OPTIMIZER = dict(lr=3e-4, b1=0.9, b2=0.999, weight_decay=1e-4, eps=1e-8, max_grad_norm=1.0)
@@ -327,13 +321,6 @@ def relative_change(now, initial) -> float:
   num = sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(now, initial))
   den = sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for b in initial)
   return (num / den) ** 0.5
-
-
-def in_memory(state_dict):
-  """A torch state dict as an `InMemoryCheckpoint` of float32 arrays (for torch_keys.load_state)."""
-  from alignjax.models.convert.safetensors_io import InMemoryCheckpoint  # pylint: disable=import-outside-toplevel
-
-  return InMemoryCheckpoint({k: v.detach().float().cpu().numpy() for k, v in state_dict.items()})
 
 
 def main():

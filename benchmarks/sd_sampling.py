@@ -42,21 +42,7 @@ import argparse
 import os
 import time
 
-SD_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
-
-
-def in_memory(state_dict):
-  """A torch state dict as an `InMemoryCheckpoint` of float32 arrays (for torch_keys.load_state)."""
-  from alignjax.models.convert.safetensors_io import InMemoryCheckpoint  # pylint: disable=import-outside-toplevel
-
-  return InMemoryCheckpoint({k: v.detach().float().cpu().numpy() for k, v in state_dict.items()})
+from benchmarks.sd_common import SD_SCHEDULER, in_memory
 
 
 def main():
