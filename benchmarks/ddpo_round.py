@@ -63,7 +63,7 @@ import dataclasses
 import os
 import time
 
-from benchmarks.sd_common import SD_SCHEDULER, in_memory
+from benchmarks.sd_common import in_memory, sd_schedule, sd_scheduler_config
 
 ADV_CLIP = 5.0
 CLIP_RANGE = 1e-4
@@ -115,7 +115,7 @@ class TorchDDPO:
 
     self.torch = torch
     self.unet, self.sizes, self.device, self.dtype = unet, sizes, device, dtype
-    self.scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER)
+    self.scheduler = diffusers.DDIMScheduler(**sd_scheduler_config())
     self.scheduler.set_timesteps(sizes.steps, device=device)
     self.alphas = self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     self.final_alpha = float(self.scheduler.final_alpha_cumprod)
@@ -228,13 +228,11 @@ class AlignjaxDDPO:
     from flax import nnx
 
     from alignjax.algorithms import ddpo
-    from alignjax.diffusion import pipeline, samplers, schedules
+    from alignjax.diffusion import pipeline, samplers
     from alignjax.training import TrainState
 
     self.jax, self.sizes = jax, sizes
-    self.schedule = schedules.make_schedule(
-        "scaled_linear", 1000, 0.00085, 0.012, set_alpha_to_one=False, steps_offset=1
-    )
+    self.schedule = sd_schedule()
     graphdef, params = nnx.split(unet)
     eps_of = lambda p: pipeline.unet_eps_fn(
         nnx.merge(graphdef, p), self.schedule, compute_dtype=dtype

@@ -1,14 +1,21 @@
 """Pieces the Stable Diffusion benchmarks share: SD 1.5's DDIM scheduler settings and a torch
 state dict as a checkpoint alignjax's key tables read."""
 
-SD_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+
+def sd_scheduler_config() -> dict:
+  """diffusers.DDIMScheduler kwargs of SD 1.5 (alignjax.diffusion.full_size.SD15_SCHEDULE)."""
+  from alignjax.diffusion.full_size import SD15_SCHEDULE  # pylint: disable=import-outside-toplevel
+
+  return dict(SD15_SCHEDULE, beta_schedule="scaled_linear", clip_sample=False)
+
+
+def sd_schedule():
+  """alignjax's NoiseSchedule of the same scheduler."""
+  # pylint: disable=import-outside-toplevel
+  from alignjax.diffusion import schedules
+  from alignjax.diffusion.full_size import SD15_SCHEDULE
+
+  return schedules.make_schedule("scaled_linear", 1000, **SD15_SCHEDULE)
 
 
 def in_memory(state_dict):

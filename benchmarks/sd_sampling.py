@@ -42,7 +42,7 @@ import argparse
 import os
 import time
 
-from benchmarks.sd_common import SD_SCHEDULER, in_memory
+from benchmarks.sd_common import in_memory, sd_schedule, sd_scheduler_config
 
 
 def main():
@@ -70,7 +70,7 @@ def main():
   import torch
   from flax import nnx
 
-  from alignjax.diffusion import pipeline, samplers, schedules
+  from alignjax.diffusion import pipeline, samplers
   from alignjax.models.convert import torch_keys, unet_keys
   from alignjax.models.sd.presets import SD15_UNET
   from alignjax.models.sd.unet import UNet2DConditionModel, UNetConfig
@@ -94,10 +94,8 @@ def main():
   device = torch.device(args.torch_device)
   theirs = theirs.to(device=device, dtype=torch_dtype)
   unet_call = torch.compile(theirs) if args.torch_compile else theirs
-  scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER)
-  schedule = schedules.make_schedule(
-      "scaled_linear", 1000, 0.00085, 0.012, set_alpha_to_one=False, steps_offset=1
-  )
+  scheduler = diffusers.DDIMScheduler(**sd_scheduler_config())
+  schedule = sd_schedule()
 
   rng = np.random.default_rng(0)
   b, s = args.batch, args.latent
