@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 from flax import nnx
 
 from alignjax.models.classifier import ClassifierConfig, DigitsClassifier
@@ -166,3 +168,42 @@ def assert_lora_trained(trained, initial, adam_steps: int, learning_rate: float)
     assert b.any(), f"{name}: B is still zero, as initialised"
     assert 0 < np.abs(a - a0).max() <= bound, (name, np.abs(a - a0).max(), bound)
     assert np.abs(b).max() <= bound, name
+
+
+def flip_saved_array_bytes(step_dir, count: int = 64) -> tuple[str, str]:
+  """XORs `count` bytes in the middle of the largest array chunk a restore of the step reads.
+
+  An Orbax step's OCDBT data files also hold bytes that a restore never reads (each
+  process's own B-tree nodes, superseded once the per-process trees are merged), so
+  flipping bytes at a fixed file offset may hit nothing. The bytes are found through the
+  merged tree instead: the largest chunk stored out of line, or, when every chunk is small
+  enough to sit inline in the tree (a sharded tiny model), the largest tree node, whose
+  entries are those chunks. Returns the damaged file and what was hit.
+  """
+  state_dir = os.path.join(os.fspath(step_dir), "train_state")
+  base = ts.KvStore.open("file://" + os.path.abspath(state_dir) + "/").result()
+
+  def byte_range(location):  # "value:<prefix>:<file>:<offset>:<length>", same for nodes
+    where, offset, length = location.split(":", 1)[1].rsplit(":", 2)
+    prefix, path = where.rsplit(":", 1)
+    return int(length), os.path.join(state_dir, prefix, path), int(offset)
+
+  root = ts.ocdbt.dump(base).result()["versions"][-1]["root"]["location"]
+  chunks, nodes, pending = [], [], [root]
+  while pending:
+    node = pending.pop()
+    nodes.append((*byte_range(node), f"tree node {node}"))
+    for entry in ts.ocdbt.dump(base, node).result()["entries"]:
+      location = str(entry.get("indirect_value") or entry.get("node") or "")
+      if location.startswith("btreenode:"):
+        pending.append(location)
+      elif location.startswith("value:"):
+        chunks.append((*byte_range(location), f"chunk {entry['key']!r}"))
+  length, path, offset, what = max(chunks or nodes, key=lambda c: c[0])
+  start = offset + max(0, length - count) // 2
+  with open(path, "r+b") as f:
+    f.seek(start)
+    data = f.read(min(count, length))
+    f.seek(start)
+    f.write(bytes(b ^ 0xFF for b in data))
+  return path, what

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignjax import checksums, parallel, run_identity
+from alignjax import checksums, parallel, run_identity, testing
 from alignjax.checkpoint import CheckpointDamagedError, CheckpointError, Checkpointer
 
 
@@ -78,29 +78,13 @@ def _save(directory, steps, **kwargs):
   ckpt.close()
 
 
-def _flip_bytes(step_dir, count=64):
-  """XORs `count` bytes in the middle of the largest array file of a step."""
-  files = [
-      f
-      for f in glob.glob(os.path.join(step_dir, "train_state", "**", "*"), recursive=True)
-      if os.path.isfile(f) and os.sep + "d" + os.sep in f
-  ]
-  target = max(files, key=os.path.getsize)
-  with open(target, "r+b") as f:
-    f.seek(os.path.getsize(target) // 2)
-    data = bytearray(f.read(count))
-    f.seek(os.path.getsize(target) // 2)
-    f.write(bytes(b ^ 0x5A for b in data))
-  return target
-
-
 def _tree(directory):
   return sorted(os.path.relpath(p, directory) for p in glob.glob(f"{directory}/**", recursive=True))
 
 
 def test_a_bit_flipped_array_file_is_an_error_naming_the_step(tmp_path):
   _save(tmp_path, (4, 5))
-  _flip_bytes(tmp_path / "5")
+  testing.flip_saved_array_bytes(tmp_path / "5")
   before = _tree(tmp_path)
   ckpt = Checkpointer(tmp_path, save_every=1, keep=None, metadata={"m": 1})
   with pytest.raises(CheckpointDamagedError) as info:
@@ -117,7 +101,7 @@ def test_a_bit_flipped_array_file_is_an_error_naming_the_step(tmp_path):
 
 def test_fallback_restores_the_newest_intact_step_and_keeps_the_damaged_one(tmp_path, caplog):
   _save(tmp_path, (3, 4, 5))
-  _flip_bytes(tmp_path / "5")
+  testing.flip_saved_array_bytes(tmp_path / "5")
   ckpt = Checkpointer(tmp_path, save_every=1, keep=None, metadata={"m": 1}, on_damage="fallback")
   with caplog.at_level(logging.WARNING, logger="alignjax.checkpoint"):
     restored, host = ckpt.restore(STATE)

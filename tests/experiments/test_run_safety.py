@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from alignjax import checkpoint, configs, finite
+from alignjax import checkpoint, configs, finite, testing
 from alignjax import workdir as workdir_lib
 from experiments import ddpo as ddpo_script
 from experiments import draft as draft_script
@@ -56,18 +56,6 @@ def saved_arrays(step_dir):
 
 def digest(path):
   return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def flip_bytes(step_dir, count=64):
-  files = [
-      f for f in glob.glob(f"{step_dir}/train_state/**/d/*", recursive=True) if os.path.isfile(f)
-  ]
-  target = max(files, key=os.path.getsize)
-  with open(target, "r+b") as f:
-    f.seek(os.path.getsize(target) // 2)
-    data = f.read(count)
-    f.seek(os.path.getsize(target) // 2)
-    f.write(bytes(b ^ 0xFF for b in data))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -160,7 +148,7 @@ def test_another_scripts_or_rewards_resume_is_refused_and_nothing_is_overwritten
 
 def test_bit_flipped_checkpoint_is_an_error_or_falls_back_to_the_intact_step(tmp_path):
   ddpo_script.run(ddpo_config(), str(tmp_path))
-  flip_bytes(tmp_path / "checkpoints" / "2")
+  testing.flip_saved_array_bytes(tmp_path / "checkpoints" / "2")
   step1 = {
       p: digest(p)
       for p in glob.glob(f"{tmp_path}/checkpoints/1/**/*", recursive=True)
