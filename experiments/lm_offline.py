@@ -4,10 +4,11 @@ r"""Offline preference optimisation of a language model: DPO, cDPO, RPO, IPO or 
 
 A linear trainer (fork it rather than subclass it):
   1. the preference pairs: `data.preferences` (JSONL: prompt, chosen, rejected and optionally
-     a probability label), or on the embedded task two responses per training prompt sampled
-     from the reference π_ref and labelled by the judge (ties dropped: a pair teaches nothing
-     when the judge is indifferent; with `data.min_reward_gap` > 0 also the pairs whose
-     rewards differ by less), written to <workdir>/preferences.jsonl; the pairs' probability
+     a probability label), or on the embedded task K = `data.samples_per_prompt` responses per
+     training prompt sampled from the reference π_ref, of which the judge's best and worst
+     (by a round robin of its pairwise preferences) form the pair (ties dropped: a pair
+     teaches nothing when the judge is indifferent; with `data.min_reward_gap` > 0 also the
+     pairs whose rewards differ by less), written to <workdir>/preferences.jsonl; the pairs' probability
      label is the judge's P(chosen ≻ rejected);
   2. log π_ref of every chosen and rejected response, once (the reference is frozen);
   3. `num_steps` minibatch updates on the loss (`alignjax.algorithms.dpo`: DPO / cDPO eq. 2,
@@ -83,6 +84,12 @@ def validate(config, num_devices: int) -> None:
   configs.check_fraction(config, "dpo.label_smoothing", inclusive=(True, False))
   configs.check_nonnegative(config, "data.min_reward_gap", "rpo.alpha")
   configs.check_choice(config, "data.chosen", ("sampled", "gold"))
+  k = config.data.get("samples_per_prompt", 2)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+    raise configs.ConfigError(
+        f"config.data.samples_per_prompt={k!r}: an integer >= 2 (reference samples per "
+        "training prompt; the best and the worst of them form the pair)"
+    )
   common.validate_run_safety(config)
   data_parallel = num_devices // (config.mesh.get("tensor", 1) or 1)
   if config.batch_size % max(data_parallel, 1):
@@ -186,12 +193,15 @@ class PairSet:
 
 
 def embedded_pairs(config, ref, judge, width, key, mesh) -> tuple[PairSet, list[dict]]:
-  """Pairs from two reference samples per training prompt, labelled by the judge (ties
-  dropped; with data.min_reward_gap > 0 also pairs whose rewards differ by less); and their
-  records for preferences.jsonl."""
+  """Pairs from K = data.samples_per_prompt reference samples per training prompt: the one
+  the judge ranks best against the one it ranks worst (each sample's score is its mean
+  P(sample ≻ other) over the K − 1 others, a round robin; K = 2 is the plain judged pair). Ties
+  are dropped; with data.min_reward_gap > 0 also pairs whose rewards differ by less. Returns the
+  pairs and their records for preferences.jsonl."""
   prompts = lm_common.embedded_prompts(config, "train")
   order = np.random.default_rng(config.seed).permutation(len(prompts))
   prompts = [prompts[i] for i in order[: config.data.num_prompts]]
+  k = int(config.data.get("samples_per_prompt", 2))
   cfg = lm_common.sampling_config(config.sampling)
   tokens, valid = lm_common.encode_prompts(prompts, width)
   r = rollout_lib.rollout(
@@ -201,15 +211,19 @@ def embedded_pairs(config, ref, judge, width, key, mesh) -> tuple[PairSet, list[
       valid,
       key,
       cfg,
-      num_samples=2,
+      num_samples=k,
       max_prompt_len=width,
       min_bucket=width,
       mesh=mesh,
   )
-  a, b = r.rows(slice(0, None, 2)), r.rows(slice(1, None, 2))
-  ca, cb = lm_common.completions(a), lm_common.completions(b)
   if config.data.chosen == "gold":
-    return gold_pairs(config, prompts, ca, judge)
+    return gold_pairs(config, prompts, lm_common.completions(r.rows(slice(0, None, k))), judge)
+  best, worst = round_robin_extremes(
+      judge, [lm_common.completions(r.rows(slice(i, None, k))) for i in range(k)]
+  )
+  rows = np.arange(len(prompts)) * k
+  a, b = r.rows(rows + best), r.rows(rows + worst)
+  ca, cb = lm_common.completions(a), lm_common.completions(b)
   p_a = np.asarray(judge.win_probability(ca, cb))
   decisive = p_a != 0.5
   if config.data.min_reward_gap > 0:  # only pairs the judge's rewards separate clearly
@@ -235,6 +249,23 @@ def embedded_pairs(config, ref, judge, width, key, mesh) -> tuple[PairSet, list[
       for i, w, p in zip(keep, a_wins, p_chosen)
   ]
   return PairSet(chosen, rejected, p_chosen), records
+
+
+def round_robin_extremes(judge, samples: list) -> tuple[np.ndarray, np.ndarray]:
+  """For K ≥ 2 completion sets of the same prompts (`judges.Completions`, one per sample
+  index), the index of each prompt's best and worst sample by the round-robin score
+  s_i = Σ_{j ≠ i} P(y_i ≻ y_j); ties go to the lower index for the best and the higher for the
+  worst, so that K = 2 with P(y_0 ≻ y_1) ≠ ½ pairs sample 0 with sample 1."""
+  k = len(samples)
+  score = np.zeros((samples[0].tokens.shape[0], k))
+  for i in range(k):
+    for j in range(i + 1, k):
+      p = np.asarray(judge.win_probability(samples[i], samples[j]), np.float64)
+      score[:, i] += p
+      score[:, j] += 1.0 - p
+  best = np.argmax(score, axis=1)
+  worst = k - 1 - np.argmax(score[:, ::-1] * -1.0, axis=1)
+  return best, worst
 
 
 def gold_pairs(config, prompts, sampled, judge) -> tuple[PairSet, list[dict]]:

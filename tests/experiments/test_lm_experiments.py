@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from alignjax import configs, testing, training
+from alignjax import configs, judges, testing, training
 from alignjax.data import synthetic_language as lang
 from alignjax.models import convert, lora
 from alignjax.models.lm import TransformerLM
@@ -143,9 +143,18 @@ def test_online_bad_configs_fail_clearly(overrides, message, reference_dir, tmp_
 # ----------------------------------------------------------------------------- offline
 
 
-@pytest.mark.parametrize("loss", ["dpo", "cdpo", "rpo", "ipo", "sppo"])
-def test_offline_losses_train_on_judged_pairs(loss, reference_dir, tmp_path):
-  config = configure(offline_config, f"loss={loss}", reference_dir)
+@pytest.mark.parametrize(
+    "loss,overrides",
+    [
+        ("dpo", {"data.samples_per_prompt": 3}),  # the best and worst of three samples
+        ("cdpo", {}),
+        ("rpo", {}),
+        ("ipo", {}),
+        ("sppo", {}),
+    ],
+)
+def test_offline_losses_train_on_judged_pairs(loss, overrides, reference_dir, tmp_path):
+  config = configure(offline_config, f"loss={loss}", reference_dir, **overrides)
   out = lm_offline.run(config, str(tmp_path), devices=ONE_DEVICE)
   assert_moved(out["params"], reference_params(reference_dir))
   records = [json.loads(l) for l in open(tmp_path / "preferences.jsonl")]
@@ -161,9 +170,43 @@ def test_offline_bad_configs_fail_clearly(reference_dir, tmp_path):
   config = configure(offline_config, "", reference_dir, **{"dpo.beta": 0.0})
   with pytest.raises(configs.ConfigError, match=r"config.dpo.beta=0.0: must be > 0"):
     lm_offline.run(config, str(tmp_path), devices=ONE_DEVICE)
+  config = configure(offline_config, "", reference_dir, **{"data.samples_per_prompt": 1})
+  with pytest.raises(
+      configs.ConfigError, match=r"config.data.samples_per_prompt=1: an integer >= 2"
+  ):
+    lm_offline.run(config, str(tmp_path / "k"), devices=ONE_DEVICE)
   config = configure(offline_config, "", reference_dir, batch_size=1000)
   with pytest.raises(configs.ConfigError, match=r"decisive pairs .* raise data.num_prompts"):
     lm_offline.run(config, str(tmp_path / "b"), devices=ONE_DEVICE)
+
+
+class _ValueJudge:
+  """P(a ≻ b) of the responses' first tokens read as values: 1, 0 or ½ on a tie."""
+
+  def win_probability(self, a, b):
+    va, vb = np.asarray(a.tokens[:, 0]), np.asarray(b.tokens[:, 0])
+    return np.where(va > vb, 1.0, np.where(va < vb, 0.0, 0.5))
+
+
+def _completions(values):
+  values = np.asarray(values, np.int32)[:, None]
+  ones = np.ones_like(values, bool)
+  return judges.Completions(values, ones, values, ones)
+
+
+def test_round_robin_extremes_pick_each_prompts_best_and_worst_sample():
+  values = np.random.default_rng(0).permutation(np.arange(6 * 5)).reshape(6, 5)  # no ties
+  best, worst = lm_offline.round_robin_extremes(
+      _ValueJudge(), [_completions(values[:, i]) for i in range(5)]
+  )
+  np.testing.assert_array_equal(best, values.argmax(1))
+  np.testing.assert_array_equal(worst, values.argmin(1))
+  # K = 2 pairs sample 0 with sample 1 whichever wins; a tie puts best at 0 and worst at 1
+  best, worst = lm_offline.round_robin_extremes(
+      _ValueJudge(), [_completions([3, 1, 2]), _completions([1, 3, 2])]
+  )
+  np.testing.assert_array_equal(best, [0, 1, 0])
+  np.testing.assert_array_equal(worst, [1, 0, 1])
 
 
 # ----------------------------------------------------------------------------- at scale
