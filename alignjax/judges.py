@@ -40,10 +40,12 @@ from alignjax.models import heads
 __all__ = [
     "Completions",
     "Judge",
+    "JudgeError",
     "PreferenceFunctionJudge",
     "PreferenceModelJudge",
     "RewardFunctionJudge",
     "RewardModelJudge",
+    "check_judge",
 ]
 
 
@@ -101,6 +103,45 @@ class Judge(abc.ABC):
     raise TypeError(
         f"{type(self).__name__} is a pairwise preference judge without a scalar reward; use "
         f"win_probability(a, b), or a reward judge (RewardFunctionJudge, RewardModelJudge)"
+    )
+
+
+class JudgeError(ValueError):
+  """A judge broke eq. 1 on a sample (a probability outside [0, 1], or not antisymmetric)."""
+
+
+def check_judge(judge: Judge, a: Completions, b: Completions, *, atol: float = 1e-5) -> None:
+  """Eq. 1 on a sample of pairs (a, b) of the same prompts: every P(a ≻ b) and P(b ≻ a) lies in
+  [0, 1], |P(a ≻ b) + P(b ≻ a) − 1| ≤ atol and |P(a ≻ a) − ½| ≤ atol; raises JudgeError naming
+  the judge, the worst pair and its values otherwise. The self-play losses (Nash-MD, SPO,
+  online IPO) read P − ½ as an antisymmetric payoff, so a judge that is not fails the run
+  before training instead of biasing it."""
+  name = type(judge).__name__
+  p_ab = np.asarray(judge.win_probability(a, b), np.float64)
+  p_ba = np.asarray(judge.win_probability(b, a), np.float64)
+  p_aa = np.asarray(judge.win_probability(a, a), np.float64)
+  for label, p in (("P(a ≻ b)", p_ab), ("P(b ≻ a)", p_ba), ("P(a ≻ a)", p_aa)):
+    bad = np.flatnonzero(~((p >= 0) & (p <= 1)))
+    if bad.size:
+      raise JudgeError(
+          f"{name}: {label} outside [0, 1] on {bad.size} of {p.size} pairs "
+          f"(row {bad[0]}: {p[bad[0]]!r}); a judge returns probabilities (alignjax.judges eq. 1)"
+      )
+  gap = np.abs(p_ab + p_ba - 1.0)
+  if gap.max(initial=0.0) > atol:
+    i = int(np.argmax(gap))
+    raise JudgeError(
+        f"{name} is not antisymmetric: P(a ≻ b) + P(b ≻ a) = {p_ab[i] + p_ba[i]:.6g} "
+        f"(row {i}: {p_ab[i]:.6g} + {p_ba[i]:.6g}; max |P(a ≻ b) + P(b ≻ a) − 1| = "
+        f"{gap.max():.3g} > {atol:g}); symmetrise it, P = ½ (q(a, b) + 1 − q(b, a)) "
+        "(PreferenceFunctionJudge does)"
+    )
+  self_gap = np.abs(p_aa - 0.5)
+  if self_gap.max(initial=0.0) > atol:
+    i = int(np.argmax(self_gap))
+    raise JudgeError(
+        f"{name}: P(a ≻ a) = {p_aa[i]:.6g} for a response against itself (row {i}); "
+        f"eq. 1 asks for ½ (max |P(a ≻ a) − ½| = {self_gap.max():.3g} > {atol:g})"
     )
 
 

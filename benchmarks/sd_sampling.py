@@ -18,22 +18,36 @@ ending in host arrays, one untimed warm-up each (compilation excluded), repeats 
 kept. images/s = B / t. The final latents of the two are compared (max |difference|).
 
 The load average is printed first: a ratio taken while other processes run is not a result.
+The UNet's weights are an argument of the jitted sampler, as in `pipeline.make_generate` (a
+sampler closing over them captures 3.4 GB of constants: 114 s of compilation against 28-34 s).
+`--profile` also prints where one alignjax run's time goes, per XLA op (benchmarks.xla_ops).
 
 Measured on the 2-core AMD EPYC this project is developed on (float32, batch 1, 32 x 32
-latents = 256 x 256 images, 4 steps, guidance 7.5; nothing else running, 3 interleaved
-repeats, best kept; the load average of ~2 after the run is the benchmark's own two threads):
+latents = 256 x 256 images, 4 steps, guidance 7.5; nothing else running; best of the
+interleaved repeats):
 
-  alignjax 0.0515 images/s (19.4-20.7 s), diffusers 0.0428 (23.4-25.1 s): x1.20
-  (x0.81 before the two CPU paths below, x1.07 with the patch matmul alone)
+  2026-12-04, 3 repeats:  alignjax 13.92 s (15.64 13.92 14.38), diffusers 17.50 s (17.50 19.97
+                          18.45): x1.26
+  earlier the same day:   x1.19 with the weights captured as constants (14.95 against 17.76 s),
+                          x1.14 with them as arguments (14.53 against 16.54), x1.23 with the
+                          per-head attention blocks (13.78 against 17.00); the 16 x 16 patch
+                          products (measured alone: ~100 ms less per UNet call) are within
+                          the repeats' spread
 
-Where the time went on this CPU: XLA:CPU's convolution reaches ~30 GFLOP/s on the 8 x 8 and
-4 x 4 feature maps with 1280 channels (torch's oneDNN ~50-75), and its attention over the
-1024 positions of the 32 x 32 level took 205 ms per call against torch's 32 ms. alignjax now
-runs 3 x 3 convolutions on <= 64 positions as one patch matmul (~95 GFLOP/s,
-`sd.layers._conv_as_matmul`) and long unmasked attention in blocks of 128 queries (80-90 ms,
-`sd.attention._blocked_attention`), on the CPU only. What is left: attention is still ~2.5x
-torch's fused CPU kernel, and GroupNorm ~3-5x torch's (1.4 against 0.3 ms at 32 x 32 x 320).
-Compilation of the 4-step program takes ~2 min on this machine (not timed).
+diffusers' times vary by 15-20 % from repeat to repeat on this machine (16.5-20.5 s), so single
+ratios range from x1.14 to x1.44; the target of x1.3 is not met reliably.
+
+Where the time goes (`--profile`, one UNet call on the 2B batch: 4.5 s): nearly all of it in
+XLA:CPU's YNNPACK fusions (ynn_fusion: convolutions and matrix products with their fused
+elementwise ops); the largest single ops are the 3 x 3 convolutions of the 16 x 16 and 32 x 32
+levels with 640-1920 input channels (up_blocks.1 upsampler 16 x 16 x 1280: 216 ms;
+up_blocks.2.resnets.0.conv1: 180 ms; up_blocks.2 upsampler 32 x 32 x 640: 157 ms), at 60-110
+GFLOP/s against ~160 for a plain matrix product. alignjax runs 3 x 3 convolutions on <= 256
+positions as one patch matmul (`sd.layers._conv_as_matmul`, 0-30 % faster at 16 x 16, ~2.5x at
+8 x 8) and long unmasked attention one head at a time in 256-query blocks
+(`sd.attention._blocked_attention`: 35 ms per call at 1024 positions, against 55 for 128-query
+blocks over all heads and 166-187 for XLA's single program), on the CPU only. Compilation of
+the 4-step program takes ~30 s (not timed).
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ import argparse
 import os
 import time
 
+from benchmarks import xla_ops
 from benchmarks.sd_common import in_memory, sd_schedule, sd_scheduler_config
 
 
@@ -55,6 +70,9 @@ def main():
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--torch_device", default="cpu")
   parser.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet")
+  parser.add_argument(
+      "--profile", action="store_true", help="also print where one alignjax run's time goes"
+  )
   args = parser.parse_args()
   print(
       f"load average {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} cores; "
@@ -87,7 +105,6 @@ def main():
   dtype = jnp.dtype(args.dtype)
   if args.dtype != "float32":
     state = jax.tree.map(lambda x: x.astype(dtype), state)
-  ours = nnx.merge(graphdef, state)
   print(f"parameters: {sum(p.numel() for p in theirs.parameters()) / 1e6:.1f}M", flush=True)
 
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -103,11 +120,12 @@ def main():
   text = rng.normal(size=(b, 77, 768)).astype(np.float32)
   empty = rng.normal(size=(77, 768)).astype(np.float32)
 
-  eps_fn = pipeline.unet_eps_fn(ours, schedule, compute_dtype=args.dtype)
-  guided = samplers.classifier_free_guidance(eps_fn, args.guidance, null_cond=jnp.asarray(empty))
+  null_cond = jnp.asarray(empty)
 
   @jax.jit
-  def run_ours(x, cond):
+  def run_ours(state, x, cond):  # the weights are an argument, as in pipeline.make_generate
+    eps_fn = pipeline.unet_eps_fn(nnx.merge(graphdef, state), schedule, compute_dtype=args.dtype)
+    guided = samplers.classifier_free_guidance(eps_fn, args.guidance, null_cond=null_cond)
     traj = samplers.sample(
         guided,
         schedule,
@@ -124,7 +142,7 @@ def main():
   cond_ours = jnp.asarray(text)
 
   def alignjax_sample():
-    return np.asarray(run_ours(x_ours, cond_ours))
+    return np.asarray(run_ours(state, x_ours, cond_ours))
 
   t_text = torch.from_numpy(text).to(device, torch_dtype)
   t_empty = torch.from_numpy(empty).to(device, torch_dtype)[None].expand(b, -1, -1)
@@ -161,6 +179,8 @@ def main():
   print(f"diffusers {b / best_d:.4f} images/s  ({' '.join(f'{t:.2f}' for t in theirs_t)} s)")
   print(f"ratio alignjax / diffusers: x{best_d / best_a:.2f}; max |latents difference| {diff:.2e}")
   print(f"load average {os.getloadavg()[0]:.2f} (1 min) after the run")
+  if args.profile:
+    xla_ops.print_op_times(alignjax_sample)
 
 
 if __name__ == "__main__":

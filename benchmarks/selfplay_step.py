@@ -4,12 +4,12 @@ r"""One Nash-MD iteration: alignjax (as `experiments.lm_online` runs it) vs TRL'
   python -m benchmarks.selfplay_step --smoke      # tiny sizes, one repeat (a quick test)
   python -m benchmarks.selfplay_step --skip_trl   # alignjax only (no trl needed)
 
-TRL is optional (not an alignjax dependency): `--trl_path` (default $TRL_PATH, else
-/tmp/trl112) is put on sys.path only for the TRL part, e.g. after
-  pip download trl==1.12.0 --no-deps -d /tmp/trl
-  pip install --no-deps --target /tmp/trl112 /tmp/trl/trl-1.12.0-py3-none-any.whl
-(trl 1.12.0 keeps Nash-MD in `trl.experimental.nash_md`; it runs with the installed
-transformers 5 / accelerate 1.x / datasets, no other trl dependency is needed).
+TRL is not an alignjax dependency; the `benchmark` extra pins the release this benchmark
+targets, `pip install -e '.[test,benchmark]'` (trl 1.12.0 keeps Nash-MD in
+`trl.experimental.nash_md`; it runs with the test extra's transformers 5 / torch / datasets and
+needs nothing else). A trl kept outside the environment works too: `--trl_path` (default
+$TRL_PATH, else /tmp/trl112) is put first on sys.path for the TRL part, e.g. after
+  pip install --no-deps --target /tmp/trl112 trl==1.12.0
 
 One iteration, the same work in both frameworks, batch B prompts of P tokens (BOS + P − 1 random
 tokens, no padding), N new tokens at temperature 1 (no top-k / top-p), EOS id 2 (a random model

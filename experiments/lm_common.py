@@ -256,8 +256,8 @@ def write_summary(
 
 
 def check_judge(p) -> None:
-  """The judge's probabilities lie in [0, 1] (checked on every batch; antisymmetry is the
-  judges' own contract, `alignjax.judges` eq. 1)."""
+  """The judge's probabilities lie in [0, 1] (checked on every batch; antisymmetry, eq. 1 of
+  `alignjax.judges`, is checked on the first evaluation's sample by `judges.check_judge`)."""
   p = np.asarray(p)
   if not np.all((p >= 0) & (p <= 1)):
     bad = p[~((p >= 0) & (p <= 1))]

@@ -218,9 +218,9 @@ def embedded_pairs(config, ref, judge, width, key, mesh) -> tuple[PairSet, list[
   )
   if config.data.chosen == "gold":
     return gold_pairs(config, prompts, lm_common.completions(r.rows(slice(0, None, k))), judge)
-  best, worst = round_robin_extremes(
-      judge, [lm_common.completions(r.rows(slice(i, None, k))) for i in range(k)]
-  )
+  samples = [lm_common.completions(r.rows(slice(i, None, k))) for i in range(k)]
+  judges.check_judge(judge, samples[0], samples[1])  # eq. 1 of alignjax.judges, on a sample
+  best, worst = round_robin_extremes(judge, samples)
   rows = np.arange(len(prompts)) * k
   a, b = r.rows(rows + best), r.rows(rows + worst)
   ca, cb = lm_common.completions(a), lm_common.completions(b)

@@ -394,10 +394,13 @@ def train(config, workdir: str, devices) -> dict:
         mesh=mesh,
     )
 
-  def evaluate(trainable) -> dict:
-    """Win rate against the reference on the held-out prompts (fixed keys)."""
+  def evaluate(trainable, check_judges=()) -> dict:
+    """Win rate against the reference on the held-out prompts (fixed keys); `check_judges`
+    are checked for eq. 1 of alignjax.judges on these samples first."""
     policy = sample(policy_params(trainable, lora_base), eval_batch, eval_key, eval_cfg, 1)
     reference = sample(ref.params, eval_batch, jax.random.fold_in(eval_key, 1), eval_cfg, 1)
+    for j in check_judges:
+      judges.check_judge(j, lm_common.completions(policy), lm_common.completions(reference))
     return lm_common.evaluate(policy, reference, eval_judge)
 
   # ---------------------------------------------------------------- restore or start
@@ -417,8 +420,8 @@ def train(config, workdir: str, devices) -> dict:
   ckpt.install_preemption_handler()
   writer = metrics.MetricWriter(workdir)
   monitor = finite.Monitor.from_config(config.finite, host, unit="update", last_good=ckpt.last_good)
-  if host["base"] is None:
-    host["base"] = evaluate(state.params)
+  if host["base"] is None:  # a broken judge stops the run here, before any update
+    host["base"] = evaluate(state.params, (judge,) if eval_judge is judge else (judge, eval_judge))
     host["eval_history"].append([0, host["base"]["win_rate"], host["base"].get("reward", np.nan)])
     writer.write_scalars(0, {f"eval/{k}": v for k, v in host["base"].items()})
 

@@ -193,3 +193,41 @@ def test_bad_inputs_are_refused():
   gpm = heads.GeneralPreferenceModel(CONFIG, rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match="RewardModelJudge: expected a graphdef of"):
     judges.RewardModelJudge(*nnx.split(gpm))
+
+
+class _FirstTokenJudge(judges.Judge):
+  """P(a ≻ b) = f(first response tokens): `fn(ta, tb)`, to build judges that break eq. 1."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def win_probability(self, a, b):
+    return self.fn(np.asarray(a.tokens[:, 0], float), np.asarray(b.tokens[:, 0], float))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["reward_fn", "reward_fn_hard", "preference_fn", "reward_model", "pairwise_model", "gpm_model"],
+)
+def test_check_judge_accepts_every_library_judge(judge_set, name):
+  a = completions(3)
+  judges.check_judge(judge_set[name], a, with_responses(a, completions(4)))
+
+
+@pytest.mark.parametrize(
+    "fn,message",
+    [
+        (
+            lambda ta, tb: np.full(ta.shape, 0.7),
+            r"_FirstTokenJudge is not antisymmetric: .* = 1\.4",
+        ),
+        (lambda ta, tb: 0.5 + (ta - tb), r"P\(a ≻ b\) outside \[0, 1\] on \d+ of 6 pairs"),
+        (lambda ta, tb: (ta >= tb).astype(float), r"P\(a ≻ a\) = 1 for a response against itself"),
+    ],
+)
+def test_check_judge_names_how_a_judge_breaks_eq_1(fn, message):
+  a = completions(3)
+  b = with_responses(a, completions(4))
+  assert (a.tokens[:, 0] != b.tokens[:, 0]).all()  # no ties: only P(a ≻ a) sees equal tokens
+  with pytest.raises(judges.JudgeError, match=message):
+    judges.check_judge(_FirstTokenJudge(fn), a, b)

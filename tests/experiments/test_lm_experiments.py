@@ -140,6 +140,23 @@ def test_online_bad_configs_fail_clearly(overrides, message, reference_dir, tmp_
     lm_online.run(config, str(tmp_path), devices=ONE_DEVICE)
 
 
+class _BiasedJudge(judges.Judge):
+  """P(a ≻ b) = 0.7 whatever the responses: in [0, 1] but not antisymmetric."""
+
+  def win_probability(self, a, b):
+    return np.full(len(a), 0.7)
+
+
+def test_online_run_stops_on_a_judge_that_is_not_antisymmetric(
+    reference_dir, tmp_path, monkeypatch
+):
+  monkeypatch.setattr(lm_common, "make_judge", lambda *args, **kwargs: _BiasedJudge())
+  config = configure(online_config, "algorithm=spo", reference_dir)
+  with pytest.raises(judges.JudgeError, match=r"_BiasedJudge is not antisymmetric: .* = 1\.4"):
+    lm_online.run(config, str(tmp_path), devices=ONE_DEVICE)
+  assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+
+
 # ----------------------------------------------------------------------------- offline
 
 

@@ -297,7 +297,7 @@ def test_full_size_key_table_matches_diffusers(cfg, count):
 
 @pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 1), (0, 1))])
 def test_small_feature_maps_use_one_patch_product_equal_to_the_convolution(padding):
-  """On the CPU, 3x3 convolutions of maps with <= 64 positions run as one matmul over the
+  """On the CPU, 3x3 convolutions of maps with <= 256 positions run as one matmul over the
   patches (layers._conv_as_matmul); it equals XLA's convolution to float32 rounding."""
   from alignjax.models.sd import layers
 
@@ -310,5 +310,8 @@ def test_small_feature_maps_use_one_patch_product_equal_to_the_convolution(paddi
   got = layers._conv_as_matmul(x, k, padding)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   assert layers._patch_matmul_applies(x, k, 1) == (jax.default_backend() == "cpu")
-  assert not layers._patch_matmul_applies(jnp.zeros((1, 16, 16, 16)), k, 1)
+  assert layers._patch_matmul_applies(jnp.zeros((1, 16, 16, 16)), k, 1) == (
+      jax.default_backend() == "cpu"
+  )
+  assert not layers._patch_matmul_applies(jnp.zeros((1, 32, 32, 16)), k, 1)
   assert not layers._patch_matmul_applies(x, k, 2)

@@ -10,12 +10,14 @@ computed in the inputs' dtype as diffusers does. The computation goes through
 `jax.nn.dot_product_attention`, which picks cuDNN's fused (flash) kernel on GPUs where the
 dtype and shapes allow and XLA's program elsewhere.
 
-On the CPU, long unmasked attention (the UNet's self-attention over 32 x 32 = 1024 latent
-positions) runs instead in blocks of `QUERY_BLOCK` queries, head-major, one `lax.map` step per
-block: eq. 1 for each block's rows with the block's [N, QUERY_BLOCK, S] scores kept in cache.
-XLA:CPU's single program for the whole [B, N, L, S] score tensor is ~2.4x slower there (2-core
-EPYC, B 2, L = S = 1024, N 8, D 40: 205 ms against 80-90 ms). GPU and TPU programs are
-untouched.
+On the CPU, long unmasked attention (the UNet's self-attention over 32 x 32 = 1024 or 64 x 64 =
+4096 latent positions) runs instead one head at a time, in blocks of `QUERY_BLOCK` queries:
+eq. 1 for each block's rows with its [QUERY_BLOCK, S] scores kept in cache (a `lax.map` over
+the B N heads, and in each a `lax.map` over the blocks). XLA:CPU's single program for the whole
+[B, N, L, S] score tensor is far slower there (2-core EPYC, B 2, N 8, D 40, float32; L = S =
+1024: 166-187 ms, 128-query blocks over all heads at once 55-57 ms, one head at a time in
+256-query blocks 35 ms; L = S = 4096: 3058, 1412 and 523 ms). Short keys (cross-attention over
+77 text tokens) keep XLA's program. GPU and TPU programs are untouched.
 """
 
 from __future__ import annotations
@@ -46,41 +48,47 @@ def attention(
   dtype = q.dtype
   if upcast:
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  if _blocked_applies(q, mask, causal):
+  if _blocked_applies(q, k, mask, causal):
     out = _blocked_attention(q, k, v, scale)
   else:
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal)
   return out.astype(dtype)
 
 
-QUERY_BLOCK = 128
+QUERY_BLOCK = 256
 
 
-def _blocked_applies(q, mask, causal: bool) -> bool:
-  length = q.shape[1]
+def _blocked_applies(q, k, mask, causal: bool) -> bool:
+  length, keys = q.shape[1], k.shape[1]
   return (
       jax.default_backend() == "cpu"
       and mask is None
       and not causal
-      and length >= 4 * QUERY_BLOCK
+      and min(length, keys) >= 4 * QUERY_BLOCK
       and length % QUERY_BLOCK == 0
   )
 
 
 def _blocked_attention(q, k, v, scale):
-  """Eq. 1 in blocks of QUERY_BLOCK queries (module docstring); same shapes as `attention`."""
+  """Eq. 1 one head at a time, in blocks of QUERY_BLOCK queries (module docstring); same shapes
+  as `attention`."""
   b, length, n, d = q.shape
   scale = d**-0.5 if scale is None else scale
-  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, N, T, D]
-  blocks = q.reshape(b, n, length // QUERY_BLOCK, QUERY_BLOCK, d).transpose(2, 0, 1, 3, 4)
+  q, k, v = (x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], d) for x in (q, k, v))
+  blocks = q.reshape(b * n, length // QUERY_BLOCK, QUERY_BLOCK, d)
 
-  def one(qb):
-    s = jnp.matmul(qb * jnp.asarray(scale, qb.dtype), k.swapaxes(-1, -2))
-    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    return jnp.matmul(e, v) / jnp.sum(e, axis=-1, keepdims=True)
+  def one_head(head):
+    qh, kh, vh = head  # [L / QUERY_BLOCK, QUERY_BLOCK, D], [S, D], [S, D]
 
-  out = jax.lax.map(one, blocks)  # [L / QUERY_BLOCK, B, N, QUERY_BLOCK, D]
-  return out.transpose(1, 0, 3, 2, 4).reshape(b, length, n, d)
+    def one_block(qb):
+      s = jnp.matmul(qb * jnp.asarray(scale, qb.dtype), kh.T)
+      e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+      return jnp.matmul(e, vh) / jnp.sum(e, axis=-1, keepdims=True)
+
+    return jax.lax.map(one_block, qh)
+
+  out = jax.lax.map(one_head, (blocks, k, v))  # [B N, L / QUERY_BLOCK, QUERY_BLOCK, D]
+  return out.reshape(b, n, length, d).transpose(0, 2, 1, 3)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
