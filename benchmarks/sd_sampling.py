@@ -20,7 +20,7 @@ kept. images/s = B / t. The final latents of the two are compared (max |differen
 The load average is printed first: a ratio taken while other processes run is not a result.
 The UNet's weights are an argument of the jitted sampler, as in `pipeline.make_generate` (a
 sampler closing over them captures 3.4 GB of constants: 114 s of compilation against 28-34 s).
-`--profile` also prints where one alignjax run's time goes, per XLA op (benchmarks.xla_ops).
+`--profile` also prints where one alignjax run's time goes, per XLA op (alignjax.profiling).
 
 Measured on the 2-core AMD EPYC this project is developed on (float32, batch 1, 32 x 32
 latents = 256 x 256 images, 4 steps, guidance 7.5; nothing else running; best of the
@@ -56,7 +56,7 @@ import argparse
 import os
 import time
 
-from benchmarks import xla_ops
+from alignjax import profiling
 from benchmarks.sd_common import in_memory, sd_schedule, sd_scheduler_config
 
 
@@ -180,7 +180,7 @@ def main():
   print(f"ratio alignjax / diffusers: x{best_d / best_a:.2f}; max |latents difference| {diff:.2e}")
   print(f"load average {os.getloadavg()[0]:.2f} (1 min) after the run")
   if args.profile:
-    xla_ops.print_op_times(alignjax_sample)
+    profiling.print_op_times(alignjax_sample)
 
 
 if __name__ == "__main__":

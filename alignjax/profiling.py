@@ -1,8 +1,8 @@
-"""Where an XLA:CPU program's time goes: run it under `jax.profiler.trace` and sum the durations
-of the ops that the trace records on XLA's compute threads, grouped by op name with the
-trailing instance number removed ("convolution.12" and "convolution.7" are both
+"""Where an XLA program's time goes, per op: run it under `jax.profiler.trace` and sum the
+durations of the ops that the trace records on XLA's compute threads, grouped by op name with
+the trailing instance number removed ("convolution.12" and "convolution.7" are both
 "convolution"). A `while` op (lax.scan, lax.map) contains the ops of its body, so its own line
-overlaps theirs; the table says which lines are containers.
+overlaps theirs; the table marks such containers. Used by `benchmarks/sd_sampling.py --profile`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def op_times(fn) -> tuple[list[tuple[str, float, int]], float]:
     if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in xla_threads:
       continue
     name = str(e.get("name", ""))
-    if name.startswith("end: "):
+    if name.startswith("end: ") or "::" in name:  # markers and the runtime's own spans
       continue
     op = re.sub(r"\.\d+$", "", name)
     total[op] += float(e.get("dur", 0.0)) * 1e-6
