@@ -16,6 +16,18 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# ----------------------------------------------------------------------------- test order
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `slow` run first (otherwise in collection order). Under `-n 2 --dist
+  worksteal` the first worker starts on them while the second runs short tests and then steals
+  from the end of the first's queue, so the run ends on short tests instead of one worker
+  running a long test alone while the other idles."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # ----------------------------------------------------------------------------- compilation cache
 # One persistent XLA compilation cache for the whole run, shared by the xdist workers (under
 # pytest's base temporary directory, which pytest prunes): tests build many identical

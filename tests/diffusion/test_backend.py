@@ -64,6 +64,7 @@ def sd_backend(tiny_sd_dir):
   return sd, backend_lib.stable_diffusion_backend(sd, PROMPTS, extra_inputs=extra)
 
 
+@pytest.mark.slow
 def test_stable_diffusion_backend_matches_the_pipeline(sd_backend):
   sd, backend = sd_backend
   batch = backend.prompts.eval(0, 3)

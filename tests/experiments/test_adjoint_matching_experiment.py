@@ -75,6 +75,7 @@ def test_config_docstring_and_variants():
 # ----------------------------------------------------------------------------- runs
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_everything_and_resumes_to_the_same_parameters(tmp_path):
   straight = tmp_path / "straight"
   result = am_script.run(tiny_config(), str(straight))

@@ -39,6 +39,7 @@ def test_config_docstring_and_variants():
     sd15.get_config("reward=jpeg")
 
 
+@pytest.mark.slow
 def test_tiny_sd_lora_run_on_the_aesthetic_reward(tmp_path, tiny_sd_dir, tiny_clip_dir):
   config = sd_config(
       tiny_sd_dir,

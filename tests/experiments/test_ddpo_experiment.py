@@ -133,6 +133,7 @@ def initial_lora(config):
   return jax.device_get(jax.jit(lambda p: finetune.split(p, init_key)[0])(base))
 
 
+@pytest.mark.slow
 def test_lora_trains_only_the_low_rank_factors(tmp_path):
   config = tiny_config(**{"finetune.mode": "lora", "num_rounds": 1})
   result = ddpo_script.run(config, str(tmp_path))
@@ -142,6 +143,7 @@ def test_lora_trains_only_the_low_rank_factors(tmp_path):
   testing.assert_lora_trained(trained, initial, steps, config.optimizer.learning_rate)
 
 
+@pytest.mark.slow
 def test_sharded_runs_match_one_device(tmp_path):
   # Adam's first step is lr·g/(|g| + eps): with a tiny eps it turns gradients at the level of
   # float32 summation-order noise (~1e-9, e.g. attention biases) into ±lr steps. A larger eps
@@ -180,6 +182,7 @@ def _wait_for_step(workdir, step, proc, timeout=240):
   raise AssertionError(f"no checkpoint {step} after {timeout}s")
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_the_same_parameters_and_metrics(tmp_path):
   # One device: resuming does not depend on the mesh, and a 1-device program compiles fast.
   rounds = "--config.num_rounds=4"
@@ -213,6 +216,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   assert steps and 0 < max(steps) < 50
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   port = testing.free_port()
   # Adam with a larger eps, as in test_sharded_runs_match_one_device.

@@ -34,6 +34,7 @@ def records(workdir):
   return {r["step"]: r for r in rows if "approx_kl" in r}
 
 
+@pytest.mark.slow
 def test_tiny_sd_lora_run_trains_and_exports_a_diffusers_unet(tmp_path, tiny_sd_dir):
   config = sd_config(tiny_sd_dir, arg="tiny=True,reward=compressibility")
   result = ddpo_script.run(config, str(tmp_path))
@@ -71,6 +72,7 @@ def test_tiny_sd_lora_run_trains_and_exports_a_diffusers_unet(tmp_path, tiny_sd_
   assert np.abs(np.asarray(ours) - np.asarray(base)).max() > 0  # the fine-tuning is in it
 
 
+@pytest.mark.slow
 def test_tiny_sd_full_finetune_on_the_aesthetic_reward(tmp_path, tiny_sd_dir, tiny_clip_dir):
   config = sd_config(
       tiny_sd_dir,

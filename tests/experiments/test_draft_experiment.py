@@ -138,6 +138,7 @@ def check_outputs(workdir, result, config, queries_per_update):
   return records
 
 
+@pytest.mark.slow
 def test_full_draft_with_kl_penalty(tmp_path):
   config = tiny_config("variant=full", **{"draft.kl_weight": 0.5})
   result = draft_script.run(config, str(tmp_path), devices=ONE_DEVICE)
@@ -146,6 +147,7 @@ def test_full_draft_with_kl_penalty(tmp_path):
   assert "DRaFT, full, 2 updates" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_draft_lv_with_fsdp_sharding(tmp_path):
   config = tiny_config("variant=lv", **{"mesh.data": 1, "mesh.fsdp": 2})
   result = draft_script.run(config, str(tmp_path), devices=jax.devices()[:2])
@@ -170,6 +172,7 @@ def test_draft_1_with_lora_trains_only_the_low_rank_factors(tmp_path):
   testing.assert_lora_trained(trained, initial, config.num_updates, config.optimizer.learning_rate)
 
 
+@pytest.mark.slow
 def test_draft_k_resumes_from_a_checkpoint_at_the_saved_step(tmp_path):
   config = tiny_config("variant=k")
   straight = draft_script.run(config, str(tmp_path / "straight"), devices=ONE_DEVICE)

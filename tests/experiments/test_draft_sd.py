@@ -32,6 +32,7 @@ def sd_config(model_dir, clip_dir="", arg="tiny=True", **overrides):
   return config
 
 
+@pytest.mark.slow
 def test_tiny_sd_draft_k_lora_on_the_aesthetic_reward(tmp_path, tiny_sd_dir, tiny_clip_dir):
   config = sd_config(tiny_sd_dir, tiny_clip_dir, arg="tiny=True,variant=k10")
   assert (config.draft.variant, config.draft.truncation_k) == ("k", 2)

@@ -317,6 +317,7 @@ jax.distributed.shutdown()
 """
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_parameters_of_one(reference_dir, tmp_path):
   """Sample → judge → update on 2 processes × 2 devices equals 1 process × 4 devices with the
   same global batch (prompts, keys, responses, verdicts and updates)."""

@@ -79,6 +79,7 @@ def regenerated_samples(config, workdir, unet):
   return images, cond
 
 
+@pytest.mark.slow
 def test_tiny_pretraining_cli_and_cache(tmp_path):
   """Runs the script's command line on a tiny config, loads the outputs, reuses the cache."""
   workdir = str(tmp_path / "cache")

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from alignjax import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -114,6 +116,7 @@ def test_make_importable_puts_the_root_in_place_of_the_script_directory(monkeypa
   assert sys.path == [ROOT, "/elsewhere"]
 
 
+@pytest.mark.slow
 def test_every_script_runs_as_a_file_from_elsewhere_and_as_a_module(tmp_path):
   """One real tiny run (pretrain_lm, 2 steps) as a file from a directory outside the checkout,
   and scripts as files up to their config validation, all started at once; plus the validation

@@ -19,9 +19,7 @@ CASES = [
     ("ddpo", ddpo_sd15, "reward=compressibility,finetune=full"),
     ("draft", draft_sd15, "variant=lv"),
     ("draft", draft_sd15, "variant=k10,finetune=full"),
-    ("draft", draft_sd15, "variant=1"),
     ("am", am_sd15, "reward=aesthetic"),
-    ("am", am_sd15, "reward=aesthetic,finetune=full"),
 ]
 
 
@@ -29,6 +27,7 @@ def shapes(tree):
   return [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(tree)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm,module,arg", CASES)
 def test_sd15_step_traces_at_full_size(algorithm, module, arg):
   config = module.get_config(arg)
@@ -58,6 +57,7 @@ def test_unknown_algorithm_names_the_choices():
     full_size.step("ppo", ddpo_sd15.get_config())
 
 
+@pytest.mark.slow
 def test_placed_step_shards_the_state_over_fsdp_and_the_batch_over_data():
   config = draft_sd15.get_config("variant=1,finetune=full")
   mesh = parallel.make_mesh(dict(data=2, fsdp=4, tensor=1))

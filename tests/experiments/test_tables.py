@@ -249,6 +249,7 @@ def test_outcome_reads_each_scripts_result_layout():
     rq.outcome("draft", {"preempted": True, "step": 1})
 
 
+@pytest.mark.slow
 def test_reward_vs_queries_smoke_run_writes_a_table_equal_to_its_json(tmp_path):
   # Two tiny random models, one seed: a tiny trainer compiles for 20-45 s on this CPU (the
   # DRaFT variants share their sampler); the statistics over seeds are checked above, and
