@@ -9,20 +9,20 @@ compares two completions by their scores. Evaluation: win rate of the policy ove
 reference on held-out prompts (one sample each at T = 1; 0.5 means no better).
 
 Measured (2-core CPU, 600-step reference, 1024 held-out prompts, one sample each at T = 1;
-a 95 % interval on a win rate is about ±0.03; each run 40-60 s):
+a 95 % interval on a win rate is about ±0.03; 300 iterations take 40-120 s; 2026-12-04):
 
-  command argument                 iterations  win rate vs ref  exact answers (ref 0.204)
-  algorithm=grpo                       300          0.560            0.247
-  algorithm=grpo                      1000          0.618            0.311
-  algorithm=rloo                       300          0.558            0.255
-  algorithm=online_ipo                 300          0.535            0.218
-  algorithm=online_ipo                1000          0.572            0.260
-  algorithm=nash_md,judge=raters       300          0.604            (preference judge)
-  algorithm=spo,judge=raters           300          0.662 (average iterate 0.659)
+  command argument                 iterations  win rate vs ref  exact answers (ref 0.107)
+  algorithm=grpo                       300          0.570            0.146
+  algorithm=grpo                      1000          0.608            0.183
+  algorithm=rloo                       300          0.557            0.154
+  algorithm=online_ipo                 300          0.535            0.137
+  algorithm=online_ipo                1000          0.572            0.152
+  algorithm=nash_md,judge=raters       300          0.615            (preference judge)
+  algorithm=spo,judge=raters           300          0.652 (average iterate 0.643)
 
 (1000 iterations: --config.num_iterations=1000 --config.eval.every=250.) The reference's
-greedy accuracy is 0.44, its sampled one 0.20: most of what the policy gains is putting more of
-its mass on the answer it already ranks first.
+greedy accuracy is 0.248, its sampled one 0.107: most of what the policy gains is putting more
+of its mass on the answer it already ranks first.
 
 Variants through the argument (`--config=...arithmetic.py:algorithm=rloo,finetune=lora`):
   algorithm  grpo (default) | rloo | online_ipo | nash_md | nash_ema | spo.
