@@ -18,14 +18,15 @@ prompts:
 Writes <workdir>/selfplay_lm.md (also printed) and selfplay_lm.json; each method's run lives
 in <workdir>/<method>/.
 
-Measured (2-core CPU, 133 s, 300 iterations each, 1024 held-out prompts): P(row ≻ column)
+Measured (2-core CPU, 2026-12-04, 155 s, 300 iterations each, 1024 held-out prompts):
+P(row ≻ column)
 
                  reference  online IPO  Nash-MD  Nash-EMA   SPO   SPO (avg)
-  online IPO       0.531        —        0.414    0.410    0.352    0.356
-  Nash-MD          0.603      0.586        —      0.499    0.402    0.411
-  Nash-EMA         0.613      0.590      0.501      —      0.404    0.415
-  SPO              0.659      0.648      0.598    0.596      —      0.513
-  SPO (average)    0.654      0.644      0.589    0.585    0.487      —
+  online IPO       0.535        —        0.400    0.409    0.356    0.362
+  Nash-MD          0.622      0.600        —      0.509    0.431    0.442
+  Nash-EMA         0.610      0.591      0.491      —      0.430    0.440
+  SPO              0.656      0.644      0.569    0.570      —      0.514
+  SPO (average)    0.651      0.638      0.558    0.560    0.486      —
 
 (95 % intervals ±0.005-0.015.) Every self-play policy beats the reference; SPO's win rates
 over its group are the strongest signal on this judge, and its average iterate is within
