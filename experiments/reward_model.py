@@ -6,7 +6,7 @@ A linear script, the first half of RLHF (the second: experiments/lm_online.py wi
 --config.judge.name=reward_model --config.judge.model_dir=<workdir>/reward_model):
   1. the pairs: `data.preferences` (JSONL: prompt, chosen, rejected, optional probability
      label) or, on the embedded task, two reference samples per training equation labelled by
-     the judge; held-out pairs from held-out prompts (`data.eval_preferences`, or the held-out
+     the judge (`judge.name`: arithmetic or raters); held-out pairs from held-out prompts (`data.eval_preferences`, or the held-out
      equations), never seen in training;
   2. the reward model: the reference LM's backbone (its weights; the output matrix dropped)
      with a scalar head read at the last real token (alignjax.models.heads eqs. 1-2);
@@ -43,7 +43,9 @@ REPORT_NAME = "report.json"
 
 def validate(config) -> None:
   """Checks that fail before anything compiles; each message names the key."""
-  configs.check_choice(config, "judge.name", ("arithmetic",))
+  # any programmatic judge labels the pairs: the arithmetic reward (transitive) or the raters
+  # (cyclic, which a Bradley–Terry model cannot express: the RLHF baseline of selfplay_lm)
+  configs.check_choice(config, "judge.name", ("arithmetic", "raters"))
   configs.check_integer(config, "steps", "batch_size", "data.num_prompts", "data.num_eval_prompts")
   configs.check_positive(config, "steps", "batch_size", "data.num_prompts", "data.num_eval_prompts")
   configs.check_optimizer(config)

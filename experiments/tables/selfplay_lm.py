@@ -49,8 +49,10 @@ from alignjax.lm import rollout as rollout_lib
 
 scripts.make_importable(__file__, __package__)
 
-from experiments import lm_common, lm_online
+from experiments import lm_common, lm_offline, lm_online, reward_model
+from experiments.configs.lm_offline import arithmetic as offline_arithmetic
 from experiments.configs.lm_online import arithmetic
+from experiments.configs.reward_model import arithmetic as reward_model_arithmetic
 
 METHODS = {  # name: config argument of lm_online/arithmetic.py
     "online IPO": "algorithm=online_ipo,judge=raters",
@@ -58,6 +60,11 @@ METHODS = {  # name: config argument of lm_online/arithmetic.py
     "Nash-EMA": "algorithm=nash_ema,judge=raters",
     "SPO": "algorithm=spo,judge=raters",
 }
+
+# The reward-based baselines on the same judge: RLHF (a Bradley–Terry reward model of the raters'
+# judgements, experiments/reward_model.py, then GRPO on it) and offline DPO on the reference's
+# rater-judged pairs (experiments/lm_offline.py, the best against the worst of 8 samples).
+BASELINES = ("RLHF (BT + GRPO)", "DPO")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (runs, table).")
 _ITERATIONS = flags.DEFINE_integer("iterations", 300, "lm_online iterations per method.")
@@ -109,6 +116,29 @@ def pairwise(policies: dict, graphdef, batch, config, judge, mesh) -> dict:
   return table
 
 
+def baselines(workdir: str, iterations: int, reference_dir: str, smoke: bool, devices) -> dict:
+  """The BASELINES' runs ({name: the script's result}): RLHF trains a Bradley–Terry reward model
+  on pairs of reference samples labelled by the raters, then `iterations` of GRPO on its
+  rewards (evaluated by the raters); DPO runs lm_offline's default (loss=dpo) with the raters
+  as the judge of its pairs."""
+  rm_config = reward_model_arithmetic.get_config("smoke=True" if smoke else None)
+  rm_config.judge.name = "raters"
+  offline = offline_arithmetic.get_config("loss=dpo" + (",smoke=True" if smoke else ""))
+  offline.judge.name = "raters"
+  offline.data.min_reward_gap = 0.0  # the raters give preferences, not rewards
+  if reference_dir:
+    rm_config.reference.model_dir = offline.reference.model_dir = reference_dir
+  rm_dir = os.path.join(workdir, "RLHF_reward_model")
+  reward_model.run(rm_config, rm_dir)
+  rlhf = method_config("algorithm=grpo", iterations, reference_dir, smoke)
+  rlhf.judge.update(name="reward_model", model_dir=os.path.join(rm_dir, "reward_model"))
+  rlhf.eval.judge.name = "raters"
+  return {
+      BASELINES[0]: lm_online.run(rlhf, os.path.join(workdir, "RLHF"), devices=devices),
+      BASELINES[1]: lm_offline.run(offline, os.path.join(workdir, "DPO"), devices=devices),
+  }
+
+
 def run(
     workdir: str,
     *,
@@ -131,6 +161,9 @@ def run(
     policies[name] = out["params"]
     if "average" in out:
       policies[name + " (average)"] = out["average"]
+  for name, out in baselines(workdir, iterations, reference_dir, smoke, devices).items():
+    runs[name] = {"final": out["final"], "base": out["base"]}
+    policies[name] = out["params"]
   mesh = parallel.make_mesh(config.mesh, devices=devices)
   ref = lm_common.load_reference(config, mesh)
   policies = {"reference": ref.params, **policies}

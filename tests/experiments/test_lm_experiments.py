@@ -462,7 +462,7 @@ def test_selfplay_lm_table_judges_every_pair_of_policies(reference_dir, tmp_path
       smoke=True,
       devices=ONE_DEVICE,
   )
-  names = ["reference", *selfplay_lm.METHODS, "SPO (average)"]
+  names = ["reference", *selfplay_lm.METHODS, "SPO (average)", *selfplay_lm.BASELINES]
   assert len(out["pairs"]) == len(names) * (len(names) - 1)
   for a in names:
     for b in names:
