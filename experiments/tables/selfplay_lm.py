@@ -7,7 +7,8 @@ On the embedded arithmetic LM with the intransitive judge of three rater populat
 expresses the judge), the reference is fine-tuned by experiments/lm_online.py with each
 preference-based method — online IPO, Nash-MD (mixture opponent), Nash-EMA (EMA opponent) and
 SPO (last and average iterate) — from the same config (lm_online/arithmetic.py:judge=raters,
-`--iterations` iterations each). Then one response per policy is drawn for each of
+`--iterations` iterations each), and beside them the reward-based baselines RLHF and DPO
+(`baselines`). Then one response per policy is drawn for each of
 `--num_prompts` held-out prompts (fixed keys) and every pair of policies is judged on the same
 prompts:
 
@@ -18,19 +19,24 @@ prompts:
 Writes <workdir>/selfplay_lm.md (also printed) and selfplay_lm.json; each method's run lives
 in <workdir>/<method>/.
 
-Measured (2-core CPU, 2026-12-04, 155 s, 300 iterations each, 1024 held-out prompts):
-P(row ≻ column)
+Measured (2-core CPU, 2026-12-04, 272 s, 300 iterations each, DPO 1000 steps, 1024 held-out
+prompts): P(row ≻ column)
 
-                 reference  online IPO  Nash-MD  Nash-EMA   SPO   SPO (avg)
-  online IPO       0.535        —        0.400    0.409    0.356    0.362
-  Nash-MD          0.622      0.600        —      0.509    0.431    0.442
-  Nash-EMA         0.610      0.591      0.491      —      0.430    0.440
-  SPO              0.656      0.644      0.569    0.570      —      0.514
-  SPO (average)    0.651      0.638      0.558    0.560    0.486      —
+              reference  onl.IPO  Nash-MD  Nash-EMA   SPO   SPO(avg)  RLHF    DPO
+  online IPO    0.535       —      0.400    0.409    0.356   0.362   0.407   0.433
+  Nash-MD       0.622     0.600      —      0.509    0.431   0.442   0.548   0.556
+  Nash-EMA      0.610     0.591    0.491      —      0.430   0.440   0.541   0.547
+  SPO           0.656     0.644    0.569    0.570      —     0.514   0.651   0.634
+  SPO (avg)     0.651     0.638    0.558    0.560    0.486     —     0.637   0.624
+  RLHF          0.608     0.593    0.452    0.459    0.349   0.363     —     0.574
+  DPO           0.596     0.567    0.444    0.453    0.366   0.376   0.426     —
 
-(95 % intervals ±0.005-0.015.) Every self-play policy beats the reference; SPO's win rates
-over its group are the strongest signal on this judge, and its average iterate is within
-0.01 of its last one.
+(95 % intervals ±0.005-0.015.) Every policy beats the reference. The reward-based baselines
+(RLHF: a Bradley–Terry reward model of the raters' judgements, then GRPO on it; DPO on
+rater-judged pairs) beat it too, but lose to Nash-MD (0.548, 0.556) and SPO (0.651, 0.634):
+on a judge whose majorities cycle, optimising a scalar reward falls short of the self-play
+methods, as both papers claim. SPO's win rates over its group are the strongest signal on this
+judge, and its average iterate is within 0.01 of its last one.
 """
 
 from __future__ import annotations
